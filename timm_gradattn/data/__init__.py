@@ -1,0 +1,2 @@
+"""Datasets: the facts about each (``info``) and the pipeline that loads them."""
+from .info import DATASETS, PAPER_TAGS, DatasetInfo, get_dataset_info

@@ -1,0 +1,119 @@
+"""Facts about every dataset the project knows: the single source of truth.
+
+The pretrained configurations of the models (``timm_gradattn.models``) and the data pipeline
+(``timm_gradattn.data``) both read these records, so a dataset's classes, input size and
+normalisation are stated exactly once. Figures follow the GradAttn paper (arXiv:2603.26756,
+section 4.2, Table 2) and its reference implementation.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str                           # the pretrained tag and the ``--dataset`` name
+    title: str                          # how people write it
+    num_classes: int
+    input_size: Tuple[int, int, int]    # (channels, height, width) the model sees
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    label_names: Optional[Tuple[str, ...]]  # None where the names are read from the dataset files
+    license: str                        # the dataset's licence, as the Hub spells it
+    homepage: str
+    split: Tuple[float, float, float] = (0.70, 0.15, 0.15)  # paper protocol: train / val / test
+    batch_size: int = 128               # paper Table 1
+    train_augment: str = 'none'         # a recipe name understood by timm_gradattn.data
+    hf_dataset: Optional[str] = None    # Hub dataset id, for timm's ``hfds/`` reader
+    citation: str = ''
+    extra: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def in_chans(self) -> int:
+        return self.input_size[0]
+
+    @property
+    def img_size(self) -> int:
+        return self.input_size[-1]
+
+
+_CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+_FASHION_LABELS = (
+    'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+_DIGIT_LABELS = tuple(str(i) for i in range(10))
+# MedMNIST v2 label dictionaries (medmnist.INFO), in label-index order.
+_TISSUE_LABELS = (
+    'Collecting Duct, Connecting Tubule', 'Distal Convoluted Tubule', 'Glomerular endothelial cells',
+    'Interstitial endothelial cells', 'Leukocytes', 'Podocytes', 'Proximal Tubule Segments', 'Thick Ascending Limb')
+_BLOOD_LABELS = (
+    'basophil', 'eosinophil', 'erythroblast',
+    'immature granulocytes(myelocytes, metamyelocytes and promyelocytes)',
+    'lymphocyte', 'monocyte', 'neutrophil', 'platelet')
+# PAD-UFES-20 diagnostic codes in sorted order: actinic keratosis, basal cell carcinoma, melanoma,
+# nevus, squamous cell carcinoma, seborrheic keratosis.
+_PAD_LABELS = ('ACK', 'BCC', 'MEL', 'NEV', 'SCC', 'SEK')
+
+DATASETS: Dict[str, DatasetInfo] = {info.name: info for info in (
+    DatasetInfo(
+        name='digits', title='scikit-learn digits (UCI optical recognition of handwritten digits)',
+        num_classes=10, input_size=(1, 32, 32), mean=(0.3053,), std=(0.3760,), label_names=_DIGIT_LABELS,
+        license='cc-by-4.0', homepage='https://archive.ics.uci.edu/dataset/80',
+        batch_size=64, train_augment='digits',
+        citation='Alpaydin & Kaynak, Optical Recognition of Handwritten Digits, UCI ML Repository, 1998.'),
+    DatasetInfo(
+        name='tiny_imagenet', title='Tiny ImageNet', num_classes=200, input_size=(3, 64, 64),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, label_names=None,
+        license='other', homepage='http://cs231n.stanford.edu/tiny-imagenet-200.zip',
+        hf_dataset='zh-plus/tiny-imagenet',
+        citation='Le & Yang, Tiny ImageNet Visual Recognition Challenge, CS231N, 2015.'),
+    DatasetInfo(
+        name='cifar10', title='CIFAR-10', num_classes=10, input_size=(3, 32, 32),
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), label_names=_CIFAR10_LABELS,
+        license='unknown', homepage='https://www.cs.toronto.edu/~kriz/cifar.html', train_augment='cifar',
+        citation='Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009.'),
+    DatasetInfo(
+        name='svhn', title='SVHN (train + test + extra)', num_classes=10, input_size=(3, 32, 32),
+        mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), label_names=_DIGIT_LABELS,
+        license='other', homepage='http://ufldl.stanford.edu/housenumbers/',
+        citation='Netzer et al., Reading Digits in Natural Images with Unsupervised Feature Learning, 2011.'),
+    DatasetInfo(
+        name='fashion_mnist', title='Fashion-MNIST', num_classes=10, input_size=(1, 28, 28),
+        mean=(0.2860,), std=(0.3530,), label_names=_FASHION_LABELS,
+        license='mit', homepage='https://github.com/zalandoresearch/fashion-mnist', train_augment='fashion',
+        citation='Xiao, Rasul & Vollgraf, Fashion-MNIST, arXiv:1708.07747, 2017.'),
+    DatasetInfo(
+        name='tissuemnist', title='TissueMNIST (MedMNIST v2)', num_classes=8, input_size=(3, 64, 64),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, label_names=_TISSUE_LABELS,
+        license='cc-by-4.0', homepage='https://medmnist.com/', split=(0.70, 0.10, 0.20), train_augment='medmnist',
+        citation='Yang et al., MedMNIST v2, Scientific Data 10:41, 2023.'),
+    DatasetInfo(
+        name='bloodmnist', title='BloodMNIST (MedMNIST v2)', num_classes=8, input_size=(3, 64, 64),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, label_names=_BLOOD_LABELS,
+        license='cc-by-4.0', homepage='https://medmnist.com/', split=(0.70, 0.10, 0.20), train_augment='medmnist',
+        citation='Yang et al., MedMNIST v2, Scientific Data 10:41, 2023.'),
+    DatasetInfo(
+        name='pcam', title='PatchCamelyon', num_classes=2, input_size=(3, 96, 96),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, label_names=('normal', 'metastatic'),
+        license='cc0-1.0', homepage='https://github.com/basveeling/pcam', split=(0.80, 0.10, 0.10),
+        citation='Veeling et al., Rotation Equivariant CNNs for Digital Pathology, MICCAI 2018.'),
+    DatasetInfo(
+        name='pad_ufes_20', title='PAD-UFES-20', num_classes=6, input_size=(3, 224, 224),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, label_names=_PAD_LABELS,
+        license='cc-by-4.0', homepage='https://data.mendeley.com/datasets/zr7vgbcyr2/1',
+        batch_size=64, train_augment='pad_ufes',
+        citation='Pacheco et al., PAD-UFES-20, Data in Brief 32:106221, 2020.'),
+)}
+
+PAPER_TAGS = ('tiny_imagenet', 'cifar10', 'svhn', 'fashion_mnist', 'tissuemnist', 'bloodmnist', 'pcam', 'pad_ufes_20')
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+    """Look a dataset up by name, accepting ``-`` for ``_`` and any case."""
+    key = name.strip().lower().replace('-', '_')
+    if key not in DATASETS:
+        raise ValueError(
+            f"Unknown dataset {name!r}. Known datasets: {', '.join(sorted(DATASETS))}; "
+            f"for your own images pass a folder with --data-dir and --dataset folder.")
+    return DATASETS[key]

@@ -1,0 +1,511 @@
+""" GradAttn: a ResNet-18 whose skip connections are replaced by a transformer over five depths
+
+Paper: `GradAttn: Transformer-Based Modulation of Residual Approach for Classification and
+Representation Learning Problems` - Ghoshal & Buckchash, Applied Sciences 16(11):5252, 2026
+    - https://arxiv.org/abs/2603.26756
+
+Every shortcut and downsample branch of ResNet-18 is removed. The feature maps after the stem and
+after each of the four stages are average-pooled, projected to a shared width and read as a sequence
+of five tokens by a small transformer encoder; the mean of its output tokens is classified.
+Self-attention over the tokens decides how much each depth contributes to the prediction, and so how
+much gradient flows back into each stage.
+
+Three variants differ only in how the encoder knows the token order:
+    * ``gradattn_resnet18_nope`` - no position information
+    * ``gradattn_resnet18_lpe`` - a learnable position embedding added to the tokens
+    * ``gradattn_resnet18_rope`` - rotary position embedding on the queries and keys of every layer
+
+Defaults follow the paper's reference implementation exactly (7x7 stem with max-pool, d=256, 3 post-norm
+layers, 8 heads, feed-forward 512, dropout 0.1), so parameter counts match the paper's.
+"""
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import apply_rot_embed_cat, get_act_layer, get_norm_layer, use_fused_attn
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ._pretrained import build_with_weights_hint, dataset_cfgs
+
+__all__ = ['GradAttnResNet', 'PlainBlock', 'EncoderLayer']
+
+POS_EMBED_TYPES = ('none', 'learned', 'rope')
+STEM_TYPES = ('imagenet', 'small')
+
+
+class PlainBlock(nn.Module):
+    """ResNet basic block without its shortcut: conv-BN-ReLU-conv-BN-ReLU, nothing added back."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            stride: int = 1,
+            act_layer: type = nn.ReLU,
+            norm_layer: type = nn.BatchNorm2d,
+    ):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm_layer(out_chs)
+        self.act1 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, stride=1, padding=1, bias=False)
+        self.bn2 = norm_layer(out_chs)
+        self.act2 = act_layer(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(x)))
+
+
+class Stem(nn.Module):
+    """The ImageNet stem (7x7/2 conv + 3x3/2 max-pool) or a 3x3/1 stem without pooling for small images."""
+
+    def __init__(
+            self,
+            in_chans: int,
+            out_chs: int = 64,
+            stem_type: str = 'imagenet',
+            act_layer: type = nn.ReLU,
+            norm_layer: type = nn.BatchNorm2d,
+    ):
+        super().__init__()
+        if stem_type == 'imagenet':
+            self.conv = nn.Conv2d(in_chans, out_chs, 7, stride=2, padding=3, bias=False)
+            self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.reduction = 4
+        else:
+            self.conv = nn.Conv2d(in_chans, out_chs, 3, stride=1, padding=1, bias=False)
+            self.pool = nn.Identity()
+            self.reduction = 1
+        self.bn = norm_layer(out_chs)
+        self.act = act_layer(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.act(self.bn(self.conv(x))))
+
+
+def rope_sin_cos(num_tokens: int, head_dim: int, base: float = 10000.) -> torch.Tensor:
+    """Rotary table for token positions 0..num_tokens-1, rotate-half layout, as ``cat([sin, cos], -1)``."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(num_tokens, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # [f0..f15, f0..f15] pairs dim i with i + head_dim/2
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
+
+
+class EncoderLayer(nn.Module):
+    """One transformer encoder layer, numerically the layer of ``nn.TransformerEncoderLayer``.
+
+    Written out (rather than wrapping ``nn.TransformerEncoderLayer``) so that rotary embeddings can be
+    applied inside attention, attention maps can be read back, and the fused scaled-dot-product kernel
+    is used on every path. Parameter shapes match the PyTorch layer (``qkv`` is its ``in_proj``).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_dim: int,
+            drop_rate: float = 0.1,
+            attn_drop_rate: Optional[float] = None,
+            qkv_bias: bool = True,
+            norm_first: bool = False,
+            act_layer: type = nn.ReLU,
+            norm_layer: type = nn.LayerNorm,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'embed_dim={dim} must be divisible by num_heads={num_heads}.')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.norm_first = norm_first
+        self.attn_drop = drop_rate if attn_drop_rate is None else attn_drop_rate
+        self.fused_attn = use_fused_attn()
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.drop1 = nn.Dropout(drop_rate)
+        self.norm1 = norm_layer(dim)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.act = act_layer()
+        self.drop_mlp = nn.Dropout(drop_rate)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+        self.drop2 = nn.Dropout(drop_rate)
+        self.norm2 = norm_layer(dim)
+
+    def init_weights(self) -> None:
+        # As nn.MultiheadAttention: Xavier-uniform input projection, zero projection biases.
+        nn.init.xavier_uniform_(self.qkv.weight)
+        if self.qkv.bias is not None:
+            nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.proj.bias)
+
+    def _qkv(self, x: torch.Tensor, rope: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if rope is not None:
+            q = apply_rot_embed_cat(q, rope, half=True)
+            k = apply_rot_embed_cat(k, rope, half=True)
+        return q, k, v
+
+    def attention(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self._qkv(x, rope)
+        drop = self.attn_drop if self.training else 0.
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        else:
+            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+            attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training)
+            x = attn @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+    def attention_map(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Softmax attention probabilities (B, heads, N, N) for the layer input ``x`` (no dropout)."""
+        if self.norm_first:
+            x = self.norm1(x)
+        q, k, _ = self._qkv(x, rope)
+        return ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop_mlp(self.act(self.fc1(x))))
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.norm_first:
+            x = x + self.drop1(self.attention(self.norm1(x), rope))
+            x = x + self.drop2(self.mlp(self.norm2(x)))
+        else:
+            x = self.norm1(x + self.drop1(self.attention(x, rope)))
+            x = self.norm2(x + self.drop2(self.mlp(x)))
+        return x
+
+
+class GradAttnResNet(nn.Module):
+    """GradAttn ResNet: plain (shortcut-free) ResNet stages read out by a transformer over depths.
+
+    The ``forward_features`` output is the encoder's token sequence (B, 5, embed_dim), one token per
+    extraction point (stem, stage 1..4), in that order; the head averages the tokens and classifies.
+    """
+
+    def __init__(
+            self,
+            layers: Tuple[int, ...] = (2, 2, 2, 2),
+            channels: Tuple[int, ...] = (64, 128, 256, 512),
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            stem_type: str = 'imagenet',
+            stem_width: int = 64,
+            embed_dim: int = 256,
+            depth: int = 3,
+            num_heads: int = 8,
+            mlp_dim: int = 512,
+            drop_rate: float = 0.1,
+            attn_drop_rate: Optional[float] = None,
+            head_drop_rate: float = 0.,
+            pos_embed: str = 'none',
+            rope_base: float = 10000.,
+            qkv_bias: Optional[bool] = None,
+            norm_first: bool = False,
+            final_norm: Optional[bool] = None,
+            act_layer: Union[str, type] = nn.ReLU,
+            norm_layer: Union[str, type] = nn.BatchNorm2d,
+            encoder_act_layer: Union[str, type] = nn.ReLU,
+            encoder_norm_layer: Union[str, type] = partial(nn.LayerNorm, eps=1e-5),
+    ):
+        """
+        Args:
+            layers: Plain blocks per stage.
+            channels: Width of each stage.
+            num_classes: Classifier outputs; 0 for a model that returns pooled features.
+            in_chans: Input image channels.
+            global_pool: 'avg' averages the output tokens, '' keeps all five.
+            stem_type: 'imagenet' (7x7/2 conv + max-pool, the paper's) or 'small' (3x3/1 conv, no pool).
+            stem_width: Stem output channels.
+            embed_dim: Token width ``d`` of the encoder.
+            depth: Encoder layers.
+            num_heads: Attention heads per layer.
+            mlp_dim: Feed-forward width of each encoder layer.
+            drop_rate: Encoder dropout (residual branches and feed-forward), as in nn.TransformerEncoderLayer.
+            attn_drop_rate: Dropout on attention probabilities; defaults to ``drop_rate`` as in PyTorch's layer.
+            head_drop_rate: Dropout before the classifier.
+            pos_embed: 'none', 'learned' (N(0, 1) table added to the tokens) or 'rope' (rotary, in attention).
+            rope_base: Rotary frequency base.
+            qkv_bias: Bias on the query/key/value projection; defaults to True, False for 'rope' (as the paper).
+            norm_first: Pre-norm encoder layers instead of the paper's post-norm.
+            final_norm: LayerNorm after the encoder; defaults to True only for pre-norm layers.
+            act_layer: Backbone activation.
+            norm_layer: Backbone normalisation.
+            encoder_act_layer: Feed-forward activation.
+            encoder_norm_layer: Encoder normalisation.
+        """
+        super().__init__()
+        if pos_embed not in POS_EMBED_TYPES:
+            raise ValueError(f"pos_embed={pos_embed!r} is not one of {POS_EMBED_TYPES}.")
+        if stem_type not in STEM_TYPES:
+            raise ValueError(f"stem_type={stem_type!r} is not one of {STEM_TYPES}; use 'small' for 32 px data.")
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool={global_pool!r} is not supported; use 'avg' or ''.")
+        act_layer = get_act_layer(act_layer)
+        norm_layer = get_norm_layer(norm_layer)
+        encoder_act_layer = get_act_layer(encoder_act_layer)
+        encoder_norm_layer = get_norm_layer(encoder_norm_layer)
+        qkv_bias = pos_embed != 'rope' if qkv_bias is None else qkv_bias
+        final_norm = norm_first if final_norm is None else final_norm
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.pos_embed_type = pos_embed
+        self.num_tokens = len(layers) + 1
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.grad_checkpointing = False
+
+        # Backbone: registered first and in order, so timm's FeatureListNet can walk it.
+        self.stem = Stem(in_chans, stem_width, stem_type, act_layer=act_layer, norm_layer=norm_layer)
+        reduction = self.stem.reduction
+        self.feature_info = [dict(num_chs=stem_width, reduction=reduction, module='stem')]
+        stages = []
+        in_chs = stem_width
+        for stage_idx, (num_blocks, out_chs) in enumerate(zip(layers, channels)):
+            stride = 1 if stage_idx == 0 else 2
+            reduction *= stride
+            blocks = [
+                PlainBlock(in_chs if i == 0 else out_chs, out_chs, stride if i == 0 else 1, act_layer, norm_layer)
+                for i in range(num_blocks)
+            ]
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{stage_idx}'))
+            in_chs = out_chs
+        self.stages = nn.Sequential(*stages)
+        self.extraction_channels = tuple(info['num_chs'] for info in self.feature_info)
+        # Smallest input side at which every stage still sees a map larger than 1x1 before its last stride.
+        self.min_input_size = max(reduction // 2, 1)
+
+        # Tokens: global average pool of each extraction point, projected to the encoder width.
+        self.token_proj = nn.ModuleList([nn.Linear(chs, embed_dim) for chs in self.extraction_channels])
+        if pos_embed == 'learned':
+            self.pos_embed = nn.Parameter(torch.randn(1, self.num_tokens, embed_dim))
+        else:
+            self.pos_embed = None
+        if pos_embed == 'rope':
+            self.register_buffer(
+                'rope', rope_sin_cos(self.num_tokens, embed_dim // num_heads, rope_base), persistent=False)
+        else:
+            self.rope = None
+
+        self.encoder = nn.ModuleList([
+            EncoderLayer(
+                embed_dim, num_heads, mlp_dim, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                qkv_bias=qkv_bias, norm_first=norm_first, act_layer=encoder_act_layer,
+                norm_layer=encoder_norm_layer,
+            ) for _ in range(depth)
+        ])
+        self.norm = encoder_norm_layer(embed_dim) if final_norm else nn.Identity()
+
+        self.head_drop = nn.Dropout(head_drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.init_weights()
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        # PyTorch defaults everywhere, as the reference; only the attention projections follow
+        # nn.MultiheadAttention's own initialisation, which the reference inherits from it.
+        for layer in self.encoder:
+            layer.init_weights()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'pos_embed'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)',
+            tokens=r'^token_proj|^pos_embed',
+            encoder=[(r'^encoder\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'head' if name_only else self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool={global_pool!r} is not supported; use 'avg' or ''.")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        torch._assert(x.dim() == 4, 'GradAttn expects a batch of images shaped (B, C, H, W).')
+        torch._assert(
+            x.shape[1] == self.in_chans,
+            'Input channel count does not match the model: it was created with in_chans=' + str(self.in_chans)
+            + '. Create it with the in_chans of your images, or convert the images.')
+        torch._assert(
+            min(x.shape[2], x.shape[3]) >= self.min_input_size,
+            'Input image is too small for this network: height and width must be at least '
+            + str(self.min_input_size) + ' px. Resize the images, or use stem_type="small" for tiny inputs.')
+
+    def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    def tokens(self, features: List[torch.Tensor]) -> torch.Tensor:
+        """Pool and project the five extraction-point feature maps into the (B, 5, d) token sequence."""
+        tokens = [proj(feat.mean((2, 3))) for proj, feat in zip(self.token_proj, features)]
+        x = torch.stack(tokens, dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return x
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the token sequence through the encoder (and final norm, if any)."""
+        for layer in self.encoder:
+            x = layer(x, self.rope)
+        return self.norm(x)
+
+    def extract(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Feature maps at the five extraction points, stem first."""
+        self._check_input(x)
+        x = self.stem(x)
+        features = [x]
+        for stage in self.stages:
+            x = self._stage(stage, x)
+            features.append(x)
+        return features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.tokens(self.extract(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def attention_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Attention probabilities of every encoder layer, each (B, heads, 5, 5), query x key over depths."""
+        x = self.tokens(self.extract(x))
+        maps = []
+        for layer in self.encoder:
+            maps.append(layer.attention_map(x, self.rope))
+            x = layer(x, self.rope)
+        return maps
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Feature maps at the extraction points (stem, stage 1..4), and optionally the encoder tokens.
+
+        Args:
+            x: Input images.
+            indices: Take the last n extraction points if int, all if None, these indices if a sequence.
+            norm: Unused (the feature maps have no separate norm), kept for the timm interface.
+            stop_early: Stop after the last requested point; only with ``intermediates_only``, since the
+                encoder needs all five points.
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return only the feature maps.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; GradAttn intermediates are 'NCHW'.")
+        take_indices, max_index = feature_take_indices(self.num_tokens, indices)
+        self._check_input(x)
+        x = self.stem(x)
+        features = [x]
+        last = max_index if stop_early and intermediates_only else len(self.stages)
+        for stage in self.stages[:last]:
+            x = self._stage(stage, x)
+            features.append(x)
+        intermediates = [features[i] for i in take_indices]
+        if intermediates_only:
+            return intermediates
+        return self.encode(self.tokens(features)), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last requested extraction point.
+
+        Without all five points there is no token sequence, so pruning any stage also removes the
+        token projection, encoder and head; the model then serves ``forward_intermediates`` only.
+        """
+        take_indices, max_index = feature_take_indices(self.num_tokens, indices)
+        self.stages = self.stages[:max_index]
+        if max_index < len(self.feature_info) - 1:
+            self.token_proj = nn.ModuleList()
+            self.encoder = nn.ModuleList()
+            self.pos_embed = None
+            self.norm = nn.Identity()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            prune_head = True
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+def _create_gradattn(variant: str, pretrained: bool = False, **kwargs: Any) -> GradAttnResNet:
+    return build_with_weights_hint(
+        GradAttnResNet, variant, pretrained,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3, 4)),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return dict(first_conv='stem.conv', classifier='head', fixed_input_size=False, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    **dataset_cfgs('gradattn_resnet18_nope', **_cfg()),
+    **dataset_cfgs('gradattn_resnet18_lpe', **_cfg()),
+    **dataset_cfgs('gradattn_resnet18_rope', **_cfg()),
+})
+
+
+@register_model
+def gradattn_resnet18_nope(pretrained: bool = False, **kwargs: Any) -> GradAttnResNet:
+    """GradAttn ResNet-18 with no position information in the encoder."""
+    model_args = dict(layers=(2, 2, 2, 2), pos_embed='none')
+    return _create_gradattn('gradattn_resnet18_nope', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gradattn_resnet18_lpe(pretrained: bool = False, **kwargs: Any) -> GradAttnResNet:
+    """GradAttn ResNet-18 with a learnable position embedding over the five depth tokens."""
+    model_args = dict(layers=(2, 2, 2, 2), pos_embed='learned')
+    return _create_gradattn('gradattn_resnet18_lpe', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gradattn_resnet18_rope(pretrained: bool = False, **kwargs: Any) -> GradAttnResNet:
+    """GradAttn ResNet-18 with rotary position embedding in every attention layer."""
+    model_args = dict(layers=(2, 2, 2, 2), pos_embed='rope')
+    return _create_gradattn('gradattn_resnet18_rope', pretrained, **dict(model_args, **kwargs))
