@@ -1,0 +1,220 @@
+"""Dataset adapters and the paper's splits.
+
+``build_datasets(name, ...)`` returns train / val / test datasets of (normalised tensor, int label)
+for any dataset the project knows. Each adapter only reads the upstream files and returns *raw*
+datasets of (PIL image, int label); splitting and transforms are done here once for all of them,
+so every dataset gets the same seeded split and the same single normalisation.
+"""
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset, random_split
+
+from .info import DatasetInfo, get_dataset_info
+from .transforms import build_transform
+
+__all__ = ['DataSplits', 'RawSplits', 'TransformedDataset', 'ArrayImageDataset', 'build_datasets',
+           'register_adapter', 'ADAPTERS', 'split_lengths', 'paper_split', 'DatasetNotFoundError']
+
+PROTOCOLS = ('paper', 'official')
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset files are not where the user pointed."""
+
+
+@dataclass
+class RawSplits:
+    """What an adapter reads: the official splits (any may be None) as (PIL image, label) datasets.
+
+    ``groups`` optionally maps each pooled sample to a group (e.g. a patient) that must not be split
+    across train / val / test.
+    """
+    train: Optional[Dataset] = None
+    val: Optional[Dataset] = None
+    test: Optional[Dataset] = None
+    groups: Optional[Sequence] = None
+    info: Optional[DatasetInfo] = None  # filled in by adapters that learn facts from the files
+
+
+@dataclass
+class DataSplits:
+    info: DatasetInfo
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    protocol: str = 'paper'
+
+    def sizes(self) -> Dict[str, int]:
+        return {'train': len(self.train), 'val': len(self.val), 'test': len(self.test)}
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in a uint8 array (N, H, W) or (N, H, W, C) with integer labels, served as PIL images."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int]):
+        if len(images) != len(labels):
+            raise ValueError(f'{len(images)} images but {len(labels)} labels.')
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
+        return Image.fromarray(np.asarray(self.images[index])), int(self.labels[index])
+
+
+class TransformedDataset(Dataset):
+    """A view of ``base`` restricted to ``indices``, with a transform applied to the image."""
+
+    def __init__(self, base: Dataset, indices: Optional[Sequence[int]] = None, transform: Optional[Callable] = None):
+        self.base = base
+        self.indices = list(range(len(base))) if indices is None else list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, target = self.base[self.indices[index]]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(target)
+
+
+def split_lengths(n: int, fractions: Sequence[float]) -> List[int]:
+    """Integer split sizes: floor of each fraction but the last, which takes the remainder."""
+    lengths = [int(n * f) for f in fractions[:-1]]
+    return lengths + [n - sum(lengths)]
+
+
+def paper_split(
+        n: int,
+        fractions: Sequence[float],
+        seed: int = 42,
+        groups: Optional[Sequence] = None,
+) -> List[List[int]]:
+    """Seeded random split of ``range(n)``, as the reference's ``random_split`` with seed 42.
+
+    With ``groups``, whole groups are assigned to one split (by shuffling the distinct groups and
+    filling each split up to its share of samples), so no group appears in two splits.
+    """
+    if groups is None:
+        generator = torch.Generator().manual_seed(seed)
+        return [list(s.indices) for s in random_split(range(n), split_lengths(n, fractions), generator=generator)]
+    groups = np.asarray(groups)
+    unique = np.unique(groups)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    targets = np.cumsum(split_lengths(n, fractions))
+    members = {g: np.flatnonzero(groups == g) for g in unique}
+    splits: List[List[int]] = [[] for _ in fractions]
+    filled, current = 0, 0
+    for g in unique[order]:
+        while current < len(fractions) - 1 and filled >= targets[current]:
+            current += 1
+        splits[current].extend(members[g].tolist())
+        filled += len(members[g])
+    return [sorted(s) for s in splits]
+
+
+# --- adapters: name -> fn(info, data_dir, download, protocol) -> RawSplits --------------------------------
+ADAPTERS: Dict[str, Callable[..., RawSplits]] = {}
+
+
+def register_adapter(name: str):
+    def wrap(fn):
+        ADAPTERS[name] = fn
+        return fn
+    return wrap
+
+
+@register_adapter('digits')
+def _load_digits(info: DatasetInfo, data_dir: Optional[str], download: bool, protocol: str) -> RawSplits:
+    # Shipped inside scikit-learn: 1,797 real 8x8 handwritten digits, values 0..16. No official split.
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return RawSplits(train=ArrayImageDataset(images, digits.target))
+
+
+def build_datasets(
+        name: str,
+        data_dir: Optional[str] = None,
+        protocol: str = 'paper',
+        download: bool = False,
+        seed: int = 42,
+        img_size: Optional[int] = None,
+        in_chans: Optional[int] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        augment: Optional[str] = None,
+        split: Optional[Sequence[float]] = None,
+) -> DataSplits:
+    """Train / val / test datasets for a known dataset name (see ``timm_gradattn.data.info.DATASETS``).
+
+    Args:
+        name: Dataset name ('digits', 'cifar10', ...; 'folder' for an image folder in ``data_dir``).
+        data_dir: Where the upstream files are (or will be downloaded to with ``download``).
+        protocol: 'paper' pools the official splits and re-splits them as the paper did (seeded);
+            'official' keeps the dataset's own splits (a missing val split is carved from train).
+        download: Let the upstream loader download missing files.
+        seed: Seed of the split.
+        img_size, in_chans, mean, std, augment: Overrides of the dataset's facts.
+        split: Override of the (train, val, test) fractions.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f'Unknown protocol {protocol!r}; choose one of {PROTOCOLS}.')
+    key = name.strip().lower().replace('-', '_')
+    info = None if key == 'folder' else get_dataset_info(key)
+    if key not in ADAPTERS:
+        raise ValueError(f'No loader for dataset {name!r}; loaders exist for: {", ".join(sorted(ADAPTERS))}.')
+    raw = ADAPTERS[key](info, data_dir, download, protocol)
+    info = raw.info or info
+    fractions = tuple(split or info.split)
+    if split is not None:
+        info = dataclasses.replace(info, split=fractions)
+    train_idx = val_idx = test_idx = None
+    train, val, test = raw.train, raw.val, raw.test
+    if protocol == 'paper' and info.name in _POOLED_IN_PAPER or (train is not None and val is None and test is None):
+        pool = _concat([d for d in (train, val, test) if d is not None])
+        train_idx, val_idx, test_idx = paper_split(len(pool), fractions, seed, raw.groups)
+        train = val = test = pool
+    elif val is None or test is None:
+        # Carve the missing split(s) from train, keeping the paper's proportions between them.
+        missing = [s for s, d in (('val', val), ('test', test)) if d is None]
+        shares = [fractions[1] if s == 'val' else fractions[2] for s in missing]
+        parts = paper_split(len(train), [1 - sum(shares)] + shares, seed)
+        base = train
+        train, train_idx = base, parts[0]
+        for part_name, idx in zip(missing, parts[1:]):
+            if part_name == 'val':
+                val, val_idx = base, idx
+            else:
+                test, test_idx = base, idx
+
+    def view(base, idx, is_train):
+        transform = build_transform(info, is_train, augment, img_size, in_chans, mean, std)
+        return TransformedDataset(base, idx, transform)
+
+    splits = DataSplits(
+        info=info, protocol=protocol,
+        train=view(train, train_idx, True), val=view(val, val_idx, False), test=view(test, test_idx, False))
+    for split_name, size in splits.sizes().items():
+        if size == 0:
+            raise ValueError(
+                f'The {split_name} split of {info.name} is empty. Add more images, or change the split '
+                f'fractions (--split) so every split gets at least one image.')
+    return splits
+
+
+# Datasets whose official splits the paper pooled and re-split (SPEC section 4).
+_POOLED_IN_PAPER = {'digits', 'tiny_imagenet', 'cifar10', 'svhn', 'fashion_mnist', 'pad_ufes_20'}
+
+
+def _concat(datasets: List[Dataset]) -> Dataset:
+    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
