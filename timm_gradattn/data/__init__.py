@@ -1,4 +1,9 @@
 """Datasets: the facts about each (``info``) and the pipeline that loads them."""
-from .info import DATASETS, PAPER_TAGS, DatasetInfo, get_dataset_info
-from .datasets import ADAPTERS, DataSplits, DatasetNotFoundError, RawSplits, build_datasets, paper_split
-from .transforms import build_transform
+from .info import DATASETS, PAPER_TAGS, TINY_IMAGENET_WNIDS, DatasetInfo, get_dataset_info
+from .datasets import (
+    ADAPTERS, PROTOCOLS, ArrayImageDataset, DataSplits, DatasetNotFoundError, RawSplits, TransformedDataset,
+    build_datasets, paper_split, register_adapter)
+from .transforms import AUGMENTATIONS, build_transform, resolve_info
+# Importing the loaders registers them in ADAPTERS.
+from .folder import FolderSummary, ImageFileDataset, UnreadableImageError, check_image_folder, load_image
+from .adapters import SOURCES, Source

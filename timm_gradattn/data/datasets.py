@@ -1,11 +1,10 @@
-"""Dataset adapters and the paper's splits.
+"""Train / val / test datasets for every dataset the project knows, with the paper's splits.
 
-``build_datasets(name, ...)`` returns train / val / test datasets of (normalised tensor, int label)
-for any dataset the project knows. Each adapter only reads the upstream files and returns *raw*
-datasets of (PIL image, int label); splitting and transforms are done here once for all of them,
-so every dataset gets the same seeded split and the same single normalisation.
+``build_datasets(name, ...)`` returns train / val / test datasets of (normalised tensor, int label).
+Each adapter (``adapters.py``, ``folder.py``) only reads the upstream files and returns *raw* datasets
+of (PIL image, int label); splitting and transforms are done here once for all of them, so every
+dataset gets the same seeded split and the same single normalisation.
 """
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -15,24 +14,24 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, random_split
 
 from .info import DatasetInfo, get_dataset_info
-from .transforms import build_transform
+from .transforms import build_transform, resolve_info
 
 __all__ = ['DataSplits', 'RawSplits', 'TransformedDataset', 'ArrayImageDataset', 'build_datasets',
-           'register_adapter', 'ADAPTERS', 'split_lengths', 'paper_split', 'DatasetNotFoundError']
+           'register_adapter', 'ADAPTERS', 'PROTOCOLS', 'split_lengths', 'paper_split', 'DatasetNotFoundError']
 
 PROTOCOLS = ('paper', 'official')
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """The dataset files are not where the user pointed."""
+    """The dataset files are not where the user pointed (or are damaged)."""
 
 
 @dataclass
 class RawSplits:
     """What an adapter reads: the official splits (any may be None) as (PIL image, label) datasets.
 
-    ``groups`` optionally maps each pooled sample to a group (e.g. a patient) that must not be split
-    across train / val / test.
+    ``groups`` optionally maps each sample of ``train`` (an adapter that sets it returns only ``train``)
+    to a group, e.g. a patient, that must not be split across train / val / test.
     """
     train: Optional[Dataset] = None
     val: Optional[Dataset] = None
@@ -57,10 +56,11 @@ class ArrayImageDataset(Dataset):
     """Images held in a uint8 array (N, H, W) or (N, H, W, C) with integer labels, served as PIL images."""
 
     def __init__(self, images: np.ndarray, labels: Sequence[int]):
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(images) != len(labels):
             raise ValueError(f'{len(images)} images but {len(labels)} labels.')
         self.images = images
-        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.images)
@@ -102,20 +102,24 @@ def paper_split(
     """Seeded random split of ``range(n)``, as the reference's ``random_split`` with seed 42.
 
     With ``groups``, whole groups are assigned to one split (by shuffling the distinct groups and
-    filling each split up to its share of samples), so no group appears in two splits.
+    filling each split up to its share of samples), so no group appears in two splits. A split that
+    is full moves on to the next one, never past it, so with at least as many groups as splits every
+    split gets a group even when one large group overshoots a share.
     """
     if groups is None:
         generator = torch.Generator().manual_seed(seed)
         return [list(s.indices) for s in random_split(range(n), split_lengths(n, fractions), generator=generator)]
-    groups = np.asarray(groups)
-    unique = np.unique(groups)
+    if len(groups) != n:
+        raise ValueError(f'{len(groups)} group labels for {n} samples; give one group per sample.')
+    unique, group_of_sample = np.unique(np.asarray(groups), return_inverse=True)
+    by_group = np.argsort(group_of_sample, kind='stable')
+    members = np.split(by_group, np.cumsum(np.bincount(group_of_sample, minlength=len(unique)))[:-1])
     order = np.random.default_rng(seed).permutation(len(unique))
     targets = np.cumsum(split_lengths(n, fractions))
-    members = {g: np.flatnonzero(groups == g) for g in unique}
     splits: List[List[int]] = [[] for _ in fractions]
     filled, current = 0, 0
-    for g in unique[order]:
-        while current < len(fractions) - 1 and filled >= targets[current]:
+    for g in order:
+        if current < len(fractions) - 1 and filled >= targets[current]:
             current += 1
         splits[current].extend(members[g].tolist())
         filled += len(members[g])
@@ -123,6 +127,7 @@ def paper_split(
 
 
 # --- adapters: name -> fn(info, data_dir, download, protocol) -> RawSplits --------------------------------
+# The loaders themselves live in ``adapters.py`` and ``folder.py``; importing the package registers them.
 ADAPTERS: Dict[str, Callable[..., RawSplits]] = {}
 
 
@@ -133,13 +138,9 @@ def register_adapter(name: str):
     return wrap
 
 
-@register_adapter('digits')
-def _load_digits(info: DatasetInfo, data_dir: Optional[str], download: bool, protocol: str) -> RawSplits:
-    # Shipped inside scikit-learn: 1,797 real 8x8 handwritten digits, values 0..16. No official split.
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    return RawSplits(train=ArrayImageDataset(images, digits.target))
+# Datasets whose official splits the paper pooled and re-split (SPEC section 4). MedMNIST and PCam keep
+# their official splits in the paper too; datasets without official splits are always split here.
+_POOLED_IN_PAPER = {'digits', 'tiny_imagenet', 'cifar10', 'svhn', 'fashion_mnist', 'pad_ufes_20'}
 
 
 def build_datasets(
@@ -164,8 +165,12 @@ def build_datasets(
             'official' keeps the dataset's own splits (a missing val split is carved from train).
         download: Let the upstream loader download missing files.
         seed: Seed of the split.
-        img_size, in_chans, mean, std, augment: Overrides of the dataset's facts.
+        img_size, in_chans, mean, std, augment: Overrides of the dataset's facts; the returned
+            ``info`` states what was used.
         split: Override of the (train, val, test) fractions.
+
+    Raises:
+        DatasetNotFoundError: The files are missing (the message gives the expected layout and how to get them).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f'Unknown protocol {protocol!r}; choose one of {PROTOCOLS}.')
@@ -174,10 +179,9 @@ def build_datasets(
     if key not in ADAPTERS:
         raise ValueError(f'No loader for dataset {name!r}; loaders exist for: {", ".join(sorted(ADAPTERS))}.')
     raw = ADAPTERS[key](info, data_dir, download, protocol)
-    info = raw.info or info
-    fractions = tuple(split or info.split)
-    if split is not None:
-        info = dataclasses.replace(info, split=fractions)
+    info = resolve_info(
+        raw.info or info, img_size=img_size, in_chans=in_chans, mean=mean, std=std, augment=augment, split=split)
+    fractions = info.split
     train_idx = val_idx = test_idx = None
     train, val, test = raw.train, raw.val, raw.test
     if protocol == 'paper' and info.name in _POOLED_IN_PAPER or (train is not None and val is None and test is None):
@@ -189,31 +193,24 @@ def build_datasets(
         missing = [s for s, d in (('val', val), ('test', test)) if d is None]
         shares = [fractions[1] if s == 'val' else fractions[2] for s in missing]
         parts = paper_split(len(train), [1 - sum(shares)] + shares, seed)
-        base = train
-        train, train_idx = base, parts[0]
+        train_idx = parts[0]
         for part_name, idx in zip(missing, parts[1:]):
             if part_name == 'val':
-                val, val_idx = base, idx
+                val, val_idx = train, idx
             else:
-                test, test_idx = base, idx
-
-    def view(base, idx, is_train):
-        transform = build_transform(info, is_train, augment, img_size, in_chans, mean, std)
-        return TransformedDataset(base, idx, transform)
+                test, test_idx = train, idx
 
     splits = DataSplits(
         info=info, protocol=protocol,
-        train=view(train, train_idx, True), val=view(val, val_idx, False), test=view(test, test_idx, False))
+        train=TransformedDataset(train, train_idx, build_transform(info, train=True)),
+        val=TransformedDataset(val, val_idx, build_transform(info, train=False)),
+        test=TransformedDataset(test, test_idx, build_transform(info, train=False)))
     for split_name, size in splits.sizes().items():
         if size == 0:
             raise ValueError(
                 f'The {split_name} split of {info.name} is empty. Add more images, or change the split '
                 f'fractions (--split) so every split gets at least one image.')
     return splits
-
-
-# Datasets whose official splits the paper pooled and re-split (SPEC section 4).
-_POOLED_IN_PAPER = {'digits', 'tiny_imagenet', 'cifar10', 'svhn', 'fashion_mnist', 'pad_ufes_20'}
 
 
 def _concat(datasets: List[Dataset]) -> Dataset:

@@ -5,8 +5,11 @@ The pretrained configurations of the models (``timm_gradattn.models``) and the d
 normalisation are stated exactly once. Figures follow the GradAttn paper (arXiv:2603.26756,
 section 4.2, Table 2) and its reference implementation.
 """
+import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
+
+from timm.data import ImageNetInfo
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,6 +54,23 @@ _BLOOD_LABELS = (
     'basophil', 'eosinophil', 'erythroblast',
     'immature granulocytes(myelocytes, metamyelocytes and promyelocytes)',
     'lymphocyte', 'monocyte', 'neutrophil', 'platelet')
+
+
+def _load_tiny_imagenet_wnids() -> Tuple[str, ...]:
+    # The 200 WordNet ids of the dataset's wnids.txt, stored sorted: line i is class index i, the order an
+    # image folder (and this project) gives the classes.
+    path = os.path.join(os.path.dirname(__file__), 'tiny_imagenet_wnids.txt')
+    with open(path, encoding='utf-8') as f:
+        return tuple(line.strip() for line in f if line.strip())
+
+
+TINY_IMAGENET_WNIDS = _load_tiny_imagenet_wnids()
+# Readable names: the first lemma of each synset in timm's ImageNet lemma table (all 200 are ImageNet-1k
+# classes, and their first lemmas are distinct).
+_IMAGENET_INFO = ImageNetInfo()  # once: each instance reads timm's label tables (~0.1 s)
+_TINY_IMAGENET_LABELS = tuple(
+    _IMAGENET_INFO.label_name_to_description(wnid).split(',')[0].strip() for wnid in TINY_IMAGENET_WNIDS)
+
 # PAD-UFES-20 diagnostic codes in sorted order: actinic keratosis, basal cell carcinoma, melanoma,
 # nevus, squamous cell carcinoma, seborrheic keratosis.
 _PAD_LABELS = ('ACK', 'BCC', 'MEL', 'NEV', 'SCC', 'SEK')
@@ -64,7 +84,7 @@ DATASETS: Dict[str, DatasetInfo] = {info.name: info for info in (
         citation='Alpaydin & Kaynak, Optical Recognition of Handwritten Digits, UCI ML Repository, 1998.'),
     DatasetInfo(
         name='tiny_imagenet', title='Tiny ImageNet', num_classes=200, input_size=(3, 64, 64),
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, label_names=None,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, label_names=_TINY_IMAGENET_LABELS,
         license='other', homepage='http://cs231n.stanford.edu/tiny-imagenet-200.zip',
         hf_dataset='zh-plus/tiny-imagenet',
         citation='Le & Yang, Tiny ImageNet Visual Recognition Challenge, CS231N, 2015.'),

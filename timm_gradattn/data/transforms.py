@@ -5,6 +5,7 @@ exactly once, at the end. The GradAttn reference implementation normalised CIFAR
 training images twice (a normalised tensor sent back through ToPILImage wraps modulo 256); building
 every pipeline as PIL -> augment -> tensor -> normalise rules that out.
 """
+import dataclasses
 from typing import Optional, Sequence
 
 from torchvision import transforms as T
@@ -35,6 +36,51 @@ def _augmentation(name: str, img_size: int) -> list:
     raise ValueError(f'Unknown augmentation {name!r}; choose one of {AUGMENTATIONS}.')
 
 
+def resolve_info(
+        info: DatasetInfo,
+        img_size: Optional[int] = None,
+        in_chans: Optional[int] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        augment: Optional[str] = None,
+        split: Optional[Sequence[float]] = None,
+) -> DatasetInfo:
+    """The dataset's facts with the user's overrides applied: what the model will actually see.
+
+    A one-value (grey) mean/std serves every channel when the images are read as RGB; an RGB mean/std
+    that comes with the dataset is averaged when the images are read as grey (``in_chans=1``).
+    """
+    img_size = img_size or info.img_size
+    in_chans = in_chans or info.in_chans
+    if in_chans not in (1, 3):
+        raise ValueError(f'in_chans={in_chans} is not supported for images; use 1 (greyscale) or 3 (RGB).')
+    mean_values = tuple(float(m) for m in (mean or info.mean))
+    std_values = tuple(float(s) for s in (std or info.std))
+    if len(mean_values) != len(std_values):
+        raise ValueError(f'mean {mean_values} and std {std_values} must have the same number of values.')
+    if len(mean_values) != in_chans:
+        if len(mean_values) == 1:
+            mean_values, std_values = mean_values * in_chans, std_values * in_chans
+        elif in_chans == 1 and mean is None and std is None:
+            mean_values = (sum(mean_values) / len(mean_values),)
+            std_values = (sum(std_values) / len(std_values),)
+        else:
+            raise ValueError(
+                f'mean/std have {len(mean_values)} values but the model takes {in_chans} channels; '
+                f'pass --mean/--std with {in_chans} values.')
+    augment = augment or info.train_augment
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f'Unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}.')
+    fractions = tuple(float(f) for f in (split or info.split))
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(
+            f'split={fractions} must be three non-negative (train, val, test) fractions summing to 1, '
+            f'e.g. 0.7 0.15 0.15.')
+    return dataclasses.replace(
+        info, input_size=(in_chans, img_size, img_size), mean=mean_values, std=std_values,
+        train_augment=augment, split=fractions)
+
+
 def build_transform(
         info: DatasetInfo,
         train: bool,
@@ -55,24 +101,12 @@ def build_transform(
         mean: Override the normalisation mean (one value per channel).
         std: Override the normalisation std.
     """
-    img_size = img_size or info.img_size
-    in_chans = in_chans or info.in_chans
-    mean = tuple(mean or info.mean)
-    std = tuple(std or info.std)
-    if in_chans not in (1, 3):
-        raise ValueError(f'in_chans={in_chans} is not supported for images; use 1 (greyscale) or 3 (RGB).')
-    if len(mean) != in_chans:
-        if len(mean) == 1:  # one grey statistic serves every channel of a grey image converted to RGB
-            mean, std = mean * in_chans, std * in_chans
-        else:
-            raise ValueError(
-                f'mean/std have {len(mean)} values but the model takes {in_chans} channels; '
-                f'pass --mean/--std with {in_chans} values.')
-    steps = [T.Grayscale(1) if in_chans == 1 else T.Lambda(_to_rgb)]
-    steps.append(T.Resize((img_size, img_size)))
+    info = resolve_info(info, img_size=img_size, in_chans=in_chans, mean=mean, std=std, augment=augment)
+    steps = [T.Grayscale(1) if info.in_chans == 1 else T.Lambda(_to_rgb)]
+    steps.append(T.Resize((info.img_size, info.img_size)))
     if train:
-        steps += _augmentation(augment or info.train_augment, img_size)
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
+        steps += _augmentation(info.train_augment, info.img_size)
+    steps += [T.ToTensor(), T.Normalize(info.mean, info.std)]
     return T.Compose(steps)
 
 
