@@ -1,0 +1,152 @@
+"""Hugging Face Hub helpers: put exported weights into the Hub cache, and tell early whether weights can be had.
+
+``place_in_hf_cache`` writes a folder exported by ``timm.models.save_for_hf`` into huggingface_hub's cache
+layout, as if it had been downloaded from ``repo_id``: ``create_model('<model>.<tag>', pretrained=True)`` and
+``create_model('hf-hub:<repo_id>')`` then load it offline (``HF_HUB_OFFLINE=1``) through timm's own code.
+
+``hub_weights_problem`` is a quick look (the cache, then at most one HEAD request without retries) run before
+timm's download, which retries with back-off (about 23 s per file name) when the Hub cannot be reached.
+"""
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.file_download import are_symlinks_supported, repo_folder_name
+from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+__all__ = ['place_in_hf_cache', 'hub_weights_problem', 'export_hub_folder', 'WEIGHT_FILENAMES']
+
+# The names timm's Hub loader tries, in its order (safetensors first).
+WEIGHT_FILENAMES = ('model.safetensors', 'pytorch_model.bin')
+
+
+def place_in_hf_cache(
+        folder: Union[str, Path],
+        repo_id: str,
+        cache_dir: Optional[Union[str, Path]] = None,
+        revision: str = 'main',
+) -> Path:
+    """Copy the files of ``folder`` into the Hugging Face cache as revision ``revision`` of model repo ``repo_id``.
+
+    Writes huggingface_hub's documented layout under ``cache_dir`` (default: ``HF_HUB_CACHE``)::
+
+        models--<namespace>--<name>/
+            blobs/<sha256 of the file>
+            snapshots/<commit>/<file>  -> ../../blobs/<sha256>   (a copy where symlinks are unsupported)
+            refs/<revision>            holds <commit>
+
+    The commit hash is derived from the files' names and contents, so placing the same folder twice changes
+    nothing, and placing changed files adds a new snapshot and moves the ref to it.
+
+    Returns:
+        The snapshot folder.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob('*') if p.is_file())
+    if not files:
+        raise FileNotFoundError(f'No files to place in the Hugging Face cache: {folder} is empty or missing. '
+                                f'Export a model first with timm.models.save_for_hf(model, folder).')
+    cache_dir = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE).expanduser()
+    storage = cache_dir / repo_folder_name(repo_id=repo_id, repo_type='model')
+
+    digests = {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+    commit = hashlib.sha1(''.join(f'{name}\0{digest}\n' for name, digest in digests.items()).encode()).hexdigest()
+    snapshot = storage / 'snapshots' / commit
+    use_symlinks = are_symlinks_supported(cache_dir)
+    for path in files:
+        name = path.relative_to(folder).as_posix()
+        blob = storage / 'blobs' / digests[name]
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            shutil.copyfile(path, blob)
+        pointer = snapshot / name
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        if pointer.exists() or pointer.is_symlink():
+            pointer.unlink()
+        if use_symlinks:
+            pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+        else:
+            shutil.copyfile(blob, pointer)
+    ref = storage / 'refs' / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)  # no trailing newline: huggingface_hub reads the file as the hash
+    return snapshot
+
+
+def hub_weights_problem(
+        repo_id: str,
+        revision: Optional[str] = None,
+        filenames: Sequence[str] = WEIGHT_FILENAMES,
+        cache_dir: Optional[Union[str, Path]] = None,
+) -> Optional[str]:
+    """Why weights for ``repo_id`` cannot be had right now, or None when they are cached or look downloadable.
+
+    Cached weights are enough (huggingface_hub falls back to the cache when the Hub is unreachable). Otherwise
+    one HEAD request without retries tells a missing repository or an unreachable Hub apart from a
+    download that should work.
+    """
+    for filename in filenames:
+        if isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str):
+            return None
+    where = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE:
+        return f'HF_HUB_OFFLINE is set and the weights are not in the Hugging Face cache ({where})'
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filenames[0], revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+        return f'the repository is not on the Hub, or is private ({type(error).__name__})'
+    except HfHubHTTPError:
+        return None  # e.g. this file name is absent but another may exist: timm's loader decides
+    except Exception as error:  # noqa: BLE001 - transport errors are the HTTP client's own types (httpx, requests)
+        return (f'the Hugging Face Hub cannot be reached ({type(error).__name__}: {error}) and the weights are not '
+                f'in the Hugging Face cache ({where})')
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open('rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_hub_folder(
+        model,
+        folder: Union[str, Path],
+        label_names: Optional[Sequence[str]] = None,
+        input_size: Optional[Sequence[int]] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        pretrained_cfg: Optional[dict] = None,
+) -> Path:
+    """Write ``folder/config.json`` and ``folder/model.safetensors`` with timm's ``save_for_hf``.
+
+    The config records the architecture and the arguments that rebuild it (classes, channels), the class
+    names and the preprocessing the weights were trained with, so that after ``import timm_gradattn``
+    ``timm.create_model('local-dir:<folder>', pretrained=True)`` gives back the same model. The folder is
+    written under a temporary name and swapped in whole.
+
+    Args:
+        model: The trained (unwrapped) timm model.
+        folder: Where to write; an existing export there is replaced.
+        label_names: Class names in classifier order.
+        input_size, mean, std: The preprocessing of the training data, (C, H, W) and per-channel.
+        pretrained_cfg: Other pretrained-config fields to record (e.g. tag, license, notes).
+    """
+    from timm.models import save_for_hf
+    from .checkpoint import replace_folder
+
+    folder = Path(folder)
+    tmp = folder.with_name(f'{folder.name}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    data_config = {k: tuple(v) for k, v in dict(input_size=input_size, mean=mean, std=std).items() if v is not None}
+    model_config = dict(pretrained_cfg=dict(pretrained_cfg or {}, **data_config))
+    if label_names:
+        model_config['label_names'] = list(label_names)
+    save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True, data_config=data_config)
+    replace_folder(tmp, folder)
+    return folder
