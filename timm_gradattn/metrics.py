@@ -1,31 +1,127 @@
-"""Classification metrics of the GradAttn paper (sections 4.3-4.7), computed by torchmetrics.
+"""Classification metrics of the GradAttn paper (sections 4.3-4.7).
 
 ``classification_metrics`` takes the logits and targets of a whole split (already gathered across
 processes, without padding: see ``accelerator.gather_for_metrics``) and returns the keys shared by
 training's ``results.json`` and the evaluation command: top-k accuracies in percent (as timm's
 validate.py prints them), precision / recall / F1 / ECE as fractions and NLL in nats.
+
+Counting is done once, exactly, in integers (torchmetrics' confusion matrix); every ratio is then
+taken in float64. torchmetrics' own reductions return float32, which turns 57 of 200 correct into
+28.499999 % instead of 28.5 %.
+
+Definitions (all match scikit-learn with ``zero_division=0``):
+    * top-k: the target is among the k highest logits, k capped at the number of classes; ties are
+      ranked by class index, so top-1 is exactly the argmax prediction of the confusion matrix.
+    * precision / recall / F1, macro: unweighted mean over the classes that occur in the targets or
+      the predictions; weighted: mean over classes weighted by their number of targets.
+    * ECE: 10 equal-width bins of the top-1 softmax probability, bins closed on the right
+      ((0, 0.1], ..., (0.9, 1.0]), ``sum_b |B_b| / n * |accuracy(B_b) - confidence(B_b)|``.
+    * NLL: mean cross-entropy of the softmax of the logits, in nats.
 """
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import (
-    multiclass_accuracy, multiclass_calibration_error, multiclass_confusion_matrix, multiclass_f1_score,
-    multiclass_precision, multiclass_recall,
-)
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-__all__ = ['METRIC_KEYS', 'classification_metrics', 'confusion_matrix', 'topk_accuracy']
+__all__ = ['METRIC_KEYS', 'ReliabilityBins', 'classification_metrics', 'confusion_matrix', 'per_class_metrics',
+           'reliability_bins', 'topk_accuracy']
 
 METRIC_KEYS = ('top1', 'top3', 'top5', 'precision_macro', 'precision_weighted', 'recall_macro', 'recall_weighted',
                'f1_macro', 'f1_weighted', 'ece', 'nll')
 
 
+def _check_inputs(logits: torch.Tensor, targets: torch.Tensor):
+    logits = logits.detach().cpu().double()
+    targets = targets.detach().cpu().long()
+    if logits.ndim != 2 or targets.ndim != 1 or len(logits) != len(targets):
+        raise ValueError(
+            f'Expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}.')
+    if len(targets) == 0:
+        raise ValueError('No samples to evaluate: the split is empty.')
+    num_classes = logits.shape[1]
+    if targets.min() < 0 or targets.max() >= num_classes:
+        raise ValueError(
+            f'Targets must lie in [0, {num_classes - 1}] for {num_classes} logits per sample, got labels '
+            f'{int(targets.min())}..{int(targets.max())}. Does the model have the dataset\'s number of classes?')
+    return logits, targets
+
+
+def _target_rank(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Position of the target in each row sorted by decreasing logit, ties broken by class index."""
+    target_logit = logits.gather(1, targets[:, None])
+    class_index = torch.arange(logits.shape[1])[None, :]
+    ahead = (logits > target_logit) | ((logits == target_logit) & (class_index < targets[:, None]))
+    return ahead.sum(dim=1)
+
+
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
     """Top-k accuracy in percent, with k capped at the number of classes."""
-    num_classes = logits.shape[1]
-    k = min(k, num_classes)
-    value = multiclass_accuracy(logits, targets, num_classes=num_classes, top_k=k, average='micro')
-    return 100.0 * float(value)
+    logits, targets = _check_inputs(logits, targets)
+    if k < 1:
+        raise ValueError(f'k must be at least 1, got {k}.')
+    k = min(k, logits.shape[1])
+    correct = int((_target_rank(logits, targets) < k).sum())
+    return 100.0 * correct / len(targets)  # 100 * correct first keeps e.g. 57 / 200 at exactly 28.5
+
+
+def confusion_matrix(logits: torch.Tensor, targets: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:
+    """Counts (true class x predicted class), int64."""
+    logits, targets = _check_inputs(logits, targets)
+    num_classes = num_classes or logits.shape[1]
+    return multiclass_confusion_matrix(logits, targets, num_classes=num_classes).long()
+
+
+def _safe_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    # zero_division = 0, as in the paper's scikit-learn calls
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-300), torch.zeros_like(numerator))
+
+
+def per_class_metrics(counts: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per-class precision, recall, F1 (float64) and support from a confusion matrix of counts."""
+    counts = counts.double()
+    true_positive = counts.diag()
+    predicted = counts.sum(dim=0)
+    support = counts.sum(dim=1)
+    precision = _safe_ratio(true_positive, predicted)
+    recall = _safe_ratio(true_positive, support)
+    f1 = _safe_ratio(2 * true_positive, predicted + support)  # = 2PR / (P + R), defined when P + R = 0
+    return dict(precision=precision, recall=recall, f1=f1, support=support, predicted=predicted)
+
+
+@dataclass
+class ReliabilityBins:
+    """Equal-width bins of top-1 confidence: what the ECE sums and the reliability diagram draws."""
+    edges: List[float]          # n_bins + 1 bin edges, 0 to 1
+    count: List[int]            # samples per bin
+    accuracy: List[float]       # fraction correct per bin (0 for empty bins)
+    confidence: List[float]     # mean top-1 probability per bin (0 for empty bins)
+
+    @property
+    def ece(self) -> float:
+        total = sum(self.count)
+        return sum(n / total * abs(a - c) for n, a, c in zip(self.count, self.accuracy, self.confidence))
+
+
+def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 10) -> ReliabilityBins:
+    """Bin samples by their top-1 probability into ``n_bins`` bins (lo, hi]; the first bin also takes 0."""
+    probs = probs.detach().cpu().double()
+    targets = targets.detach().cpu().long()
+    if n_bins < 1:
+        raise ValueError(f'n_bins must be at least 1, got {n_bins}.')
+    confidence, predicted = probs.max(dim=1)
+    correct = predicted.eq(targets).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    # bucketize with right=False puts x into bin i when edges[i] < x <= edges[i + 1]
+    index = (torch.bucketize(confidence, edges[1:-1], right=False)).clamp(0, n_bins - 1)
+    count = torch.bincount(index, minlength=n_bins)
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, confidence)
+    correct_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, correct)
+    nonempty = count.clamp(min=1).double()
+    return ReliabilityBins(
+        edges=edges.tolist(), count=count.tolist(),
+        accuracy=(correct_sum / nonempty).tolist(), confidence=(conf_sum / nonempty).tolist())
 
 
 def classification_metrics(
@@ -35,25 +131,15 @@ def classification_metrics(
         ece_bins: int = 10,
 ) -> Dict[str, float]:
     """All paper metrics for one split; ``logits`` (N, C) and integer ``targets`` (N,)."""
-    logits = logits.detach().float().cpu()
-    targets = targets.detach().long().cpu()
-    if logits.ndim != 2 or targets.ndim != 1 or len(logits) != len(targets):
-        raise ValueError(f'Expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}.')
-    if len(targets) == 0:
-        raise ValueError('No samples to evaluate: the split is empty.')
-    num_classes = logits.shape[1]
+    logits, targets = _check_inputs(logits, targets)
     out = {f'top{k}': topk_accuracy(logits, targets, k) for k in topk}
-    common = dict(num_classes=num_classes, zero_division=0)
-    for name, fn in (('precision', multiclass_precision), ('recall', multiclass_recall), ('f1', multiclass_f1_score)):
-        for average in ('macro', 'weighted'):
-            out[f'{name}_{average}'] = float(fn(logits, targets, average=average, **common))
-    probs = logits.softmax(dim=1)
-    out['ece'] = float(multiclass_calibration_error(probs, targets, num_classes=num_classes, n_bins=ece_bins, norm='l1'))
+    per_class = per_class_metrics(confusion_matrix(logits, targets))
+    # Macro averages skip classes absent from both targets and predictions (scikit-learn's label set).
+    present = (per_class['support'] + per_class['predicted']) > 0
+    weights = per_class['support'] / per_class['support'].sum()
+    for name in ('precision', 'recall', 'f1'):
+        out[f'{name}_macro'] = float(per_class[name][present].mean())
+        out[f'{name}_weighted'] = float((per_class[name] * weights).sum())
+    out['ece'] = reliability_bins(logits.softmax(dim=1), targets, ece_bins).ece
     out['nll'] = float(F.cross_entropy(logits, targets))
     return out
-
-
-def confusion_matrix(logits: torch.Tensor, targets: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:
-    """Counts (true class x predicted class)."""
-    num_classes = num_classes or logits.shape[1]
-    return multiclass_confusion_matrix(logits.float().cpu(), targets.long().cpu(), num_classes=num_classes)

@@ -1,0 +1,130 @@
+"""Every metric against an independent computation: scikit-learn, hand-checkable bins, a hand formula."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+from sklearn.metrics import precision_recall_fscore_support, top_k_accuracy_score
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+from timm_gradattn.metrics import (
+    METRIC_KEYS, classification_metrics, confusion_matrix, reliability_bins, topk_accuracy,
+)
+
+
+def _predictions(num_samples: int, num_classes: int, seed: int, skew: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_samples, num_classes, generator=generator, dtype=torch.float64) * 2
+    targets = torch.randint(0, num_classes, (num_samples,), generator=generator)
+    if skew:
+        # Class 0 never predicted, the last class absent from both targets and predictions.
+        logits[:, 0] = -1e3
+        logits[:, -1] = -1e3
+        targets[targets == num_classes - 1] = 1
+    return logits, targets
+
+
+def _log_probs(probs):
+    """Logits whose softmax is exactly ``probs`` (up to rounding)."""
+    return torch.tensor(probs, dtype=torch.float64).log()
+
+
+@pytest.mark.parametrize('num_classes, skew', [(2, False), (7, False), (12, True)])
+def test_precision_recall_f1_match_scikit_learn(num_classes, skew):
+    logits, targets = _predictions(300, num_classes, seed=num_classes, skew=skew)
+    metrics = classification_metrics(logits, targets)
+    predicted = logits.argmax(dim=1).numpy()
+    for average in ('macro', 'weighted'):
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            targets.numpy(), predicted, average=average, zero_division=0)
+        assert metrics[f'precision_{average}'] == pytest.approx(precision, abs=1e-12)
+        assert metrics[f'recall_{average}'] == pytest.approx(recall, abs=1e-12)
+        assert metrics[f'f1_{average}'] == pytest.approx(f1, abs=1e-12)
+    assert tuple(metrics) == METRIC_KEYS
+
+
+def test_topk_matches_scikit_learn_and_caps_k():
+    logits, targets = _predictions(250, 6, seed=3)
+    labels = np.arange(6)
+    for k in (1, 3, 5):
+        expected = 100 * top_k_accuracy_score(targets.numpy(), logits.numpy(), k=k, labels=labels)
+        assert topk_accuracy(logits, targets, k) == pytest.approx(expected, abs=1e-12)
+    # k larger than the number of classes: every target is among the "top k".
+    assert topk_accuracy(logits, targets, 10) == 100.0
+    binary_logits, binary_targets = _predictions(40, 2, seed=4)
+    metrics = classification_metrics(binary_logits, binary_targets)
+    assert metrics['top3'] == metrics['top5'] == 100.0
+    assert metrics['top1'] < 100.0
+
+
+def test_percentages_are_exact_decimals():
+    # 57 of 200 correct is 28.5 %, not the 28.499999 % a float32 reduction gives.
+    targets = torch.zeros(200, dtype=torch.long)
+    logits = torch.zeros(200, 3)
+    logits[:57, 0] = 1.0
+    logits[57:, 1] = 1.0
+    metrics = classification_metrics(logits, targets)
+    assert metrics['top1'] == 28.5
+    assert repr(metrics['top1']) == '28.5'
+    assert metrics['recall_weighted'] == 0.285
+
+
+def test_ties_rank_by_class_index_like_argmax():
+    # An untrained head can output identical logits; top-1 must then agree with the confusion matrix.
+    logits = torch.zeros(10, 4)
+    targets = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3, 3])
+    metrics = classification_metrics(logits, targets)
+    counts = confusion_matrix(logits, targets)
+    assert metrics['top1'] == 100.0 * counts.trace().item() / 10 == 30.0
+    assert metrics['top3'] == 70.0  # classes 0, 1, 2 come first
+
+
+def test_confusion_matrix_matches_scikit_learn():
+    logits, targets = _predictions(120, 5, seed=5)
+    expected = sk_confusion_matrix(targets.numpy(), logits.argmax(1).numpy(), labels=np.arange(5))
+    assert confusion_matrix(logits, targets).numpy().tolist() == expected.tolist()
+
+
+def test_ece_on_hand_checkable_bins():
+    # Two samples at confidence 0.95 (one right): bin (0.9, 1.0], |0.5 - 0.95| = 0.45.
+    # Two at 0.65 (both right): bin (0.6, 0.7], |1.0 - 0.65| = 0.35.  ECE = 0.5 * 0.45 + 0.5 * 0.35 = 0.4.
+    probs = [[0.95, 0.05], [0.95, 0.05], [0.65, 0.35], [0.35, 0.65]]
+    targets = torch.tensor([0, 1, 0, 1])
+    metrics = classification_metrics(_log_probs(probs), targets)
+    assert metrics['ece'] == pytest.approx(0.4, abs=1e-12)
+    bins = reliability_bins(torch.tensor(probs), targets)
+    assert bins.count == [0, 0, 0, 0, 0, 0, 2, 0, 0, 2]
+    assert bins.accuracy[6] == 1.0 and bins.accuracy[9] == 0.5
+
+
+def test_ece_bins_are_closed_on_the_right():
+    # Confidence exactly 0.5 belongs to (0.4, 0.5]; exactly 1.0 to the last bin (0.9, 1.0].
+    probs = torch.tensor([[0.5, 0.5], [1.0, 0.0]], dtype=torch.float64)
+    bins = reliability_bins(probs, torch.tensor([0, 0]))
+    assert bins.count[4] == 1 and bins.count[9] == 1
+    assert bins.ece == pytest.approx(0.5 * 0.5 + 0.5 * 0.0)
+
+
+def test_ece_agrees_with_torchmetrics_away_from_bin_edges():
+    logits, targets = _predictions(500, 10, seed=6)
+    confidence = logits.softmax(1).max(1).values
+    assert ((confidence * 10 - (confidence * 10).round()).abs() > 1e-6).all()
+    expected = multiclass_calibration_error(logits.softmax(1), targets, num_classes=10, n_bins=10, norm='l1')
+    assert classification_metrics(logits, targets)['ece'] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_nll_matches_hand_formula():
+    logits, targets = _predictions(64, 4, seed=7)
+    rows = logits.numpy()
+    expected = -np.mean([row[t] - math.log(np.exp(row).sum()) for row, t in zip(rows, targets.numpy())])
+    assert classification_metrics(logits, targets)['nll'] == pytest.approx(expected, abs=1e-12)
+
+
+def test_bad_inputs_are_explained():
+    with pytest.raises(ValueError, match=r'\[0, 2\].*5'):
+        classification_metrics(torch.zeros(2, 3), torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match='empty'):
+        classification_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r'\(N, C\)'):
+        classification_metrics(torch.zeros(3), torch.zeros(3, dtype=torch.long))

@@ -1,0 +1,248 @@
+"""Evaluate a classifier on one split of a dataset: the paper's metrics, a confusion matrix and plots.
+
+    python -m timm_gradattn.evaluate --model gradattn_resnet18_rope --checkpoint run/model.safetensors \\
+        --dataset tiny_imagenet --data-dir data/tiny-imagenet-200 --split test
+    accelerate launch -m timm_gradattn.evaluate --model local-dir:exported/ --dataset cifar10 --data-dir data
+
+The model is any timm name (sized for the dataset), ``hf-hub:<repo>`` or ``local-dir:<folder>`` (a
+``save_for_hf`` export, whose config.json carries the classes, channels and normalisation), optionally
+with weights from a ``.safetensors`` file. Runs on one or many processes through Accelerate; logits are
+gathered with ``gather_for_metrics``, so the samples a distributed sampler pads with are not counted twice.
+
+Writes into ``--output``: ``metrics.json`` (top1, top3, top5 in percent; precision, recall, F1 macro and
+weighted, ECE as fractions; NLL in nats: the keys of a training run's ``results.json``; plus the confusion
+matrix, label names and per-class scores), ``reliability.png`` and ``confusion_matrix.png``; with
+``--routing`` (GradAttn models) ``routing.png``, with ``--gradient-health`` ``gradient_norms.png``.
+"""
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+import timm
+from accelerate import Accelerator
+from timm.models import load_checkpoint, parse_model_name, safe_model_name
+
+from .analysis import (
+    GRADIENT_MODES, REFERENCE_BAND, ROUTING_METHODS, extraction_point_names, gradient_health_report, gradient_norms,
+    routing_summary, unwrap_model,
+)
+from .config import UserError
+from .data import DATASETS, DatasetInfo, DatasetNotFoundError, build_datasets
+from .engine import predict
+from .metrics import METRIC_KEYS, classification_metrics, confusion_matrix, per_class_metrics, reliability_bins
+from .models import MissingWeightsError
+from .plots import plot_confusion_matrix, plot_gradient_norms, plot_reliability_diagram, plot_routing
+
+_logger = logging.getLogger('timm_gradattn.evaluate')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='python -m timm_gradattn.evaluate',
+        description='Top-1/3/5, precision/recall/F1 (macro, weighted), ECE, NLL and a confusion matrix '
+                    'for a model on one split of a dataset, with plots.')
+    parser.add_argument('--model', required=True,
+                        help='timm model name, hf-hub:<repo id> or local-dir:<folder with config.json>.')
+    parser.add_argument('--checkpoint', default=None, help='Weights to load: a .safetensors file.')
+    parser.add_argument('--pretrained', action='store_true',
+                        help='Load the published weights (for a registry name, the tag of --dataset).')
+    parser.add_argument('--dataset', required=True, help='Dataset name (digits, cifar10, tiny_imagenet, ...).')
+    parser.add_argument('--data-dir', default=None, help='Where the dataset files are.')
+    parser.add_argument('--download', action='store_true', help='Let the dataset loader download missing files.')
+    parser.add_argument('--split', default='test', choices=('test', 'val', 'train'))
+    parser.add_argument('--protocol', default='paper', choices=('paper', 'official'),
+                        help="'paper' re-splits pooled data as the paper did; 'official' keeps the dataset's splits.")
+    parser.add_argument('--seed', type=int, default=42, help='Seed of the split; must be the one used in training.')
+    parser.add_argument('--img-size', type=int, default=None, help='Override the input side.')
+    parser.add_argument('--in-chans', type=int, default=None,
+                        help="Channels of a registry model, if trained with other than the dataset's.")
+    parser.add_argument('-b', '--batch-size', type=int, default=None, help="Default: the dataset's paper batch size.")
+    parser.add_argument('-j', '--workers', type=int, default=2, help='Data-loading processes per device.')
+    parser.add_argument('--ece-bins', type=int, default=10)
+    parser.add_argument('--mixed-precision', default=None, choices=('no', 'bf16', 'fp16'),
+                        help="Autocast for the forward pass; default: Accelerate's configuration.")
+    parser.add_argument('--routing', action='store_true',
+                        help='GradAttn only: share of each extraction point in the predictions, overall and per class.')
+    parser.add_argument('--gradient-health', action='store_true',
+                        help='Per-layer gradient norms on the first batches of the split (train mode) and the '
+                             'Gradient Health Score in the paper\'s and the reference\'s bands.')
+    parser.add_argument('--gradient-mode', default='outputs', choices=GRADIENT_MODES,
+                        help="'outputs' is the paper's measurement (gradient w.r.t. each layer output).")
+    parser.add_argument('--gradient-batches', type=int, default=20)
+    parser.add_argument('--output', default=None,
+                        help='Folder for metrics.json and the plots; default output/eval/<model>-<dataset>-<split>.')
+    return parser
+
+
+def create_eval_model(
+        model_name: str,
+        info: DatasetInfo,
+        checkpoint: Optional[str] = None,
+        pretrained: bool = False,
+        in_chans: Optional[int] = None,
+) -> nn.Module:
+    """The model to evaluate on the dataset described by ``info``, with its weights loaded.
+
+    A registry name is created with the dataset's classes and channels (with ``pretrained``, from the
+    weights tagged with the dataset's name when they exist); ``hf-hub:`` and ``local-dir:`` models bring
+    their own configuration and weights. ``checkpoint`` (safetensors) replaces the weights; ``in_chans``
+    overrides the dataset's channel count (a model trained on grey images converted to RGB).
+    """
+    source, name = parse_model_name(model_name)
+    kwargs: Dict[str, Any] = {}
+    if source is None:
+        tagged = f'{name}.{info.name}'
+        if pretrained and '.' not in name and tagged in timm.list_pretrained(tagged):
+            model_name = tagged  # the weights trained on this dataset
+        elif not pretrained:
+            kwargs = dict(num_classes=info.num_classes, in_chans=in_chans or info.in_chans)
+    # A hub / local export is pointless without its weights, unless a checkpoint replaces them.
+    load_source_weights = pretrained or (source is not None and checkpoint is None)
+    model = timm.create_model(model_name, pretrained=load_source_weights, **kwargs)
+    if checkpoint is not None:
+        if not str(checkpoint).endswith('.safetensors'):
+            raise UserError(f'--checkpoint {checkpoint} is not a .safetensors file. Export the weights with '
+                            f'safetensors.torch.save_file(model.state_dict(), "model.safetensors").')
+        if not Path(checkpoint).is_file():
+            raise UserError(f'--checkpoint {checkpoint} does not exist.')
+        load_checkpoint(model, checkpoint, strict=True)
+    elif not load_source_weights:
+        _logger.warning('No --checkpoint and no --pretrained: evaluating randomly initialised weights.')
+    num_classes = getattr(model, 'num_classes', info.num_classes)
+    if num_classes != info.num_classes:
+        raise UserError(
+            f'{model_name} predicts {num_classes} classes but {info.title} has {info.num_classes}. '
+            f'Evaluate it on the dataset it was trained on, or pass a checkpoint trained on {info.name}.')
+    return model
+
+
+def _data_overrides(model: nn.Module, img_size: Optional[int]) -> Dict[str, Any]:
+    """Input size and normalisation: the model's own when it came with weights and a config, else the dataset's."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    in_chans = getattr(model, 'in_chans', None) or (cfg.get('input_size') or (None,))[0]
+    overrides: Dict[str, Any] = dict(in_chans=in_chans, img_size=img_size)
+    if cfg.get('source') in ('local-dir', 'hf-hub') or cfg.get('file'):
+        if img_size is None and cfg.get('input_size'):
+            overrides['img_size'] = cfg['input_size'][-1]
+        overrides.update(mean=cfg.get('mean'), std=cfg.get('std'))
+    return overrides
+
+
+def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None) -> Dict[str, Any]:
+    """Run the evaluation described by parsed command-line ``args``; returns what metrics.json holds."""
+    accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision)
+    data_args = dict(data_dir=args.data_dir, protocol=args.protocol, download=args.download, seed=args.seed)
+    key = args.dataset.strip().lower().replace('-', '_')
+    # An image folder's classes are only known once it has been read.
+    info = DATASETS[key] if key in DATASETS else build_datasets(args.dataset, **data_args).info
+    model = create_eval_model(args.model, info, args.checkpoint, args.pretrained, args.in_chans)
+    if args.routing:
+        try:
+            extraction_point_names(model)
+        except (TypeError, ValueError) as error:
+            raise UserError(f'--routing: {error}') from error
+    overrides = _data_overrides(model, args.img_size)
+    splits = build_datasets(args.dataset, **data_args, **overrides)
+    info = splits.info
+    dataset = getattr(splits, args.split)
+    preprocessing = dict(
+        in_chans=overrides['in_chans'] or info.in_chans, img_size=overrides['img_size'] or info.img_size,
+        mean=list(overrides.get('mean') or info.mean), std=list(overrides.get('std') or info.std))
+    label_names = list(info.label_names or (getattr(model, 'pretrained_cfg', {}) or {}).get('label_names') or
+                       [str(i) for i in range(info.num_classes)])
+    batch_size = args.batch_size or info.batch_size
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=args.workers,
+                        pin_memory=accelerator.device.type == 'cuda')
+    model, loader = accelerator.prepare(model, loader)
+
+    start = time.perf_counter()
+    logits, targets = predict(model, loader, accelerator)
+    seconds = time.perf_counter() - start
+    if len(targets) != len(dataset):
+        raise RuntimeError(f'Gathered {len(targets)} predictions for {len(dataset)} images: samples were lost '
+                           f'or counted twice across {accelerator.num_processes} processes.')
+
+    default_dir = Path('output') / 'eval' / f'{safe_model_name(args.model)}-{info.name}-{args.split}'
+    output_dir = Path(args.output) if args.output else default_dir
+    results: Dict[str, Any] = classification_metrics(logits, targets, ece_bins=args.ece_bins)
+    counts = confusion_matrix(logits, targets, info.num_classes)
+    per_class = per_class_metrics(counts)
+    bins = reliability_bins(logits.double().softmax(dim=1), targets, args.ece_bins)
+    results.update(
+        model=args.model, checkpoint=args.checkpoint, dataset=info.name, split=args.split, protocol=args.protocol,
+        seed=args.seed, num_samples=len(targets), num_processes=accelerator.num_processes,
+        eval_time_s=round(seconds, 3), label_names=label_names,
+        preprocessing=preprocessing, confusion_matrix=counts.tolist(),
+        per_class={name: {key: float(per_class[key][i]) for key in ('precision', 'recall', 'f1', 'support')}
+                   for i, name in enumerate(label_names)},
+        reliability=dict(edges=bins.edges, count=bins.count, accuracy=bins.accuracy, confidence=bins.confidence),
+    )
+
+    core = unwrap_model(accelerator.unwrap_model(model))
+    if args.routing:
+        summaries = [routing_summary(core, loader, method, info.num_classes, label_names, accelerator)
+                     for method in ROUTING_METHODS]
+        results['routing'] = {s.method: dict(points=s.points, overall=s.overall, per_class=s.per_class,
+                                             class_counts=s.class_counts) for s in summaries}
+    if args.gradient_health and accelerator.is_main_process:
+        # A plain loader on the main process: the first batches of the split, as the reference measured.
+        local_loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=args.workers)
+        norms = gradient_norms(core, local_loader, mode=args.gradient_mode, max_batches=args.gradient_batches)
+        results['gradient_norms'] = dict(mode=args.gradient_mode, batches=args.gradient_batches, norms=norms)
+        results['gradient_health'] = gradient_health_report(norms)
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with open(output_dir / 'metrics.json', 'w') as f:
+            json.dump(results, f, indent=2)
+        name = f'{args.model} on {info.name} ({args.split})'
+        plot_reliability_diagram(bins, output_dir / 'reliability.png', title=f'reliability: {name}')
+        plot_confusion_matrix(counts, output_dir / 'confusion_matrix.png', label_names,
+                              title=f'{name}: top-1 {results["top1"]:.2f}%')
+        if args.routing:
+            plot_routing(summaries, output_dir / 'routing.png', title=f'attention routing: {name}')
+        if 'gradient_norms' in results:
+            plot_gradient_norms(
+                [dict(epoch=f'{args.split} split', norms=results['gradient_norms']['norms'])], output_dir / 'gradient_norms.png',
+                band=REFERENCE_BAND, title=f'gradient norms ({args.gradient_mode}), {name}')
+        _print_summary(results, output_dir)
+    return results
+
+
+def _print_summary(results: Dict[str, Any], output_dir: Path) -> None:
+    print(f"{results['model']} on {results['dataset']} {results['split']} ({results['num_samples']} images):")
+    for key in METRIC_KEYS:
+        if key in results:
+            unit = '%' if key.startswith('top') else ''
+            print(f'  {key:<20} {results[key]:.4f}{unit}')
+    for band, health in results.get('gradient_health', {}).items():
+        print(f"  GHS {band:<20} {health['score']:.3f} ({health['healthy']}/{health['analysed']}, "
+              f"{len(health['vanishing'])} vanishing, {len(health['exploding'])} exploding)")
+    print(f'  written to {output_dir}')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    args = build_parser().parse_args(argv)
+    return evaluate(args)
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``main`` for the shell: a problem with what was asked for is one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except (UserError, DatasetNotFoundError, MissingWeightsError) as error:
+        print(f'timm_gradattn.evaluate: error: {error}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

@@ -1,0 +1,313 @@
+"""PNG figures for runs and evaluations: training curves, reliability diagram, confusion matrix,
+per-layer gradient norms across training and attention routing over the extraction points.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects and rendered by the Agg canvas, never through
+pyplot, so nothing here touches a user's interactive backend or leaks open figures. Every function
+takes plain data (lists, tensors or the records the analysis returns) and a path, writes one PNG and
+returns the path.
+"""
+import csv
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from .analysis import REFERENCE_BAND, RoutingSummary
+from .metrics import ReliabilityBins
+
+__all__ = ['plot_confusion_matrix', 'plot_gradient_norms', 'plot_reliability_diagram', 'plot_routing',
+           'plot_training_curves', 'read_summary_csv']
+
+PathLike = Union[str, Path]
+_DPI = 120
+_TRAIN_COLOR, _VAL_COLOR = '#1f77b4', '#d62728'
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout='constrained')
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, facecolor='white')
+    return path
+
+
+def _short(label: str, width: int = 18) -> str:
+    return label if len(label) <= width else label[:width - 1] + '\u2026'
+
+
+# --- training curves -----------------------------------------------------------------------------------------
+
+def read_summary_csv(path: PathLike) -> List[Dict[str, float]]:
+    """Rows of a run's ``summary.csv`` with every field as a float (missing values as NaN)."""
+    rows = []
+    with open(path, newline='') as f:
+        for row in csv.DictReader(f):
+            rows.append({key: float(value) if value not in ('', None) else math.nan for key, value in row.items()})
+    if not rows:
+        raise ValueError(f'{path} has no rows: was the run stopped before its first epoch ended?')
+    return rows
+
+
+def plot_training_curves(
+        summary: Union[PathLike, Sequence[Dict[str, float]]],
+        path: PathLike,
+        title: Optional[str] = None,
+) -> Path:
+    """Accuracy, loss and learning rate per epoch from ``summary.csv`` (or its rows).
+
+    The epoch with the best validation accuracy (the one early stopping restores) is marked.
+    """
+    rows = read_summary_csv(summary) if isinstance(summary, (str, Path)) else list(summary)
+    if not rows:
+        raise ValueError('No epochs to plot.')
+    column = lambda key: np.array([row.get(key, math.nan) for row in rows], dtype=float)
+    epochs = column('epoch')
+    val_top1 = column('val_top1')
+    best = int(np.nanargmax(val_top1)) if np.isfinite(val_top1).any() else None
+
+    fig = _new_figure(13, 3.8)
+    ax_acc, ax_loss, ax_lr = fig.subplots(1, 3)
+    for ax, key, label in ((ax_acc, 'top1', 'top-1 accuracy (%)'), (ax_loss, 'loss', 'cross-entropy loss')):
+        ax.plot(epochs, column(f'train_{key}'), '-o', ms=3, color=_TRAIN_COLOR, label='train')
+        ax.plot(epochs, column(f'val_{key}'), '-o', ms=3, color=_VAL_COLOR, label='validation')
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if best is not None:
+            ax.axvline(epochs[best], color='grey', ls='--', lw=1)
+    if best is not None:
+        gap = abs(column('train_top1')[best] - val_top1[best])
+        ax_acc.annotate(
+            f'best val {val_top1[best]:.2f}%\nepoch {epochs[best]:g}, train-val gap {gap:.2f}',
+            xy=(epochs[best], val_top1[best]), xytext=(0.97, 0.05), textcoords='axes fraction',
+            ha='right', va='bottom', fontsize=8, arrowprops=dict(arrowstyle='->', color='grey'))
+    ax_acc.legend(loc='upper left', fontsize=8)
+    ax_acc.set_title('accuracy')
+    ax_loss.set_title('loss')
+    lr = column('lr')
+    ax_lr.plot(epochs, lr, '-o', ms=3, color='#2ca02c')
+    if np.nanmin(lr) > 0:
+        ax_lr.set_yscale('log')
+    ax_lr.set_xlabel('epoch')
+    ax_lr.set_ylabel('learning rate')
+    ax_lr.set_title('learning rate')
+    ax_lr.grid(alpha=0.3, which='both')
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+# --- calibration and confusion -------------------------------------------------------------------------------
+
+def plot_reliability_diagram(bins: ReliabilityBins, path: PathLike, title: Optional[str] = None) -> Path:
+    """Accuracy against confidence per bin, the gap to the diagonal shaded, and the share of samples per bin."""
+    edges = np.array(bins.edges)
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = np.diff(edges)
+    count = np.array(bins.count, dtype=float)
+    accuracy = np.array(bins.accuracy)
+    confidence = np.array(bins.confidence)
+    filled = count > 0
+
+    fig = _new_figure(5.2, 6.0)
+    ax, ax_count = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    ax.bar(centers[filled], accuracy[filled], width[filled], color=_TRAIN_COLOR, edgecolor='white',
+           label='accuracy in bin')
+    # The gap between what the model claims (mean confidence) and what it achieves, per bin.
+    ax.bar(centers[filled], confidence[filled] - accuracy[filled], width[filled] * 0.9, bottom=accuracy[filled],
+           color=_VAL_COLOR, alpha=0.35, edgecolor=_VAL_COLOR, hatch='//', label='gap to mean confidence')
+    ax.plot([0, 1], [0, 1], '--', color='black', lw=1, label='perfect calibration')
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel('accuracy')
+    ax.legend(loc='upper left', fontsize=8)
+    ax.text(0.97, 0.05, f'ECE = {bins.ece:.4f}\nn = {int(count.sum())}', transform=ax.transAxes,
+            ha='right', va='bottom', fontsize=9, bbox=dict(facecolor='white', edgecolor='lightgrey'))
+    ax.set_title(title or 'reliability diagram')
+    ax.grid(alpha=0.3)
+    share = count / max(count.sum(), 1)
+    ax_count.bar(centers, share, width, color='grey', edgecolor='white')
+    ax_count.set_xlabel('confidence (top-1 softmax probability)')
+    ax_count.set_ylabel('share of\nsamples')
+    ax_count.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(
+        counts: Any,
+        path: PathLike,
+        label_names: Optional[Sequence[str]] = None,
+        title: Optional[str] = None,
+) -> Path:
+    """Confusion matrix coloured by the share of each true class (rows), annotated with counts."""
+    counts = np.asarray(counts, dtype=np.int64)
+    num_classes = counts.shape[0]
+    label_names = list(label_names) if label_names is not None else [str(i) for i in range(num_classes)]
+    if len(label_names) != num_classes:
+        raise ValueError(f'{len(label_names)} label names for a {num_classes}-class confusion matrix.')
+    row_share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(max(4.5, 0.45 * num_classes + 2.5), 24)
+    fig = _new_figure(side + 1.2, side)
+    ax = fig.subplots()
+    image = ax.imshow(row_share, cmap='Blues', norm=Normalize(0, 1))
+    fig.colorbar(image, ax=ax, shrink=0.8, label='share of true class')
+    if num_classes <= 30:
+        ticks = np.arange(num_classes)
+        short = [_short(name) for name in label_names]
+        ax.set_xticks(ticks, short, rotation=45 if max(map(len, short)) > 2 else 0, ha='right', fontsize=8)
+        ax.set_yticks(ticks, short, fontsize=8)
+        for true_class in range(num_classes):
+            for predicted in range(num_classes):
+                value = counts[true_class, predicted]
+                if value:
+                    dark = row_share[true_class, predicted] > 0.5
+                    ax.text(predicted, true_class, str(value), ha='center', va='center',
+                            fontsize=7 if num_classes > 12 else 9, color='white' if dark else 'black')
+    ax.set_xlabel('predicted class')
+    ax.set_ylabel('true class')
+    accuracy = np.trace(counts) / max(counts.sum(), 1)
+    ax.set_title(title or f'confusion matrix (top-1 {100 * accuracy:.2f}%, n = {counts.sum()})')
+    return _save(fig, path)
+
+
+# --- gradient flow -------------------------------------------------------------------------------------------
+
+def plot_gradient_norms(
+        records: Sequence[Dict[str, Any]],
+        path: PathLike,
+        band: Optional[Tuple[float, float]] = REFERENCE_BAND,
+        title: Optional[str] = None,
+) -> Path:
+    """Per-layer gradient norm (log scale) against depth, one line per recorded epoch.
+
+    ``records`` are the lines of ``grad_norms.jsonl`` (``{'epoch': e, 'norms': {layer: norm}}``). Layers
+    are placed in network order; a layer missing from a record (no gradient that time) leaves a gap.
+    The shaded band is the healthy range of the Gradient Health Score.
+    """
+    if not records:
+        raise ValueError('No gradient-norm records to plot.')
+    layers: List[str] = []
+    for record in records:
+        layers.extend(name for name in record['norms'] if name not in layers)
+    depth = np.arange(len(layers))
+    epochs = [record.get('epoch', index) for index, record in enumerate(records)]
+    # Colour by epoch when epochs are numbers, else by record order.
+    numeric = all(isinstance(e, (int, float)) for e in epochs)
+    shade = [float(e) for e in epochs] if numeric else list(range(len(epochs)))
+    norm = Normalize(min(shade), max(shade)) if max(shade) > min(shade) else Normalize(shade[0] - 1, shade[0] + 1)
+    cmap = colormaps['viridis']
+
+    fig = _new_figure(min(max(8, 0.16 * len(layers) + 3), 22), 5.8)
+    ax = fig.subplots()
+    table = np.array([[record['norms'].get(name, math.nan) for name in layers] for record in records], dtype=float)
+    positive = table[np.isfinite(table) & (table > 0)]
+    lowest = positive.min() if positive.size else 1e-8
+    highest = positive.max() if positive.size else 1.0
+    band_patch = None
+    if band is not None:
+        band_patch = ax.axhspan(
+            band[0], band[1], color='#2ca02c', alpha=0.08, label=f'healthy band [{band[0]:g}, {band[1]:g}]')
+        lowest, highest = min(lowest, band[0]), max(highest, band[1])
+    floor = lowest / 3
+    for values, epoch, position in zip(table, epochs, shade):
+        color = cmap(norm(position))
+        ax.plot(depth, np.where(values > 0, values, np.nan), '-o', ms=2.5, lw=1.2, color=color,
+                label=f'epoch {epoch}' if numeric else str(epoch))
+        # A zero gradient has no place on a log axis: mark it on the bottom edge.
+        zero = values == 0
+        if zero.any():
+            ax.plot(depth[zero], np.full(zero.sum(), floor), 'v', ms=5, color=color, clip_on=False)
+    ax.set_yscale('log')
+    ax.set_ylim(floor / 2, highest * 3)
+    step = max(1, math.ceil(len(layers) / 90))
+    ax.set_xticks(depth[::step], [layers[i] for i in depth[::step]], rotation=90, fontsize=6)
+    ax.set_xlim(-0.5, len(layers) - 0.5)
+    ax.set_ylabel('mean gradient norm')
+    ax.set_xlabel('layer (input to output)')
+    ax.grid(alpha=0.3, which='major')
+    if len(records) > 1 and numeric:
+        # Many epochs read better as a colour scale than as a legend.
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label='epoch', pad=0.01)
+        if band_patch is not None:
+            ax.legend(handles=[band_patch], loc='upper right', fontsize=8)
+    else:
+        ax.legend(loc='upper right', fontsize=8)
+    ax.set_title(title or 'per-layer gradient norm across training')
+    return _save(fig, path)
+
+
+# --- attention routing ---------------------------------------------------------------------------------------
+
+def plot_routing(
+        summaries: Union[RoutingSummary, Sequence[RoutingSummary]],
+        path: PathLike,
+        title: Optional[str] = None,
+) -> Path:
+    """Share of each extraction point in the prediction: bars over the data set, heatmaps per class.
+
+    One bar group per extraction point (one bar per method); one heatmap (class x extraction point)
+    per method, coloured by the mean routing weight of the samples of that true class.
+    """
+    if isinstance(summaries, RoutingSummary):
+        summaries = [summaries]
+    summaries = list(summaries)
+    if not summaries:
+        raise ValueError('No routing summaries to plot.')
+    points = summaries[0].points
+    num_classes = len(summaries[0].per_class)
+    label_names = summaries[0].label_names or [str(i) for i in range(num_classes)]
+    height = min(max(4.0, 0.28 * num_classes + 1.8), 16)
+    fig = _new_figure(4.5 + 3.6 * len(summaries), height)
+    axes = fig.subplots(1, 1 + len(summaries), width_ratios=[1.3] + [1] * len(summaries))
+    ax_bar, heat_axes = axes[0], axes[1:]
+
+    x = np.arange(len(points))
+    bar_width = 0.8 / len(summaries)
+    colors = ['#1f77b4', '#ff7f0e', '#2ca02c', '#9467bd']
+    for index, summary in enumerate(summaries):
+        offset = (index - (len(summaries) - 1) / 2) * bar_width
+        bars = ax_bar.bar(x + offset, summary.overall, bar_width, color=colors[index % len(colors)],
+                          label=summary.method)
+        ax_bar.bar_label(bars, fmt='%.2f', fontsize=7, padding=1)
+    ax_bar.axhline(1 / len(points), color='grey', ls=':', lw=1, label='uniform')
+    ax_bar.set_xticks(x, points)
+    ax_bar.set_ylabel('share of the prediction')
+    ax_bar.set_title(f'over the data set (n = {sum(summaries[0].class_counts)})')
+    ax_bar.legend(fontsize=8)
+    ax_bar.grid(alpha=0.3, axis='y')
+    ax_bar.set_ylim(0, max(max(s.overall) for s in summaries) * 1.2)
+
+    for ax, summary in zip(heat_axes, summaries):
+        per_class = np.array(summary.per_class, dtype=float)
+        empty = np.array(summary.class_counts) == 0
+        per_class[empty] = np.nan
+        image = ax.imshow(per_class, cmap='magma', aspect='auto', vmin=0, vmax=np.nanmax(per_class))
+        fig.colorbar(image, ax=ax, shrink=0.9, label='mean weight')
+        ax.set_xticks(x, points, rotation=45, ha='right')
+        if num_classes <= 40:
+            ax.set_yticks(np.arange(num_classes), [_short(name, 22) for name in label_names], fontsize=7)
+            if num_classes <= 15:
+                for row in range(num_classes):
+                    for col in range(len(points)):
+                        if np.isfinite(per_class[row, col]):
+                            value = per_class[row, col]
+                            ax.text(col, row, f'{value:.2f}', ha='center', va='center', fontsize=7,
+                                    color='black' if value > 0.6 * np.nanmax(per_class) else 'white')
+        for row in np.flatnonzero(empty) if num_classes <= 40 else ():
+            ax.text((len(points) - 1) / 2, row, 'no samples', ha='center', va='center', fontsize=7, color='grey')
+        ax.set_ylabel('true class')
+        ax.set_title(f'per true class: {summary.method}')
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
