@@ -95,7 +95,8 @@ def hub_weights_problem(
     if constants.HF_HUB_OFFLINE:
         return f'HF_HUB_OFFLINE is set and the weights are not in the Hugging Face cache ({where})'
     try:
-        get_hf_file_metadata(hf_hub_url(repo_id, filenames[0], revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        url = hf_hub_url(repo_id, filenames[0], revision=revision)
+        get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
         return f'the repository is not on the Hub, or is private ({type(error).__name__})'
     except HfHubHTTPError:

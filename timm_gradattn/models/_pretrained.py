@@ -7,11 +7,15 @@ Weights live on the Hugging Face Hub as ``<namespace>/<model>.<tag>``; the names
 the package is imported, so users can point the registry at their own fine-tunes.
 """
 import os
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
+from safetensors import SafetensorError
 from timm.models import build_model_with_cfg
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._hub import hf_split
 
 from ..data.info import DATASETS, PAPER_TAGS
+from ..hub import hub_weights_problem
 
 __all__ = ['HUB_NAMESPACE_ENV', 'DEFAULT_HUB_NAMESPACE', 'PAPER_ID', 'hub_namespace', 'hub_repo_id',
            'dataset_cfgs', 'build_with_weights_hint', 'MissingWeightsError']
@@ -61,39 +65,66 @@ def dataset_cfgs(model_name: str, **kwargs: Any) -> Dict[str, Dict[str, Any]]:
 
 
 def build_with_weights_hint(model_cls: Callable, variant: str, pretrained: bool, **kwargs: Any):
-    """``build_model_with_cfg`` that turns a failed weight download into an error a user can act on.
+    """``build_model_with_cfg`` that turns a failed weight load into an error a user can act on.
 
-    Unpublished or uncached weights otherwise surface as a bare Hub 404 / offline error. This names
-    the repository and the ways to get weights: train and publish them, or load a local copy.
+    Unpublished or uncached weights otherwise surface as a bare Hub 404 / offline error, after timm's
+    download has retried for tens of seconds; a corrupt file surfaces as a header error that names no file.
+    This checks the Hub weights first (``timm_gradattn.hub.hub_weights_problem``: cache, then one request)
+    and names the repository or file and the ways to get weights.
     """
+    tag = kwargs.get('pretrained_cfg')
+    if isinstance(tag, str) and tag not in TAGS:
+        raise RuntimeError(
+            f'Unknown pretrained tag {tag!r} for {variant}. Known tags: {", ".join(TAGS)} '
+            f'(e.g. {variant}.{TAGS[0]}).')
     if not pretrained:
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    repo_id, source = _weights_source(variant, kwargs)
+    if repo_id is not None:
+        repo, revision = hf_split(repo_id)
+        problem = hub_weights_problem(repo, revision, cache_dir=kwargs.get('cache_dir'))
+        if problem is not None:
+            raise MissingWeightsError(_missing_weights_message(variant, source, problem))
     try:
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
-    except (OSError, RuntimeError, ValueError) as error:
-        source = _describe_source(variant, kwargs)
-        if source is None:
-            raise
+    except SafetensorError as error:
+        fix = ('delete the cached copy (`hf cache rm model/' + repo_id + '`) and load again' if repo_id
+               else 'export or copy the weights again')
         raise MissingWeightsError(
-            f'Could not load pretrained weights for {variant} from {source}: {type(error).__name__}: {error}\n'
-            f'These weights may not be published yet, or you are offline and they are not in the Hugging '
-            f'Face cache. To get weights: train them with `python train.py --model {variant} '
-            f'--dataset <dataset> --recipe paper` and publish with `python -m timm_gradattn.publish '
-            f'<run folder> --repo-id <namespace>/{variant}.<tag>`; load a local export with '
-            f'create_model("local-dir:<folder>", pretrained=True) or pretrained_cfg_overlay=dict(file=...); '
-            f'or point {HUB_NAMESPACE_ENV} at the namespace that holds them. '
-            f'Use pretrained=False for random initialisation.'
+            f'The pretrained weights for {variant} from {source} are not a readable safetensors file '
+            f'({error}): the file is truncated or corrupt; {fix}.'
         ) from error
+    except OSError as error:  # huggingface_hub's download errors; a weights/model mismatch stays timm's own
+        if repo_id is None:
+            raise  # a local path the user gave: timm's own error already names it
+        raise MissingWeightsError(
+            _missing_weights_message(variant, source, f'{type(error).__name__}: {error}')) from error
 
 
-def _describe_source(variant: str, kwargs: Dict[str, Any]):
-    """The Hub repo a failed load came from, or None when the failure was not about fetching weights."""
-    from timm.models._builder import resolve_pretrained_cfg
+def _missing_weights_message(variant: str, source: str, reason: str) -> str:
+    return (
+        f'Could not load pretrained weights for {variant} from {source}: {reason}\n'
+        f'These weights may not be published yet, or you are offline and they are not in the Hugging '
+        f'Face cache. To get weights: train them with `python train.py --model {variant} '
+        f'--dataset <dataset> --recipe paper` and publish with `python -m timm_gradattn.publish '
+        f'<run folder> --repo-id <namespace>/{variant}.<tag>`; load a local export with '
+        f'create_model("local-dir:<folder>", pretrained=True) or pretrained_cfg_overlay=dict(file=...); '
+        f'or point {HUB_NAMESPACE_ENV} at the namespace that holds them. '
+        f'Use pretrained=False for random initialisation.'
+    )
+
+
+def _weights_source(variant: str, kwargs: Dict[str, Any]) -> Tuple[Optional[str], str]:
+    """(Hub repo id or None for a local source, a description of the source) of a pretrained load."""
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
         pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
-    if cfg.get('source') in ('local-dir', 'file') or cfg.get('file') or cfg.get('state_dict') is not None:
-        return None  # a local path the user gave: timm's own error already names it
+    if cfg.get('source') == 'local-dir':
+        return None, f"the folder '{cfg.get('file')}'"
+    if cfg.get('state_dict') is not None:
+        return None, 'the given state_dict'
+    if cfg.get('file'):
+        return None, f"the file '{cfg['file']}'"
     if cfg.get('hf_hub_id'):
-        return f"the Hugging Face Hub repo '{cfg['hf_hub_id']}'"
-    return None
+        return cfg['hf_hub_id'], f"the Hugging Face Hub repo '{cfg['hf_hub_id']}'"
+    return None, f"the url '{cfg.get('url')}'"

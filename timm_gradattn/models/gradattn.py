@@ -353,19 +353,16 @@ class GradAttnResNet(nn.Module):
             x.shape[1] == self.in_chans,
             'Input channel count does not match the model: it was created with in_chans=' + str(self.in_chans)
             + '. Create it with the in_chans of your images, or convert the images.')
-        torch._assert(
-            min(x.shape[2], x.shape[3]) >= self.min_input_size,
-            'Input image is too small for this network: height and width must be at least '
-            + str(self.min_input_size) + ' px. Resize the images, or use stem_type="small" for tiny inputs.')
-
-    def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(stage, x)
-        return stage(x)
+        # Height and width are checked separately: min() over traced sizes is control flow FX cannot trace.
+        too_small = ('Input image is too small for this network: height and width must be at least '
+                     + str(self.min_input_size) + ' px. Resize the images, or use stem_type="small" for tiny inputs.')
+        torch._assert(x.shape[2] >= self.min_input_size, too_small)
+        torch._assert(x.shape[3] >= self.min_input_size, too_small)
 
     def tokens(self, features: List[torch.Tensor]) -> torch.Tensor:
         """Pool and project the five extraction-point feature maps into the (B, 5, d) token sequence."""
-        tokens = [proj(feat.mean((2, 3))) for proj, feat in zip(self.token_proj, features)]
+        # enumerate, not zip: TorchScript can only unroll a ModuleList loop it can index statically.
+        tokens = [proj(features[i].mean((2, 3))) for i, proj in enumerate(self.token_proj)]
         x = torch.stack(tokens, dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
@@ -383,7 +380,11 @@ class GradAttnResNet(nn.Module):
         x = self.stem(x)
         features = [x]
         for stage in self.stages:
-            x = self._stage(stage, x)
+            # Inline rather than a helper taking the stage: TorchScript cannot pass modules as arguments.
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
             features.append(x)
         return features
 
@@ -431,13 +432,17 @@ class GradAttnResNet(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; GradAttn intermediates are 'NCHW'.")
-        take_indices, max_index = feature_take_indices(self.num_tokens, indices)
+        # Count the points still present: prune_intermediate_layers may have dropped stages.
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
         self._check_input(x)
         x = self.stem(x)
         features = [x]
         last = max_index if stop_early and intermediates_only else len(self.stages)
         for stage in self.stages[:last]:
-            x = self._stage(stage, x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
             features.append(x)
         intermediates = [features[i] for i in take_indices]
         if intermediates_only:
@@ -455,7 +460,7 @@ class GradAttnResNet(nn.Module):
         Without all five points there is no token sequence, so pruning any stage also removes the
         token projection, encoder and head; the model then serves ``forward_intermediates`` only.
         """
-        take_indices, max_index = feature_take_indices(self.num_tokens, indices)
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
         self.stages = self.stages[:max_index]
         if max_index < len(self.feature_info) - 1:
             self.token_proj = nn.ModuleList()
