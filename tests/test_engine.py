@@ -1,0 +1,140 @@
+"""The pieces under train.py: settings resolution, crash-safe checkpoint files, exact state restore, predict."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch.utils.data import DataLoader, TensorDataset
+
+from timm.scheduler import create_scheduler_v2
+from timm_gradattn.checkpoint import (
+    atomic_write_text, find_last_checkpoint, load_scheduler_state_dict, load_training_state, load_weights,
+    save_training_state, scheduler_state_dict,
+)
+from timm_gradattn.config import RECIPES, UserError, parse_args, settings_to_yaml
+from timm_gradattn.engine import predict
+
+
+@pytest.fixture
+def accelerator():
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+
+
+def test_settings_precedence_recipe_then_yaml_then_flags(tmp_path):
+    args = parse_args(['--recipe', 'paper'])
+    assert (args.opt, args.lr, args.weight_decay, args.sched, args.decay_rate, args.patience_epochs, args.min_lr,
+            args.patience, args.epochs, args.seed, args.smoothing) == ('adam', 1e-3, 1e-4, 'plateau', 0.2, 3, 1e-7,
+                                                                      7, 100, 42, 0.0)
+    assert args.decay_norm_and_bias, 'the paper decays every parameter (coupled L2 on all of them)'
+    config = tmp_path / 'c.yaml'
+    config.write_text('recipe: paper\nlr: 0.01\nepochs: 5\n')
+    args = parse_args(['--config', str(config), '--epochs', '7'])
+    assert (args.recipe, args.sched, args.lr, args.epochs) == ('paper', 'plateau', 0.01, 7)
+    assert parse_args([]).recipe == 'default' and parse_args([]).epochs == RECIPES['default']['epochs']
+
+
+def test_saved_settings_load_back_unchanged(tmp_path):
+    args = parse_args(['--recipe', 'paper', '--model-kwargs', 'embed_dim=64', 'channels=(8,16,32,64)',
+                       '--no-decay-norm-and-bias', '--mixup', '0.2', '--experiment', 'x'])
+    config = tmp_path / 'config.yaml'
+    config.write_text(settings_to_yaml(args))
+    again = parse_args(['--config', str(config), '--experiment', 'x'])
+    expected = dict(vars(args), config=str(config), model_kwargs=dict(embed_dim=64, channels=[8, 16, 32, 64]))
+    assert vars(again) == expected
+
+
+def test_resume_refuses_other_identity(tmp_path):
+    (tmp_path / 'config.yaml').write_text(settings_to_yaml(parse_args(['--img-size', '16'])))
+    with pytest.raises(UserError, match=r'img_size: 16 -> 24'):
+        parse_args(['--resume', str(tmp_path), '--img-size', '24'])
+    assert parse_args(['--resume', str(tmp_path), '--epochs', '30']).epochs == 30
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / 'results.json'
+    atomic_write_text(path, '{"top1": 1}')
+
+    def crash(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, 'replace', crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(path, '{"top1": 2}')
+    assert path.read_text() == '{"top1": 1}'
+
+
+def _tiny_training(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        nn.functional.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def _draws():
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_training_state_restores_weights_optimizer_generators_and_plateau(tmp_path, accelerator):
+    model, optimizer = _tiny_training()
+    with pytest.warns(FutureWarning):
+        scheduler, _ = create_scheduler_v2(optimizer, 'plateau', num_epochs=10, patience_epochs=3, decay_rate=0.2)
+    for epoch, metric in enumerate([50.0, 49.0, 48.0, 47.0], start=1):
+        scheduler.step(epoch, metric)
+    state = dict(model='tiny', epochs_done=3, scheduler=scheduler_state_dict(scheduler), summary_rows=[{'epoch': 1}])
+    save_training_state(tmp_path, accelerator, model, optimizer, state)
+    expected_draws = _draws()
+
+    fresh, fresh_optimizer = _tiny_training(seed=1)
+    with pytest.warns(FutureWarning):
+        fresh_scheduler, _ = create_scheduler_v2(fresh_optimizer, 'plateau', num_epochs=10, patience_epochs=3,
+                                                 decay_rate=0.2)
+    loaded = load_training_state(find_last_checkpoint(tmp_path), accelerator, fresh, fresh_optimizer)
+    load_scheduler_state_dict(fresh_scheduler, loaded['scheduler'])
+    assert _draws() == expected_draws
+    assert loaded['summary_rows'] == [{'epoch': 1}] and loaded['epochs_done'] == 3
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    assert torch.equal(fresh_optimizer.state_dict()['state'][0]['exp_avg'], optimizer.state_dict()['state'][0]['exp_avg'])
+    # timm's own state_dict would drop this counter; the fourth bad epoch in a row (patience 3) decays the lr.
+    assert fresh_scheduler.lr_scheduler.num_bad_epochs == 3
+    fresh_scheduler.step(5, 46.0)
+    assert fresh_optimizer.param_groups[0]['lr'] == pytest.approx(1e-2 * 0.2)
+
+
+def test_checkpoint_swap_leaves_a_complete_checkpoint(tmp_path, accelerator):
+    model, optimizer = _tiny_training()
+    for epochs_done in (1, 2):
+        save_training_state(tmp_path, accelerator, model, optimizer, dict(epochs_done=epochs_done))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['last']
+    # A crash between the two renames leaves last.prev (complete) and last.tmp (maybe incomplete).
+    os.replace(tmp_path / 'last', tmp_path / 'last.prev')
+    (tmp_path / 'last.tmp').mkdir()
+    assert find_last_checkpoint(tmp_path) == tmp_path / 'last.prev'
+    assert json.loads((tmp_path / 'last.prev' / 'state.json').read_text())['epochs_done'] == 2
+    save_training_state(tmp_path, accelerator, model, optimizer, dict(epochs_done=3))
+    assert find_last_checkpoint(tmp_path) == tmp_path / 'last'
+
+
+def test_load_weights_names_the_mismatch(tmp_path):
+    from safetensors.torch import save_file
+    save_file({'weight': torch.zeros(2, 2)}, str(tmp_path / 'w.safetensors'), metadata={'model': 'other_net'})
+    with pytest.raises(ValueError, match=r"saved from other_net.*1 missing \(e.g. \['bias'\]\); 1 of another shape"):
+        load_weights(nn.Linear(3, 2), tmp_path / 'w.safetensors')
+
+
+def test_predict_returns_every_sample_once(accelerator):
+    images, targets = torch.randn(11, 4), torch.arange(11) % 3
+    model = nn.Linear(4, 3)
+    loader = accelerator.prepare(DataLoader(TensorDataset(images, targets), batch_size=4))
+    logits, gathered = predict(accelerator.prepare(model), loader, accelerator)
+    assert logits.shape == (11, 3) and torch.equal(gathered, targets)
+    torch.testing.assert_close(logits, model(images).detach())

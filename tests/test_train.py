@@ -1,0 +1,249 @@
+"""End-to-end runs of train.py as a user runs it: the default job, resume after SIGKILL, multi-process
+Accelerate, best-weight restoration, a non-finite loss and fine-tuning on an image folder.
+
+Most runs use a quarter-width GradAttn (``--model-kwargs``) on 16 px digits so that a run takes seconds
+on a CPU; the mechanics under test (checkpointing, data order, gathering, weight restoration) do not
+depend on the width. Every subprocess gets ``OMP_NUM_THREADS=1``: steady speed on shared CI cores, and the
+runs compared bit for bit use the same thread count.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+import timm
+import timm_gradattn  # noqa: F401  registers the models
+from data_fixtures import write_image_folder
+from timm_gradattn.checkpoint import load_weights
+from timm_gradattn.data import build_datasets
+from timm_gradattn.metrics import METRIC_KEYS, classification_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / 'train.py')
+ENV = dict(os.environ, OMP_NUM_THREADS='1', TOKENIZERS_PARALLELISM='false')
+TINY = ['--model-kwargs', 'channels=(16,32,64,128)', 'embed_dim=64', 'mlp_dim=128', 'num_heads=4',
+        '--img-size', '16', '-b', '32']
+REFERENCE = TINY + ['--epochs', '3']
+RUN_FILES = {'config.yaml', 'summary.csv', 'results.json', 'model_best.safetensors', 'last', 'hub'}
+RESULT_FACTS = {'model', 'dataset', 'protocol', 'seed', 'num_classes', 'label_names', 'best_epoch', 'epochs_run',
+                'val_top1_best', 'train_top1_at_best', 'train_val_gap', 'seconds_per_epoch', 'num_params', 'machine',
+                'pretrained_from'}
+
+
+def run_train(args: List[str], output: Path, experiment: str, launcher: List[str] = (),
+              expect_rc: int = 0) -> subprocess.CompletedProcess:
+    command = [*(launcher or [sys.executable]), TRAIN, *args, '--output', str(output), '--experiment', experiment]
+    done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == expect_rc, f'{command} -> {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}'
+    return done
+
+
+def read_json(path: Path) -> Dict:
+    return json.loads(path.read_text())
+
+
+def summary_rows(run_dir: Path) -> List[Dict[str, str]]:
+    lines = (run_dir / 'summary.csv').read_text().strip().splitlines()
+    header = lines[0].split(',')
+    return [dict(zip(header, line.split(','))) for line in lines[1:]]
+
+
+def evaluate_top1(run_dir: Path, weights: Path, img_size: int = 16) -> float:
+    """Test-split top-1 of ``weights`` in the run's architecture, computed here without the engine."""
+    model = timm.create_model(f'local-dir:{run_dir / "hub"}', pretrained=False).eval()
+    load_weights(model, weights)
+    data = build_datasets('digits', seed=42, img_size=img_size)
+    logits, targets = [], []
+    with torch.no_grad():
+        for images, labels in DataLoader(data.test, batch_size=64):
+            logits.append(model(images))
+            targets.append(labels)
+    return classification_metrics(torch.cat(logits), torch.cat(targets))['top1']
+
+
+@pytest.fixture(scope='module')
+def output(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp('runs')
+
+
+@pytest.fixture(scope='module')
+def reference_run(output) -> Path:
+    """An uninterrupted single-process tiny run: the baseline the resumed and multi-process runs are held to."""
+    run_train(REFERENCE, output, 'reference')
+    return output / 'reference'
+
+
+@pytest.mark.slow
+def test_default_job_end_to_end(tmp_path):
+    # `python train.py` with only fewer epochs: gradattn_resnet18_rope, digits 32 px, 1 channel, seed 42.
+    done = run_train(['--epochs', '2'], tmp_path, 'default')
+    run_dir = tmp_path / 'default'
+    assert RUN_FILES <= {p.name for p in run_dir.iterdir()}
+    results = read_json(run_dir / 'results.json')
+    assert set(METRIC_KEYS) | RESULT_FACTS <= set(results)
+    assert results['model'] == 'gradattn_resnet18_rope' and results['dataset'] == 'digits'
+    assert results['num_classes'] == 10 and results['seed'] == 42 and results['pretrained_from'] is None
+    assert results['top1'] > 50, results  # chance is 10 %; two epochs reach about 90 %
+    assert results['epochs_run'] == 2 and len(summary_rows(run_dir)) == 2
+    assert f'Test top-1 {results["top1"]:.2f}' in done.stdout and str(run_dir / 'hub') in done.stdout
+
+    # The Hub export rebuilds the same network and gives the logits of the saved best weights.
+    exported = timm.create_model(f'local-dir:{run_dir / "hub"}', pretrained=True).eval()
+    assert exported.pretrained_cfg['input_size'] == (1, 32, 32)
+    assert exported.pretrained_cfg['label_names'] == [str(i) for i in range(10)]
+    best = timm.create_model('gradattn_resnet18_rope', num_classes=10, in_chans=1).eval()
+    metadata = load_weights(best, run_dir / 'model_best.safetensors')
+    assert metadata['model'] == 'gradattn_resnet18_rope'
+    images = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(images), best(images))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(output, reference_run):
+    run_dir = output / 'killed'
+    command = [sys.executable, TRAIN, *REFERENCE, '--output', str(output), '--experiment', 'killed']
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state_file = run_dir / 'last' / 'state.json'
+    deadline = time.monotonic() + 600
+    while not state_file.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # in epoch 2: an epoch takes seconds, the poll 20 ms
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    assert read_json(state_file)['epochs_done'] == 1
+    rows_before = summary_rows(run_dir)
+    assert len(rows_before) == 1 and not (run_dir / 'results.json').exists()
+
+    done = subprocess.run([sys.executable, TRAIN, '--resume', str(run_dir)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'Resuming' in done.stdout
+    rows, reference_rows = summary_rows(run_dir), summary_rows(reference_run)
+    assert rows[0] == rows_before[0]  # nothing already written is lost
+    assert [r['epoch'] for r in rows] == ['1', '2', '3']
+    # Tolerance: none beyond float formatting. On CPU with --workers 0 the resumed run repeats the
+    # uninterrupted one exactly (same data order per (seed, epoch), restored generator/optimizer/scheduler state).
+    for row, expected in zip(rows, reference_rows):
+        for key in ('train_loss', 'train_top1', 'val_loss', 'val_top1', 'lr'):
+            assert float(row[key]) == pytest.approx(float(expected[key]), rel=1e-6, abs=1e-9), (key, row, expected)
+    weights, expected_weights = load_file(run_dir / 'last' / 'model.safetensors'), \
+        load_file(reference_run / 'last' / 'model.safetensors')
+    assert weights.keys() == expected_weights.keys()
+    for key in weights:
+        torch.testing.assert_close(weights[key], expected_weights[key], rtol=0, atol=1e-6)
+    results, expected_results = read_json(run_dir / 'results.json'), read_json(reference_run / 'results.json')
+    assert results['top1'] == pytest.approx(expected_results['top1'], abs=1e-9)
+    assert results['best_epoch'] == expected_results['best_epoch']
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_run_agrees_with_single_process(output, reference_run):
+    launcher = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--main_process_port', '29533']
+    run_train(REFERENCE + ['--grad-stats-every', '3'], output, 'two_processes', launcher=launcher)
+    run_dir = output / 'two_processes'
+    assert RUN_FILES | {'grad_norms.jsonl'} <= {p.name for p in run_dir.iterdir()}
+    assert {p.name for p in (run_dir / 'last').iterdir()} >= {'rng_state_0.safetensors', 'rng_state_1.safetensors'}
+    results, single = read_json(run_dir / 'results.json'), read_json(reference_run / 'results.json')
+    assert results['machine']['num_processes'] == 2 and single['machine']['num_processes'] == 1
+    # --batch-size is global (split over processes): the same optimizer steps as the single-process run.
+    assert read_json(run_dir / 'last' / 'state.json')['num_updates'] == \
+        read_json(reference_run / 'last' / 'state.json')['num_updates']
+    # Evaluation is exact: gathered test logits count each of the 271 test images once (271 is odd, so
+    # Accelerate pads a batch), as a plain single-process evaluation of the same weights shows.
+    assert results['top1'] == pytest.approx(evaluate_top1(run_dir, run_dir / 'model_best.safetensors'), abs=1e-9)
+    # Training agrees only statistically: each process normalises its own half batch (BatchNorm, no
+    # SyncBN) and draws its own dropout and augmentation. Tolerance: 15 points of test top-1.
+    assert abs(results['top1'] - single['top1']) <= 15, (results['top1'], single['top1'])
+    norms = [json.loads(line) for line in (run_dir / 'grad_norms.jsonl').read_text().splitlines()]
+    assert [n['epoch'] for n in norms] == [3] and norms[0]['norms']
+
+
+@pytest.mark.slow
+def test_test_metrics_come_from_the_best_epoch(output):
+    # From epoch 3 on the learning rate is 1000x higher (step schedule), which wrecks the model; early
+    # stopping (patience 2) ends the run after epoch 4, and the test must see the weights of epoch 2.
+    run_train(TINY + ['--epochs', '6', '--sched', 'step', '--decay-epochs', '2', '--decay-rate', '1000',
+                      '--patience', '2'], output, 'best_epoch')
+    run_dir = output / 'best_epoch'
+    rows, results = summary_rows(run_dir), read_json(run_dir / 'results.json')
+    assert results['stopped_early'] and results['epochs_run'] == 4 and len(rows) == 4
+    assert results['best_epoch'] <= 2 and float(rows[-1]['val_top1']) < results['val_top1_best'] - 10, rows
+    best_top1 = evaluate_top1(run_dir, run_dir / 'model_best.safetensors')
+    last_top1 = evaluate_top1(run_dir, run_dir / 'last' / 'model.safetensors')
+    assert results['top1'] == pytest.approx(best_top1, abs=1e-9)
+    assert results['top1'] > last_top1 + 10, (best_top1, last_top1)
+    assert results['train_top1_at_best'] == pytest.approx(float(rows[results['best_epoch'] - 1]['train_top1']))
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(output):
+    # Epoch 1 trains normally; the step schedule then multiplies the learning rate by 1e38.
+    done = run_train(TINY + ['--train-subset', '64', '--epochs', '3', '--sched', 'step', '--decay-epochs', '1',
+                             '--decay-rate', '1e38', '--log-interval', '1'], output, 'nan', expect_rc=2)
+    assert 'loss became nan' in done.stderr and 'Traceback' not in done.stderr
+    run_dir = output / 'nan'
+    assert read_json(run_dir / 'last' / 'state.json')['epochs_done'] == 1
+    assert len(summary_rows(run_dir)) == 1 and not (run_dir / 'results.json').exists()
+    weights = load_file(run_dir / 'last' / 'model.safetensors')
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
+
+
+@pytest.mark.slow
+def test_fine_tune_saved_model_on_image_folder(output, reference_run, tmp_path):
+    folder = write_image_folder(str(tmp_path / 'shapes'), classes=3, per_class=10, size=16,
+                                class_names=['circle', 'square', 'star'])
+    source = reference_run / 'hub'
+    common = ['--dataset', 'folder', '--data-dir', folder, '--in-chans', '1', '--img-size', '16', '-b', '8',
+              '--epochs', '1', '--workers', '0']
+
+    # A Hub export with a new 3-class head; only the head trains.
+    run_train(['--model', f'local-dir:{source}', '--pretrained', '--freeze-backbone', *common], output, 'probe')
+    run_dir = output / 'probe'
+    results = read_json(run_dir / 'results.json')
+    assert results['num_classes'] == 3 and results['label_names'] == ['circle', 'square', 'star']
+    assert results['pretrained_from'] == f'local-dir:{source}'
+    tuned, original = load_file(run_dir / 'model_best.safetensors'), load_file(source / 'model.safetensors')
+    assert tuned['head.weight'].shape == (3, 64) and original['head.weight'].shape == (10, 64)
+    for key in original:
+        if not key.startswith('head.'):
+            assert torch.equal(tuned[key], original[key]), f'{key} changed although the backbone was frozen'
+    exported = timm.create_model(f'local-dir:{run_dir / "hub"}', pretrained=True)
+    assert exported.num_classes == 3 and exported.pretrained_cfg['label_names'] == ['circle', 'square', 'star']
+
+    # Safetensors weights into a registry model, all layers training with layer-wise lr decay.
+    checkpoint = reference_run / 'model_best.safetensors'
+    run_train([*TINY[:5], '--initial-checkpoint', str(checkpoint), '--layer-decay', '0.75', *common],
+              output, 'initial_checkpoint')
+    run_dir = output / 'initial_checkpoint'
+    results = read_json(run_dir / 'results.json')
+    assert results['num_classes'] == 3 and results['pretrained_from'] == str(checkpoint)
+    tuned, original = load_file(run_dir / 'model_best.safetensors'), load_file(checkpoint)
+    # Three small Adam steps from the loaded weights, not from a fresh initialisation.
+    assert (tuned['stem.conv.weight'] - original['stem.conv.weight']).abs().max() < 0.02
+
+
+@pytest.mark.slow
+def test_training_options_run_together(output):
+    # EMA, mixup with label smoothing, gradient accumulation, clipping and bf16 autocast in one short run.
+    run_train(TINY + ['--train-subset', '64', '--epochs', '2', '--model-ema', '--mixup', '0.2', '--smoothing', '0.1',
+                      '--grad-accum-steps', '2', '--clip-grad', '1.0', '--mixed-precision', 'bf16',
+                      '--recipe', 'paper'], output, 'options')
+    run_dir = output / 'options'
+    results = read_json(run_dir / 'results.json')
+    assert results['machine']['mixed_precision'] == 'bf16' and results['epochs_run'] == 2
+    assert (run_dir / 'last' / 'ema.safetensors').is_file()
+    state = read_json(run_dir / 'last' / 'state.json')
+    assert state['num_updates'] == 2  # per epoch: 64 images = two batches of 32 = one optimizer step
+    assert state['scheduler']['patience'] == 3, 'the paper recipe keeps its plateau counters'
+    # Best weights are the EMA's: what was validated is what is saved and tested.
+    assert results['val_top1_best'] == max(float(r['val_top1']) for r in summary_rows(run_dir))

@@ -1,0 +1,149 @@
+"""Bad input to train.py: each mistake is reported as one message naming the problem and the fix, with a
+non-zero exit code and no traceback, before any training starts (and before a run folder is made)."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState
+from safetensors.torch import save_file
+
+import timm
+from data_fixtures import write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location('train_cli', REPO / 'train.py')
+train_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_cli)
+TINY = ['--model-kwargs', 'channels=(16,32,64,128)', 'embed_dim=64', 'mlp_dim=128', 'num_heads=4',
+        '--img-size', '16', '--epochs', '1']
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    yield
+    AcceleratorState._reset_state(True)  # each in-process run builds its own Accelerator
+
+
+def fails(argv, output: Path, capsys) -> str:
+    """Run train.py's main in-process; assert a user error (exit code 2) and return its message."""
+    assert train_cli.main([*argv, '--output', str(output)]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith('train.py: error: ') and 'Traceback' not in message
+    return message
+
+
+def test_user_error_exits_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, 'train.py', '--model', 'resnet18x', '--output', str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and 'Traceback' not in done.stderr
+    assert "Unknown model 'resnet18x'" in done.stderr and 'resnet18' in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_model_suggests_names(tmp_path, capsys):
+    message = fails(['--model', 'gradattn_resnet18_ropee'], tmp_path, capsys)
+    assert 'Did you mean gradattn_resnet18_rope' in message
+    assert not any(tmp_path.iterdir()), 'no run folder for a run that never started'
+
+
+def test_unknown_dataset(tmp_path, capsys):
+    message = fails(['--dataset', 'imagenet-42'], tmp_path, capsys)
+    assert 'imagenet-42' in message and 'digits' in message
+
+
+def test_missing_data_path(tmp_path, capsys):
+    assert '--data-dir' in fails(['--dataset', 'folder'], tmp_path, capsys)
+    missing = tmp_path / 'no_such_folder'
+    assert str(missing) in fails(['--dataset', 'folder', '--data-dir', str(missing)], tmp_path, capsys)
+
+
+def test_folder_with_one_class(tmp_path, capsys):
+    folder = write_image_folder(str(tmp_path / 'one'), classes=1, per_class=10, size=16)
+    assert 'at least 2' in fails(['--dataset', 'folder', '--data-dir', folder], tmp_path, capsys)
+
+
+def test_folder_with_an_empty_split(tmp_path, capsys):
+    folder = write_image_folder(str(tmp_path / 'few'), classes=2, per_class=2, size=16)
+    assert 'empty' in fails(['--dataset', 'folder', '--data-dir', folder], tmp_path, capsys)
+
+
+def test_unreadable_image(tmp_path, capsys):
+    folder = write_image_folder(str(tmp_path / 'broken'), classes=3, per_class=6, size=16)
+    bad = Path(folder) / 'class_1' / 'class_1_999.png'
+    bad.write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 4)
+    message = fails(['--dataset', 'folder', '--data-dir', folder, '--workers', '0', *TINY], tmp_path / 'out', capsys)
+    assert str(bad) in message
+
+
+def test_unsupported_in_chans(tmp_path, capsys):
+    assert '--in-chans 1 or 3' in fails(['--in-chans', '2'], tmp_path, capsys)
+
+
+def test_initial_checkpoint_with_other_channel_count(tmp_path, capsys):
+    rgb = timm.create_model('gradattn_resnet18_rope', in_chans=3, num_classes=10, channels=(16, 32, 64, 128),
+                            embed_dim=64, mlp_dim=128, num_heads=4)
+    path = tmp_path / 'rgb.safetensors'
+    save_file(rgb.state_dict(), str(path))
+    message = fails([*TINY, '--initial-checkpoint', str(path)], tmp_path / 'out', capsys)
+    assert '3-channel' in message and '--in-chans 3' in message
+
+
+def test_initial_checkpoint_not_weights(tmp_path, capsys):
+    path = tmp_path / 'weights.pth'
+    path.write_bytes(b'definitely not a checkpoint')
+    assert 'cannot be read as weights' in fails(['--initial-checkpoint', str(path)], tmp_path / 'out', capsys)
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / 'mine'
+    run_dir.mkdir()
+    (run_dir / 'summary.csv').write_text('epoch\n1\n')
+    message = fails(['--experiment', 'mine'], tmp_path, capsys)
+    assert 'never overwritten' in message and f'--resume {run_dir}' in message
+    assert (run_dir / 'summary.csv').read_text() == 'epoch\n1\n'
+
+
+def test_resume_folder_of_another_model(tmp_path, capsys):
+    run_dir = tmp_path / 'se_run'
+    run_dir.mkdir()
+    (run_dir / 'config.yaml').write_text(yaml.safe_dump(dict(model='resnet18_se', dataset='digits', seed=42)))
+    message = fails(['--resume', str(run_dir), '--model', 'gradattn_resnet18_rope'], tmp_path, capsys)
+    assert "model: 'resnet18_se' -> 'gradattn_resnet18_rope'" in message
+
+
+def test_resume_checkpoint_that_does_not_fit(tmp_path, capsys):
+    # config.yaml says one architecture, the checkpoint holds another (e.g. files copied between runs).
+    run_dir = tmp_path / 'mixed'
+    (run_dir / 'last').mkdir(parents=True)
+    (run_dir / 'config.yaml').write_text(yaml.safe_dump(dict(model='gradattn_resnet18_rope', epochs=1, img_size=16,
+                                                             model_kwargs=dict(channels=[16, 32, 64, 128], embed_dim=64,
+                                                                               mlp_dim=128, num_heads=4))))
+    save_file({'fc.weight': torch.zeros(10, 512)}, str(run_dir / 'last' / 'model.safetensors'),
+              metadata={'model': 'resnet18'})
+    (run_dir / 'last' / 'state.json').write_text('{"epochs_done": 1}')
+    message = fails(['--resume', str(run_dir)], tmp_path, capsys)
+    assert 'saved from resnet18' in message and 'does not fit' in message
+
+
+def test_resume_without_a_run(tmp_path, capsys):
+    assert 'no config.yaml' in fails(['--resume', str(tmp_path / 'nothing')], tmp_path, capsys)
+
+
+def test_config_with_unknown_setting(tmp_path, capsys):
+    config = tmp_path / 'bad.yaml'
+    config.write_text('learning_rate: 0.1\n')
+    assert "unknown settings ['learning_rate']" in fails(['--config', str(config)], tmp_path, capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='fp16 is valid with a GPU')
+def test_fp16_without_gpu(tmp_path, capsys):
+    assert 'bf16' in fails(['--mixed-precision', 'fp16'], tmp_path, capsys)
+
+
+def test_unknown_optimizer_and_scheduler(tmp_path, capsys):
+    assert 'adamx' in fails([*TINY, '--opt', 'adamx'], tmp_path, capsys)
+    assert 'cosine' in fails([*TINY, '--sched', 'cosinus'], tmp_path, capsys)

@@ -1,0 +1,262 @@
+"""Resumable training state and crash-safe writes into a run folder.
+
+``<run>/last/`` holds everything needed to continue a run exactly where its last finished epoch left it:
+
+    model.safetensors          weights of the unwrapped model (safetensors)
+    ema.safetensors            EMA weights, when --model-ema
+    optimizer.pt               optimizer.state_dict() (torch.save; read back with weights_only=True)
+    rng_state_<rank>.safetensors   torch CPU / CUDA generator states of every process, with python's and
+                               numpy's generator states as JSON in the file's metadata
+    state.json                 epoch, update count, scheduler and early-stopping state, the summary rows so far;
+                               written last, so its presence marks a complete checkpoint
+
+Every file is written to a temporary name in the same folder, fsynced and renamed over the old one
+(``os.replace`` is atomic on POSIX and Windows). A checkpoint is written whole into ``last.tmp/`` and then
+swapped in with two renames (``last`` -> ``last.prev``, ``last.tmp`` -> ``last``), so at every instant one
+complete checkpoint exists; ``find_last_checkpoint`` falls back to ``last.prev/`` if a crash hit between them.
+
+Accelerate's ``save_state`` / ``load_state`` are not used: they unpickle registered custom objects with
+``weights_only=False`` (and early-stopping or scheduler state would be such objects), skip a failed
+random-state restore with only an info log, and do not write atomically. Nothing here is unpickled:
+tensors are safetensors, the rest JSON, and the optimizer state (tensors, numbers and lists only) is
+loaded with ``torch.load(weights_only=True)``. Multi-process runs assume a file system shared by all
+processes, as for any DDP checkpoint.
+"""
+import csv
+import io
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+__all__ = ['LAST', 'STATE_FILE', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_csv', 'atomic_save_weights',
+           'replace_folder',
+           'load_weights', 'find_last_checkpoint', 'save_training_state', 'load_training_state',
+           'scheduler_state_dict', 'load_scheduler_state_dict', 'capture_rng_state', 'restore_rng_state']
+
+LAST = 'last'
+STATE_FILE = 'state.json'
+FORMAT_VERSION = 1
+PathLike = Union[str, Path]
+
+
+# --- crash-safe single files -------------------------------------------------------------------------------
+def _fsync_dir(folder: Path) -> None:
+    if os.name == 'nt':  # directories cannot be opened for fsync on Windows; NTFS journals the rename
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_synced(tmp: Path, path: Path) -> None:
+    with open(tmp, 'rb') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_bytes(data)
+    _replace_synced(tmp, path)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def replace_folder(tmp: PathLike, final: PathLike) -> None:
+    """Swap a fully written folder ``tmp`` in as ``final`` (two renames; see ``find_last_checkpoint``)."""
+    tmp, final = Path(tmp), Path(final)
+    previous = final.with_name(f'{final.name}.prev')
+    if final.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def atomic_write_csv(path: PathLike, rows: Sequence[Dict[str, Any]]) -> None:
+    """Rows of dicts as CSV; the columns are the union of the rows' keys, in first-seen order."""
+    columns: List[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def atomic_save_weights(model_or_state: Union[nn.Module, Dict[str, torch.Tensor]], path: PathLike,
+                        metadata: Optional[Dict[str, str]] = None) -> None:
+    """A state dict (or a module's) as safetensors, atomically. ``metadata`` values must be strings."""
+    path = Path(path)
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    tmp = path.with_name(f'.{path.name}.tmp')
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    _replace_synced(tmp, path)
+
+
+def load_weights(model: nn.Module, path: PathLike, what: str = 'checkpoint') -> Dict[str, str]:
+    """Load safetensors weights into ``model`` (all keys, same shapes); returns the file's metadata.
+
+    Raises:
+        ValueError: the file is not safetensors or does not fit the model; the message says which keys differ.
+    """
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(path), device='cpu')
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f'{what} {path} cannot be read as safetensors: {error}') from error
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or resized:
+        problems = []
+        for label, keys in (('missing', missing), ('unexpected', unexpected), ('of another shape', resized)):
+            if keys:
+                problems.append(f'{len(keys)} {label} (e.g. {keys[:3]})')
+        source = f" (saved from {metadata['model']})" if 'model' in metadata else ''
+        raise ValueError(f'{what} {path}{source} does not fit this model: keys {"; ".join(problems)}.')
+    model.load_state_dict(state)
+    return metadata
+
+
+# --- random number generators ------------------------------------------------------------------------------
+def capture_rng_state() -> Dict[str, Any]:
+    """This process's python, numpy and torch (CPU and CUDA) generator states."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {'torch_cpu': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f'torch_cuda_{i}': s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return dict(
+        tensors=tensors,
+        python=json.dumps(random.getstate()),
+        numpy=json.dumps([keys.tolist(), int(pos), int(has_gauss), float(cached)]),
+    )
+
+
+def restore_rng_state(tensors: Dict[str, torch.Tensor], python_state: str, numpy_state: str) -> None:
+    version, internal, gauss = json.loads(python_state)
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = json.loads(numpy_state)
+    np.random.set_state(('MT19937', np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors['torch_cpu'])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith('torch_cuda_'))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+# --- schedulers --------------------------------------------------------------------------------------------
+def scheduler_state_dict(scheduler) -> Optional[Dict[str, Any]]:
+    """The state of a timm scheduler that settings alone cannot rebuild, JSON-ready; None if there is none.
+
+    timm's schedulers are functions of the epoch, rebuilt from the settings on resume, except 'plateau',
+    whose torch ReduceLROnPlateau counts epochs without improvement. timm's own PlateauLRScheduler.state_dict()
+    keeps only the best metric, so a resumed run would restart the patience count; the torch state has it all.
+    """
+    plateau = getattr(scheduler, 'lr_scheduler', None)
+    if isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return plateau.state_dict()
+    return None
+
+
+def load_scheduler_state_dict(scheduler, state: Optional[Dict[str, Any]]) -> None:
+    if state is not None:
+        scheduler.lr_scheduler.load_state_dict(state)
+
+
+# --- the resumable state of a run --------------------------------------------------------------------------
+def _is_complete(folder: Path) -> bool:
+    return (folder / STATE_FILE).is_file()
+
+
+def find_last_checkpoint(run_dir: PathLike) -> Optional[Path]:
+    """The newest complete checkpoint folder of a run, or None."""
+    run_dir = Path(run_dir)
+    for name in (LAST, f'{LAST}.prev'):
+        if _is_complete(run_dir / name):
+            return run_dir / name
+    return None
+
+
+def save_training_state(
+        run_dir: PathLike,
+        accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: Dict[str, Any],
+        ema: Optional[nn.Module] = None,
+) -> Path:
+    """Write ``<run>/last/`` as a whole: every process calls this (each saves its own random state).
+
+    ``model`` is the unwrapped model, ``ema`` the EMA module (or None), ``state`` the JSON-ready rest.
+    """
+    run_dir = Path(run_dir)
+    final, tmp = run_dir / LAST, run_dir / f'{LAST}.tmp'
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rng = capture_rng_state()
+    atomic_save_weights(rng['tensors'], tmp / f'rng_state_{accelerator.process_index}.safetensors',
+                        metadata=dict(python=rng['python'], numpy=rng['numpy']))
+    if accelerator.is_main_process:
+        metadata = {'model': str(state.get('model', '')), 'epochs_done': str(state['epochs_done'])}
+        atomic_save_weights(model, tmp / 'model.safetensors', metadata=metadata)
+        if ema is not None:
+            atomic_save_weights(ema, tmp / 'ema.safetensors', metadata=metadata)
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        atomic_write_bytes(tmp / 'optimizer.pt', buffer.getvalue())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / STATE_FILE, json.dumps(dict(state, format=FORMAT_VERSION), indent=1))
+        replace_folder(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(
+        folder: PathLike,
+        accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: Optional[nn.Module] = None,
+) -> Dict[str, Any]:
+    """Restore what ``save_training_state`` wrote (model, EMA, optimizer, this process's generators).
+
+    Returns the JSON part of the state. Raises ValueError when the checkpoint does not fit the model.
+    """
+    folder = Path(folder)
+    state = json.loads((folder / STATE_FILE).read_text())
+    load_weights(model, folder / 'model.safetensors', what='Checkpoint')
+    if ema is not None:
+        ema_file = folder / 'ema.safetensors'
+        load_weights(ema, ema_file if ema_file.is_file() else folder / 'model.safetensors', what='EMA checkpoint')
+    optimizer.load_state_dict(torch.load(folder / 'optimizer.pt', map_location='cpu', weights_only=True))
+    rng_file = folder / f'rng_state_{accelerator.process_index}.safetensors'
+    if rng_file.is_file():
+        with safe_open(str(rng_file), framework='pt') as f:
+            metadata = f.metadata()
+        restore_rng_state(load_file(str(rng_file)), metadata['python'], metadata['numpy'])
+    else:
+        state['rng_restored'] = False  # launched with more processes than saved: this one keeps its fresh seed
+    return state

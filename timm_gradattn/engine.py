@@ -1,0 +1,529 @@
+"""The training engine: timm builds the model, optimizer, scheduler and losses; Accelerate runs them.
+
+``train(args)`` runs one job described by the settings of ``timm_gradattn.config``: it checks everything
+that can be checked before the first step (dataset, model, weights, run folder), trains with a
+validation pass per epoch, keeps the best weights and a resumable state, reloads the best weights for
+the test split and exports the model for the Hugging Face Hub. Devices, mixed precision, gradient
+accumulation and multi-process runs (``accelerate launch``) are Accelerate's business.
+
+A run folder ``<output>/<experiment>/`` holds ``config.yaml``, ``summary.csv``, ``model_best.safetensors``,
+``last/`` (see ``timm_gradattn.checkpoint``), ``results.json``, ``hub/`` and, with ``--grad-stats-every``,
+``grad_norms.jsonl``. Epochs are numbered from 1 in every file.
+"""
+import argparse
+import difflib
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from itertools import islice
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import accelerate
+import torch
+import torch.nn as nn
+from PIL import Image
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+import timm
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import get_pretrained_cfg, load_state_dict, parse_model_name, safe_model_name, split_model_name_tag
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+from .checkpoint import (
+    atomic_save_weights, atomic_write_csv, atomic_write_text, capture_rng_state, find_last_checkpoint,
+    load_scheduler_state_dict, load_training_state, load_weights, restore_rng_state, save_training_state,
+    scheduler_state_dict,
+)
+from .config import UserError, settings_to_yaml
+from .data import DataSplits, build_datasets
+from .data.folder import UnreadableImageError
+from .hub import export_hub_folder
+from .metrics import classification_metrics
+
+__all__ = ['train', 'predict', 'NonFiniteLossError', 'GRAD_STATS_BATCHES']
+
+GRAD_STATS_BATCHES = 5
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'constant', 'none')
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite."""
+
+
+# --- evaluation (shared with timm_gradattn.evaluate) --------------------------------------------------------
+def predict(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of a whole prepared loader, gathered from every process.
+
+    ``gather_for_metrics`` drops the samples Accelerate repeats to give every process equal batches, so
+    each sample counts once however many processes run. Returns CPU tensors, the same on every process.
+    """
+    model.eval()
+    all_logits, all_targets = [], []
+    with torch.no_grad(), accelerator.autocast():
+        for images, targets in loader:
+            logits = model(images)
+            logits, targets = accelerator.gather_for_metrics((logits, targets))
+            all_logits.append(logits.float().cpu())
+            all_targets.append(targets.cpu())
+    return torch.cat(all_logits), torch.cat(all_targets)
+
+
+# --- one epoch of training ----------------------------------------------------------------------------------
+def train_one_epoch(
+        epoch: int,
+        model: nn.Module,
+        loader: DataLoader,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        loss_fn: nn.Module,
+        accelerator: Accelerator,
+        args: argparse.Namespace,
+        num_updates: int,
+        mixup_fn: Optional[Mixup] = None,
+        ema: Optional[ModelEmaV3] = None,
+) -> Tuple[Dict[str, float], int]:
+    """Returns ({'train_loss', 'train_top1'}, updated optimizer-step count)."""
+    model.train()
+    if args.freeze_backbone:
+        _keep_frozen_layers_in_eval(accelerator.unwrap_model(model))
+    # Running sums stay on the device; the host reads them only at log intervals.
+    totals = torch.zeros(2, device=accelerator.device)  # sum of losses, correct predictions
+    seen = 0
+    # disable=None: tqdm draws only on a terminal, so logs and pipes get just the one-line epoch summaries.
+    progress = tqdm(total=len(loader), desc=f'epoch {epoch + 1}/{args.epochs}', leave=False, dynamic_ncols=True,
+                    disable=None if accelerator.is_local_main_process else True)
+    for step, (images, targets) in enumerate(loader):
+        with accelerator.accumulate(model):
+            inputs, loss_targets = mixup_fn(images, targets) if mixup_fn is not None else (images, targets)
+            logits = model(inputs)
+            loss = loss_fn(logits, loss_targets)
+            accelerator.backward(loss)
+            if args.clip_grad and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            num_updates += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step=num_updates)
+            if scheduler is not None:
+                scheduler.step_update(num_updates=num_updates)
+        totals += torch.stack([loss.detach().float() * len(targets), (logits.argmax(1) == targets).sum().float()])
+        seen += len(targets)
+        progress.update(1)
+        if (step + 1) % args.log_interval == 0 or step + 1 == len(loader):
+            loss_sum, correct, total = _sum_over_processes(accelerator, totals, seen)
+            if not math.isfinite(loss_sum):
+                progress.close()
+                kept = f'the state after epoch {epoch} is kept' if epoch else 'no epoch had finished'
+                raise NonFiniteLossError(
+                    f'The training loss became {loss_sum / total} at epoch {epoch + 1}, step {step + 1}; training '
+                    f'stopped and {kept}. Lower --lr, add --clip-grad or train without --mixed-precision, then '
+                    f'continue with --resume or start again.')
+            progress.set_postfix(loss=f'{loss_sum / total:.4f}', top1=f'{100 * correct / total:.2f}',
+                                 lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
+    progress.close()
+    loss_sum, correct, total = _sum_over_processes(accelerator, totals, seen)
+    return {'train_loss': loss_sum / total, 'train_top1': 100 * correct / total}, num_updates
+
+
+def _sum_over_processes(accelerator: Accelerator, totals: torch.Tensor, seen: int):
+    counts = torch.cat([totals, torch.tensor([float(seen)], device=totals.device)])
+    return accelerator.reduce(counts, reduction='sum').tolist()
+
+
+# --- the whole run ------------------------------------------------------------------------------------------
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the job described by ``args`` (see ``timm_gradattn.config.parse_args``); returns results.json's content.
+
+    Raises:
+        UserError: a problem with the settings or the data, explained (most are found before training starts).
+    """
+    try:
+        return _train(args)
+    except UnreadableImageError as error:  # an image that passed the header check but cannot be decoded
+        raise UserError(str(error)) from error
+
+
+def _train(args: argparse.Namespace) -> Dict[str, Any]:
+    accelerator = _create_accelerator(args)
+    set_seed(args.seed, device_specific=True)  # process 0 draws exactly what a single-process run draws
+    run_dir = _resolve_run_dir(args, accelerator)
+    resume_from = find_last_checkpoint(run_dir) if args.resume else None
+    if args.resume and resume_from is None and (run_dir / 'summary.csv').exists():
+        raise UserError(f'--resume {run_dir}: the run has no complete checkpoint in last/. Start a new run instead.')
+
+    data = _load_data(args)
+    info = data.info
+    args.batch_size = args.batch_size or info.batch_size
+    args.workers = (0 if info.name == 'digits' else 2) if args.workers is None else args.workers
+    per_process_batch = _check_batch_size(args, accelerator)
+    model = _create_model(args, info)
+    optimizer = _create_optimizer(args, model)
+    scheduler = _create_scheduler(args, optimizer)
+    if args.mixup > 0:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, label_smoothing=args.smoothing, num_classes=model.num_classes)
+        train_loss_fn = SoftTargetCrossEntropy()
+    else:
+        mixup_fn = None
+        train_loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
+    train_loader, val_loader, test_loader = _create_loaders(args, data)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader)
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.model_ema_decay) if args.model_ema else None
+
+    state: Dict[str, Any] = dict(model=args.model, epochs_done=0, num_updates=0, best_top1=-1.0, best_epoch=0,
+                                 bad_epochs=0, stopped_early=False, summary_rows=[])
+    if resume_from is not None:
+        state = _resume(resume_from, args, accelerator, model, optimizer, scheduler, ema)
+    if accelerator.is_main_process:  # on resume too: flags such as --epochs may have changed
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / 'config.yaml', settings_to_yaml(args))
+    accelerator.wait_for_everyone()
+    accelerator.print(
+        f'{args.model} on {info.name} ({len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test images, '
+        f'{info.num_classes} classes, {info.input_size[0]}x{info.img_size}x{info.img_size}), '
+        f'{accelerator.num_processes} process(es) on {accelerator.device}, batch {args.batch_size} '
+        f'({per_process_batch} per process), run folder {run_dir}')
+
+    eval_model = ema.module if ema is not None else model
+    for epoch in range(state['epochs_done'], args.epochs):
+        if state['stopped_early']:
+            break
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]['lr']
+        train_loader.set_epoch(epoch)  # data order depends on (seed, epoch) only, so a resumed run sees the same
+        train_stats, state['num_updates'] = train_one_epoch(
+            epoch, model, train_loader, optimizer, scheduler, train_loss_fn, accelerator, args,
+            state['num_updates'], mixup_fn, ema)
+        val = classification_metrics(*predict(eval_model, val_loader, accelerator))
+        row = dict(epoch=epoch + 1, **train_stats, val_loss=val['nll'], val_top1=val['top1'], val_top5=val['top5'],
+                   val_f1_macro=val['f1_macro'], lr=lr, epoch_time_s=time.perf_counter() - start)
+        state['summary_rows'].append(row)
+        if val['top1'] > state['best_top1']:
+            state.update(best_top1=val['top1'], best_epoch=epoch + 1, bad_epochs=0)
+            if accelerator.is_main_process:
+                atomic_save_weights(accelerator.unwrap_model(eval_model), run_dir / 'model_best.safetensors',
+                                    metadata=dict(model=args.model, epoch=str(epoch + 1), val_top1=str(val['top1'])))
+        else:
+            state['bad_epochs'] += 1
+        if scheduler is not None:
+            scheduler.step(epoch + 1, val['top1'])
+        state['stopped_early'] = bool(args.patience) and state['bad_epochs'] >= args.patience
+        state['epochs_done'] = epoch + 1
+        state['scheduler'] = scheduler_state_dict(scheduler)
+        if accelerator.is_main_process:
+            atomic_write_csv(run_dir / 'summary.csv', state['summary_rows'])
+        accelerator.print(
+            f"epoch {epoch + 1}/{args.epochs}  train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}  "
+            f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}  lr {lr:.2e}  "
+            f"{row['epoch_time_s']:.1f}s{'  *best' if state['best_epoch'] == epoch + 1 else ''}")
+        if args.grad_stats_every and (epoch + 1) % args.grad_stats_every == 0:
+            _record_grad_norms(epoch, model, data.train, args, accelerator, run_dir)
+        save_training_state(run_dir, accelerator, accelerator.unwrap_model(model), optimizer, state,
+                            ema=ema.module if ema is not None else None)
+        if state['stopped_early']:
+            accelerator.print(f"Early stopping: no better val top-1 for {args.patience} epochs "
+                              f"(best {state['best_top1']:.2f} at epoch {state['best_epoch']}).")
+
+    # The test split sees the best validation epoch's weights, reloaded from their file.
+    accelerator.wait_for_everyone()
+    load_weights(accelerator.unwrap_model(model), run_dir / 'model_best.safetensors', what='Best weights')
+    test = classification_metrics(*predict(model, test_loader, accelerator))
+    results = _results(args, data, test, state, accelerator, model)
+    if accelerator.is_main_process:
+        export_hub_folder(
+            accelerator.unwrap_model(model), run_dir / 'hub', label_names=info.label_names,
+            input_size=info.input_size, mean=info.mean, std=info.std,
+            pretrained_cfg=dict(tag=info.name, license=info.license, notes=(
+                f'Trained on {info.title} with timm-gradattn train.py (recipe {args.recipe}); '
+                f'best validation top-1 {state["best_top1"]:.2f} at epoch {state["best_epoch"]}.',)))
+        atomic_write_text(run_dir / 'results.json', json.dumps(results, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.print(
+        f"Test top-1 {test['top1']:.2f}  top-5 {test['top5']:.2f}  F1 (macro) {test['f1_macro']:.4f}  "
+        f"ECE {test['ece']:.4f}  (weights of epoch {state['best_epoch']}, val top-1 {state['best_top1']:.2f})\n"
+        f'Run folder {run_dir}:\n'
+        f'  results.json            test metrics and run facts\n'
+        f'  summary.csv             one row per epoch\n'
+        f'  model_best.safetensors  best validation weights\n'
+        f'  hub/                    timm.create_model("local-dir:{run_dir / "hub"}", pretrained=True)\n'
+        f'  last/                   resumable state: python train.py --resume {run_dir}')
+    accelerator.end_training()
+    return results
+
+
+# --- setup: everything that can fail does so before the first step ------------------------------------------
+def _create_accelerator(args: argparse.Namespace) -> Accelerator:
+    if args.mixed_precision == 'fp16' and not torch.cuda.is_available():
+        raise UserError('--mixed-precision fp16 needs a CUDA GPU; on CPU use --mixed-precision bf16 or no.')
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    # Accelerate forms a multi-process CPU group only when told to use the CPU; without this a multi-process
+    # launch on a machine without CUDA would start independent single-process runs.
+    accelerator = Accelerator(
+        cpu=world_size > 1 and not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        # split_batches: --batch-size is the global batch, so a recipe means the same on any number of devices.
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed),
+    )
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise UserError(f'{world_size} processes were launched but Accelerate joined {accelerator.num_processes}. '
+                        f'Launch with `accelerate launch --multi_gpu --num_processes N train.py ...`.')
+    return accelerator
+
+
+def _resolve_run_dir(args: argparse.Namespace, accelerator: Accelerator) -> Path:
+    """The run folder (not created yet); process 0 decides and tells the others."""
+    decision = [None, None]
+    if accelerator.is_main_process:
+        decision = _choose_run_dir(args)
+    broadcast_object_list(decision)
+    run_dir, problem = decision
+    if problem:
+        raise UserError(problem)
+    return Path(run_dir)
+
+
+def _choose_run_dir(args: argparse.Namespace) -> Tuple[str, Optional[str]]:
+    if args.resume:
+        return str(Path(args.resume)), None
+    if args.experiment:
+        run_dir = Path(args.output) / args.experiment
+        if run_dir.exists() and any(run_dir.iterdir()):
+            return str(run_dir), (
+                f'Run folder {run_dir} already holds a run; it is never overwritten. Continue it with '
+                f'--resume {run_dir}, or choose another --experiment name.')
+        return str(run_dir), None
+    _, model_name = parse_model_name(args.model)
+    name = '-'.join([safe_model_name(Path(model_name).name), args.dataset, time.strftime('%Y%m%d-%H%M%S')])
+    run_dir, count = Path(args.output) / name, 1
+    while run_dir.exists():  # two runs started in the same second get their own folders
+        run_dir, count = Path(args.output) / f'{name}-{count}', count + 1
+    return str(run_dir), None
+
+
+def _load_data(args: argparse.Namespace) -> DataSplits:
+    try:
+        data = build_datasets(args.dataset, data_dir=args.data_dir, protocol=args.protocol, download=args.download,
+                              seed=args.seed, img_size=args.img_size, in_chans=args.in_chans)
+    except (ValueError, FileNotFoundError) as error:  # the data pipeline's messages name the problem and the fix
+        raise UserError(f'Dataset {args.dataset!r}: {error}') from error
+    if data.info.num_classes < 2:
+        raise UserError(f'Dataset {args.dataset!r} has {data.info.num_classes} class; a classifier needs at least 2.')
+    _check_image_files(data)
+    for split in ('train', 'val', 'test'):
+        try:  # decode one image per split now rather than fail mid-epoch
+            getattr(data, split)[0]
+        except OSError as error:
+            raise UserError(f'Dataset {args.dataset!r}, {split} split: {error}') from error
+    if args.train_subset:
+        data.train = Subset(data.train, range(min(args.train_subset, len(data.train))))
+    return data
+
+
+def _check_image_files(data: DataSplits) -> None:
+    """Image files (folder datasets): check every header now rather than fail when an epoch reaches the file."""
+    files = {path for split in (data.train, data.val, data.test)
+             for path, _ in getattr(getattr(split, 'base', None), 'samples', ())}
+    broken = []
+    for path in sorted(files):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception:  # noqa: BLE001 - PIL raises many types for a damaged file; each means unreadable
+            broken.append(path)
+    if broken:
+        raise UserError(f'{len(broken)} image file(s) cannot be read: {", ".join(broken[:5])}'
+                        f'{" ..." if len(broken) > 5 else ""}. Replace or delete them.')
+
+
+def _check_batch_size(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    processes = accelerator.num_processes
+    if args.batch_size % processes:
+        raise UserError(f'--batch-size {args.batch_size} is the global batch and must split evenly over '
+                        f'{processes} processes; pass a multiple of {processes}.')
+    per_process = args.batch_size // processes
+    if args.mixup > 0 and per_process % 2:
+        raise UserError(f'Mixup pairs images within a batch: the per-process batch {per_process} must be even.')
+    return per_process
+
+
+def _create_model(args: argparse.Namespace, info) -> nn.Module:
+    source, name = parse_model_name(args.model)
+    if source is None and not timm.is_model(split_model_name_tag(name)[0]):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise UserError(f'Unknown model {args.model!r}.' + (f' Did you mean {", ".join(close)}?' if close else '')
+                        + ' See timm.list_models() for names, or pass hf-hub:<repo id> / local-dir:<folder>.')
+    if source == 'local-dir' and not (Path(name) / 'config.json').is_file():
+        raise UserError(f'--model {args.model}: {Path(name) / "config.json"} does not exist. Point local-dir: at a '
+                        f'folder exported by timm.models.save_for_hf, e.g. a run\'s hub/ folder.')
+    num_classes = args.num_classes or info.num_classes
+    if num_classes < info.num_classes:
+        raise UserError(f'--num-classes {num_classes} is fewer than the {info.num_classes} classes of {info.name}.')
+    kwargs: Dict[str, Any] = dict(args.model_kwargs or {}, num_classes=num_classes, in_chans=info.in_chans)
+    if args.drop is not None:
+        kwargs['drop_rate'] = args.drop
+    if source is None and getattr(get_pretrained_cfg(name), 'fixed_input_size', False):
+        kwargs['img_size'] = info.img_size  # e.g. ViTs build their position table for one size
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    except (RuntimeError, OSError, ValueError) as error:  # missing weights, unreachable Hub, bad local export
+        raise UserError(f'Cannot create {args.model!r}: {error}') from error
+    if args.initial_checkpoint:
+        _load_initial_checkpoint(model, args.initial_checkpoint, info.in_chans)
+    if args.freeze_backbone:
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
+    return model
+
+
+def _load_initial_checkpoint(model: nn.Module, path: str, in_chans: int) -> None:
+    """Weights to start from; a classifier of another size stays freshly initialised (fine-tuning)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f'--initial-checkpoint {path} does not exist.')
+    try:
+        # safetensors directly; .pth/.pt/.bin only with weights_only=True (never unpickles code)
+        state = load_state_dict(str(file), weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch and safetensors raise many types for an unreadable file
+        raise UserError(f'--initial-checkpoint {path} cannot be read as weights ({type(error).__name__}: {error}). '
+                        f'Use a .safetensors file, or a .pth holding only tensors.') from error
+    expected = model.state_dict()
+    classifier = model.get_classifier()
+    head_names = {name for name, module in model.named_modules() if module is classifier}
+    head_keys = {k for k in expected if any(k.startswith(f'{h}.') for h in head_names)}
+    mismatched = {k for k in set(state) & set(expected) if state[k].shape != expected[k].shape}
+    first_conv = f"{model.pretrained_cfg.get('first_conv')}.weight"
+    if first_conv in mismatched and state[first_conv].shape[1] != in_chans:
+        saved_chans = state[first_conv].shape[1]
+        raise UserError(f'--initial-checkpoint {path} was trained on {saved_chans}-channel images but this run '
+                        f'feeds {in_chans}. Pass --in-chans {saved_chans} (images are converted).')
+    for key in mismatched & head_keys:
+        del state[key]  # a new head for the new classes
+    problems = sorted(mismatched - head_keys) + sorted(set(expected) - set(state) - head_keys) + \
+        sorted(set(state) - set(expected))
+    if problems:
+        raise UserError(f'--initial-checkpoint {path} does not fit {type(model).__name__}: keys {problems[:5]} '
+                        f'differ. Pass the --model it was trained as.')
+    model.load_state_dict(state, strict=False)
+
+
+def _create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    try:
+        return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                   momentum=args.momentum, layer_decay=args.layer_decay,
+                                   filter_bias_and_bn=not args.decay_norm_and_bias)
+    except (ValueError, AssertionError) as error:
+        raise UserError(f'Cannot create optimizer --opt {args.opt!r}: {error}. See timm.optim.list_optimizers().') \
+            from error
+
+
+def _create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer):
+    if args.sched not in SCHEDULERS:
+        raise UserError(f'Unknown --sched {args.sched!r}; choose one of {", ".join(SCHEDULERS)}.')
+    with warnings.catch_warnings():
+        # timm deprecates its plateau scheduler because timm's own checkpoints drop its counters;
+        # timm_gradattn.checkpoint saves the complete state, so resumed runs continue it exactly.
+        warnings.filterwarnings('ignore', message='PlateauLRScheduler is deprecated', category=FutureWarning)
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
+            patience_epochs=args.patience_epochs, plateau_mode='max')
+    return scheduler
+
+
+def _create_loaders(args: argparse.Namespace, data: DataSplits) -> Tuple[DataLoader, DataLoader, DataLoader]:
+    common = dict(batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0,
+                  pin_memory=torch.cuda.is_available())
+    # Mixup needs an even batch; shuffling is seeded per epoch by Accelerate's seedable sampler.
+    train = DataLoader(data.train, shuffle=True, drop_last=args.mixup > 0, **common)
+    return train, DataLoader(data.val, **common), DataLoader(data.test, **common)
+
+
+def _resume(folder: Path, args, accelerator, model, optimizer, scheduler, ema) -> Dict[str, Any]:
+    try:
+        state = load_training_state(folder, accelerator, accelerator.unwrap_model(model), optimizer,
+                                    ema=ema.module if ema is not None else None)
+    except ValueError as error:
+        raise UserError(f'--resume {folder.parent}: {error} Resume with the --model the run was trained with.') \
+            from error
+    load_scheduler_state_dict(scheduler, state.get('scheduler'))
+    if scheduler is not None:  # the learning rate of the next epoch, also when --epochs was raised
+        scheduler.step(state['epochs_done'])
+    if state.pop('rng_restored', True) is False:
+        print(f'Process {accelerator.process_index}: no saved random state (the run had fewer processes); '
+              f'the resumed run will not repeat an uninterrupted one exactly.')
+    if state['epochs_done'] >= args.epochs and (folder.parent / 'results.json').is_file():
+        raise UserError(f'--resume {folder.parent}: the run already finished {state["epochs_done"]} of '
+                        f'{args.epochs} epochs and has results.json. Pass a larger --epochs to train on.')
+    accelerator.print(f'Resuming {folder.parent} after epoch {state["epochs_done"]}.')
+    return state
+
+
+def _keep_frozen_layers_in_eval(model: nn.Module) -> None:
+    # A frozen backbone keeps its BatchNorm statistics and runs without dropout, as at inference.
+    for module in model.modules():
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+def _record_grad_norms(epoch, model, train_set, args, accelerator, run_dir: Path) -> None:
+    if not accelerator.is_main_process:
+        return
+    try:
+        from .analysis import gradient_norms
+    except ImportError:
+        print('--grad-stats-every: timm_gradattn.analysis is not available; skipping gradient norms.')
+        return
+    rng = capture_rng_state()  # drawing augmented batches must not shift the training's random stream
+    loader = DataLoader(train_set, batch_size=args.batch_size // accelerator.num_processes, shuffle=False)
+    batches = [(x.to(accelerator.device), y.to(accelerator.device)) for x, y in islice(loader, GRAD_STATS_BATCHES)]
+    restore_rng_state(rng['tensors'], rng['python'], rng['numpy'])
+    norms = gradient_norms(accelerator.unwrap_model(model), batches, max_batches=GRAD_STATS_BATCHES)
+    with open(run_dir / 'grad_norms.jsonl', 'a') as f:
+        f.write(json.dumps({'epoch': epoch + 1, 'norms': norms}) + '\n')
+
+
+def _results(args, data: DataSplits, test: Dict[str, float], state: Dict[str, Any], accelerator, model) -> Dict:
+    rows = state['summary_rows']
+    best = next(row for row in rows if row['epoch'] == state['best_epoch'])
+    info = data.info
+    return dict(
+        test,
+        model=args.model, dataset=info.name, protocol=args.protocol, seed=args.seed, recipe=args.recipe,
+        num_classes=info.num_classes, label_names=list(info.label_names) if info.label_names else None,
+        split_sizes={'train': len(data.train), 'val': len(data.val), 'test': len(data.test)},
+        best_epoch=state['best_epoch'], epochs_run=len(rows), stopped_early=state['stopped_early'],
+        val_top1_best=state['best_top1'], train_top1_at_best=best['train_top1'],
+        train_val_gap=abs(best['train_top1'] - best['val_top1']),
+        seconds_per_epoch=sum(r['epoch_time_s'] for r in rows) / len(rows),
+        num_params=sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
+        machine=_describe_machine(accelerator),
+        pretrained_from=(args.model if args.pretrained else args.initial_checkpoint),
+    )
+
+
+def _describe_machine(accelerator: Accelerator) -> Dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return dict(
+        cpu=cpu, cpu_count=os.cpu_count(),
+        gpu=torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == 'cuda' else None,
+        device=str(accelerator.device), num_processes=accelerator.num_processes,
+        mixed_precision=accelerator.mixed_precision, torch=torch.__version__, timm=timm.__version__,
+        accelerate=accelerate.__version__, python=platform.python_version())
