@@ -317,7 +317,8 @@ def _load_data(args: argparse.Namespace) -> DataSplits:
     try:
         data = build_datasets(args.dataset, data_dir=args.data_dir, protocol=args.protocol, download=args.download,
                               seed=args.seed, img_size=args.img_size, in_chans=args.in_chans)
-    except (ValueError, FileNotFoundError) as error:  # the data pipeline's messages name the problem and the fix
+    # The data pipeline's messages name the problem and the fix (ImportError: a missing reader package).
+    except (ValueError, FileNotFoundError, ImportError) as error:
         raise UserError(f'Dataset {args.dataset!r}: {error}') from error
     if data.info.num_classes < 2:
         raise UserError(f'Dataset {args.dataset!r} has {data.info.num_classes} class; a classifier needs at least 2.')
