@@ -171,26 +171,21 @@ def _load_digits(info: DatasetInfo, data_dir: Optional[str], download: bool, pro
 
 # --- torchvision ------------------------------------------------------------------------------------------
 
-@register_adapter('cifar10')
-def _load_cifar10(info: DatasetInfo, data_dir: Optional[str], download: bool, protocol: str) -> RawSplits:
-    root = _dataset_root(info, data_dir, download)
-    _require_files(info, root, download)
-    train, test = (
-        _upstream(info, root, download, lambda split=split: create_dataset(
-            'torch/cifar10', root=root, split=split, download=download))
-        for split in ('train', 'test'))
-    return RawSplits(train=train, test=test)
+def _timm_torchvision_adapter(name: str, timm_name: str) -> None:
+    """Register a dataset that timm's ``create_dataset('torch/...')`` reads: official train and test splits."""
+    @register_adapter(name)
+    def load(info: DatasetInfo, data_dir: Optional[str], download: bool, protocol: str) -> RawSplits:
+        root = _dataset_root(info, data_dir, download)
+        _require_files(info, root, download)
+        train, test = (
+            _upstream(info, root, download, lambda split=split: create_dataset(
+                timm_name, root=root, split=split, download=download))
+            for split in ('train', 'test'))
+        return RawSplits(train=train, test=test)
 
 
-@register_adapter('fashion_mnist')
-def _load_fashion_mnist(info: DatasetInfo, data_dir: Optional[str], download: bool, protocol: str) -> RawSplits:
-    root = _dataset_root(info, data_dir, download)
-    _require_files(info, root, download)
-    train, test = (
-        _upstream(info, root, download, lambda split=split: create_dataset(
-            'torch/fashion_mnist', root=root, split=split, download=download))
-        for split in ('train', 'test'))
-    return RawSplits(train=train, test=test)
+_timm_torchvision_adapter('cifar10', 'torch/cifar10')
+_timm_torchvision_adapter('fashion_mnist', 'torch/fashion_mnist')
 
 
 @register_adapter('svhn')
