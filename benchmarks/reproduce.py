@@ -1,0 +1,763 @@
+#!/usr/bin/env python3
+"""Reproduce the GradAttn paper's tables: models x datasets x seeds, trained under the paper's protocol.
+
+Every cell is one ``train.py --recipe paper`` run (Adam 1e-3, plateau decay and early stopping on
+validation top-1, at most 100 epochs, best weights restored for the test). After training, the
+gradient norms of the best weights are measured on 20 shuffled test batches in train mode (both
+``timm_gradattn.analysis`` modes) for the Gradient Health Score. The results are written as Markdown
+and JSON tables shaped like the paper's Tables 3-9, each figure next to the paper's published one
+(``benchmarks/paper_results.py``):
+
+    python benchmarks/reproduce.py --data-dir data                  # 6 models x 8 datasets, seed 42
+    python benchmarks/reproduce.py --data-dir data --datasets cifar10 svhn --seeds 42 43 44
+    python benchmarks/reproduce.py --quick                          # digits, 6 models, a few CPU minutes
+    python benchmarks/reproduce.py --data-dir data -- --mixed-precision bf16 --workers 8
+    python benchmarks/reproduce.py --data-dir data --launcher "accelerate launch --multi_gpu --num_processes 4"
+
+Flags after a bare ``--`` go to train.py for every cell. A dataset whose files are missing is skipped
+with one line saying where they were looked for; a cell that fails with an explained error (e.g. a
+non-finite loss) is reported and the grid goes on; anything else stops the grid. Interrupted grids
+resume: a cell whose run folder has ``results.json`` is reused as it is, a cell with a partial run
+continues with ``train.py --resume``; run the same command again.
+
+How the cells run: by default in this process, through the engine's own entry point
+``timm_gradattn.engine.train(parse_args(argv))`` with exactly the argv a user would give train.py, so
+the settings resolve the same way, the libraries are imported once for the whole grid and a missing
+dataset is recognised by its exception (``DatasetNotFoundError``) rather than by parsing messages.
+``train()`` owns its Accelerate process group (it ends it when the job ends), so data-parallel cells
+cannot share one launch: with ``--launcher`` each cell is started as ``<launcher> train.py <argv>``
+instead, and the dataset files are looked for here before the first launch.
+
+Output (``--output``, light, meant to be committed): ``table<N>_*.md`` / ``.json`` for each table,
+``tables.md`` (all of them), ``cells.json`` (every cell's results.json, epoch rows and gradient health)
+and ``run.json`` (command, machine, grid, skipped datasets, wall time). The run folders (weights and
+resumable checkpoints, ~200 MB per cell) go to ``--runs-dir``, under the git-ignored ``output/``.
+"""
+import argparse
+import csv
+import datetime
+import functools
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+import timm
+import timm_gradattn  # noqa: F401  (registers the models)
+from timm_gradattn.data import PAPER_TAGS, DatasetNotFoundError, build_datasets, get_dataset_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_results import PAPER_CITATION, PAPER_MODEL_NAMES, PAPER_NOTES, paper_figure  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / 'results'
+MAIN_MODELS = ('resnet18', 'gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope')
+BASELINE_MODELS = ('resnet18', 'resnet18_se', 'resnet18_cbam')
+MODELS = MAIN_MODELS + BASELINE_MODELS[1:]
+QUICK_DATASETS = ('digits',)
+# Digits has 1,258 training images: with 5 epochs the six cells take a few minutes on a 2-core CPU.
+QUICK_EPOCHS = 5
+GHS_BATCHES = 20  # as the reference implementation measured it
+GHS_FILE = 'gradient_health.json'
+TIMING_FILE = 'reproduce_timing.json'
+LOAD_KEY = 'load_average_5_min_after_training'
+
+
+# --- the grid --------------------------------------------------------------------------------------------
+def cell_dir(runs_dir: Path, dataset: str, model: str, seed: int) -> Path:
+    return runs_dir / dataset / model / f'seed{seed}'
+
+
+def cell_state(run_dir: Path) -> str:
+    """'done' (results.json), 'partial' (a run started there), 'new', or 'foreign' (files of something else)."""
+    if (run_dir / 'results.json').is_file():
+        return 'done'
+    if (run_dir / 'config.yaml').is_file():
+        return 'partial'
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return 'new'
+    return 'foreign'
+
+
+def train_argv(model: str, dataset: str, seed: int, run_dir: Path, options: argparse.Namespace,
+               resume: bool) -> List[str]:
+    """The train.py command line of one cell."""
+    argv = ['--model', model, '--dataset', dataset, '--recipe', 'paper', '--seed', str(seed)]
+    if options.data_dir:
+        argv += ['--data-dir', options.data_dir]
+    if options.epochs:
+        argv += ['--epochs', str(options.epochs)]
+    if resume:
+        argv += ['--resume', str(run_dir)]
+    else:
+        argv += ['--output', str(run_dir.parent), '--experiment', run_dir.name]
+    return argv + list(options.train_args)
+
+
+class DatasetMissing(Exception):
+    """The dataset's files are not there: every cell of it is skipped."""
+
+
+class CellFailed(Exception):
+    """One cell could not be trained (explained); the grid goes on."""
+
+
+def train_in_process(argv: List[str]) -> None:
+    """One cell through the engine's own entry point, exactly as ``python train.py <argv>`` would run it."""
+    from timm_gradattn.config import UserError, parse_args
+    from timm_gradattn.engine import train
+    try:
+        train(parse_args(argv))
+    except UserError as error:  # a problem with the settings or the data, explained by the engine
+        if isinstance(error.__cause__, DatasetNotFoundError):
+            raise DatasetMissing(str(error.__cause__)) from error
+        raise CellFailed(str(error)) from error
+
+
+def train_with_launcher(argv: List[str], launcher: str) -> None:
+    """One cell as its own launch, e.g. ``accelerate launch --multi_gpu --num_processes 4 train.py <argv>``."""
+    command = [*shlex.split(launcher), str(REPO / 'train.py'), *argv]
+    returncode = subprocess.run(command, cwd=REPO).returncode
+    if returncode != 0:
+        raise CellFailed(f'`{shlex.join(command)}` exited with code {returncode} (its messages are above).')
+
+
+def check_dataset(dataset: str, options: argparse.Namespace) -> None:
+    """With --launcher the data error would surface in a child process: look for the files here first."""
+    try:
+        build_datasets(dataset, data_dir=options.data_dir, download='--download' in options.train_args)
+    except DatasetNotFoundError as error:
+        raise DatasetMissing(str(error)) from error
+
+
+def run_grid(options: argparse.Namespace) -> Dict[str, Any]:
+    """Train (or reuse) every cell; returns {'skipped': {dataset: reason}, 'failed': {cell: reason}}."""
+    cells = [(d, s, m) for d in options.datasets for s in options.seeds for m in options.models]
+    skipped: Dict[str, str] = {}
+    failed: Dict[str, str] = {}
+    checked = set()
+    for index, (dataset, seed, model) in enumerate(cells, 1):
+        if dataset in skipped:
+            continue
+        run_dir = cell_dir(options.runs_dir, dataset, model, seed)
+        name = f'[{index}/{len(cells)}] {dataset} / {model} / seed {seed}'
+        state = cell_state(run_dir)
+        if state == 'foreign':
+            failed[f'{dataset}/{model}/seed{seed}'] = f'{run_dir} holds files but no training run (no config.yaml)'
+            print(f'{name}: FAILED, {run_dir} holds files but no config.yaml, so it is not a train.py run. '
+                  f'Move it away and run again.', flush=True)
+            continue
+        if state == 'done':
+            print(f'{name}: finished earlier, reusing {run_dir / "results.json"}', flush=True)
+            _warn_other_epochs(name, run_dir, options.epochs)
+        else:
+            print(f'{name}: ' + (f'resuming the partial run in {run_dir}' if state == 'partial'
+                                 else f'training into {run_dir}'), flush=True)
+            argv = train_argv(model, dataset, seed, run_dir, options, resume=state == 'partial')
+            start = time.perf_counter()
+            try:
+                if options.launcher:
+                    if dataset not in checked:
+                        check_dataset(dataset, options)
+                        checked.add(dataset)
+                    train_with_launcher(argv, options.launcher)
+                else:
+                    train_in_process(argv)
+            except DatasetMissing as error:
+                skipped[dataset] = str(error)
+                print(f'SKIPPED dataset {dataset}: its files are missing, so none of its cells run. {error} '
+                      f'(reproduce.py passes flags after `--` to train.py, e.g. `-- --download`.)', flush=True)
+                continue
+            except CellFailed as error:
+                failed[f'{dataset}/{model}/seed{seed}'] = str(error)
+                print(f'{name}: FAILED: {error}', flush=True)
+                continue
+            finally:
+                _record_time(run_dir, 'train_s', time.perf_counter() - start)
+                _release_memory()
+            _record_load(run_dir)
+        if not (run_dir / GHS_FILE).is_file():
+            print(f'{name}: measuring gradient health on up to {options.ghs_batches} test batches', flush=True)
+            start = time.perf_counter()
+            measure_gradient_health(run_dir, options.ghs_batches)
+            _record_time(run_dir, 'gradient_health_s', time.perf_counter() - start)
+            _release_memory()
+        write_outputs(options, skipped, failed)  # the tables grow as the grid runs
+    return dict(skipped=skipped, failed=failed)
+
+
+def _warn_other_epochs(name: str, run_dir: Path, epochs: Optional[int]) -> None:
+    from timm_gradattn.config import RECIPES
+    epochs = epochs or RECIPES['paper']['epochs']
+    trained_for = yaml.safe_load((run_dir / 'config.yaml').read_text()).get('epochs')
+    if trained_for != epochs:
+        print(f'{name}: note: this run was trained with --epochs {trained_for}, not the {epochs} asked now; '
+              f'delete {run_dir} to train it again.', flush=True)
+
+
+def _record_time(run_dir: Path, key: str, seconds: float) -> None:
+    """Add to a cell's wall time (summed over the invocations that worked on it)."""
+    if not run_dir.is_dir():  # a skipped dataset leaves no run folder
+        return
+    file = run_dir / TIMING_FILE
+    timing = json.loads(file.read_text()) if file.is_file() else {}
+    timing[key] = timing.get(key, 0.0) + seconds
+    file.write_text(json.dumps(timing))
+
+
+def _record_load(run_dir: Path) -> None:
+    """How busy the machine was while the cell trained: other jobs slow its epochs down."""
+    if hasattr(os, 'getloadavg'):
+        file = run_dir / TIMING_FILE
+        timing = json.loads(file.read_text()) if file.is_file() else {}
+        timing[LOAD_KEY] = round(os.getloadavg()[1], 2)
+        file.write_text(json.dumps(timing))
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- gradient health (paper Table 7) ---------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)  # the grid walks one dataset at a time; its splits are built once
+def _test_split(dataset: str, data_dir: Optional[str], protocol: str, seed: int, img_size: Optional[int],
+                in_chans: Optional[int]):
+    return build_datasets(dataset, data_dir=data_dir, protocol=protocol, seed=seed, img_size=img_size,
+                          in_chans=in_chans).test
+
+
+def measure_gradient_health(run_dir: Path, max_batches: int = GHS_BATCHES) -> Dict[str, Any]:
+    """Gradient norms of a finished run's best weights, on test batches in train mode; written to GHS_FILE."""
+    from timm_gradattn.analysis import HEALTH_BANDS, gradient_health_report, gradient_norms
+
+    config = yaml.safe_load((run_dir / 'config.yaml').read_text())
+    model = timm.create_model(f'local-dir:{run_dir / "hub"}', pretrained=True)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    model.to(device)
+    test = _test_split(config['dataset'], config.get('data_dir'), config.get('protocol', 'paper'), config['seed'],
+                       config.get('img_size'), config.get('in_chans'))
+
+    def batches():  # the same seeded sample of the test split for both modes
+        generator = torch.Generator().manual_seed(config['seed'])
+        return DataLoader(test, batch_size=config['batch_size'], shuffle=True, generator=generator)
+
+    start = time.perf_counter()
+    report = dict(split='test', batch_size=config['batch_size'], max_batches=max_batches,
+                  batches=min(max_batches, len(batches())), bands={k: list(v) for k, v in HEALTH_BANDS.items()},
+                  modes={})
+    for mode in ('outputs', 'parameters'):
+        norms = gradient_norms(model, batches(), mode=mode, max_batches=max_batches)
+        report['modes'][mode] = dict(health=gradient_health_report(norms), norms=norms)
+    report['seconds'] = time.perf_counter() - start
+    (run_dir / GHS_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+# --- collecting the cells --------------------------------------------------------------------------------
+def read_cell(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """A finished cell's results.json, epoch rows and gradient health; None while it is unfinished."""
+    if not (run_dir / 'results.json').is_file():
+        return None
+    cell = dict(results=json.loads((run_dir / 'results.json').read_text()), run_dir=str(run_dir))
+    with open(run_dir / 'summary.csv', newline='') as f:
+        cell['epochs'] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    health = run_dir / GHS_FILE
+    cell['gradient_health'] = json.loads(health.read_text()) if health.is_file() else None
+    timing = run_dir / TIMING_FILE
+    cell['wall_time_s'] = json.loads(timing.read_text()) if timing.is_file() else None
+    return cell
+
+
+def collect(options: argparse.Namespace) -> Dict[Tuple[str, str], Dict[int, Dict[str, Any]]]:
+    """{(dataset, model): {seed: cell}} for every finished cell of the grid."""
+    found: Dict[Tuple[str, str], Dict[int, Dict[str, Any]]] = {}
+    for dataset in options.datasets:
+        for model in options.models:
+            for seed in options.seeds:
+                cell = read_cell(cell_dir(options.runs_dir, dataset, model, seed))
+                if cell is not None:
+                    found.setdefault((dataset, model), {})[seed] = cell
+    return found
+
+
+def stats(values: Sequence[float], seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
+    """Mean and sample standard deviation over seeds (std None for one seed)."""
+    if not values:
+        return None
+    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else None,
+                n=len(values), values=list(values), seeds=list(seeds))
+
+
+# --- the tables --------------------------------------------------------------------------------------------
+def _label(model: str) -> str:
+    return PAPER_MODEL_NAMES.get(model, model)
+
+
+def _format_number(value: float, digits: int) -> str:
+    return f'{value:.{digits}f}'
+
+
+def format_ours(record: Dict[str, Any], digits: int, num_seeds: int) -> str:
+    ours = record['ours']
+    if ours is None:
+        return '—'
+    text = _format_number(ours['mean'], digits)
+    if ours['std'] is not None:
+        text += f' ± {_format_number(ours["std"], digits)}'
+    if ours['n'] < num_seeds:
+        text += f' [{ours["n"]} of {num_seeds} seeds]'
+    if record.get('fastest'):
+        text += f', fastest {_format_number(record["fastest"]["mean"], digits)}'
+    if 'vanishing' in record:
+        counts = [f'{_count(record["vanishing"])} vanishing']
+        if record['exploding']['mean'] > 0:
+            counts.append(f'{_count(record["exploding"])} exploding')
+        text += f' ({", ".join(counts)} of {_count(record["analysed"])})'
+    return text
+
+
+def _count(count_stats: Dict[str, Any]) -> str:
+    mean = count_stats['mean']
+    return str(int(mean)) if float(mean).is_integer() else f'{mean:.1f}'
+
+
+def format_paper(value: Optional[float], digits: int) -> str:
+    return 'n/a' if value is None else _format_number(value, digits)
+
+
+def metric_records(found, datasets, models, table: int, metric: str, key: str,
+                   fallback_table: Optional[int] = None) -> List[Dict[str, Any]]:
+    """One record per (dataset, model): our mean ± std of results[key] over seeds and the paper's figure."""
+    records = []
+    for dataset in datasets:
+        for model in models:
+            cells = found.get((dataset, model), {})
+            seeds = sorted(cells)
+            paper = paper_figure(table, metric, dataset, model)
+            if paper is None and fallback_table is not None:
+                paper = paper_figure(fallback_table, metric, dataset, model)
+            records.append(dict(dataset=dataset, model=model, metric=metric,
+                                ours=stats([cells[s]['results'][key] for s in seeds], seeds), paper=paper))
+    return records
+
+
+def epoch_time_records(found, datasets, models) -> List[Dict[str, Any]]:
+    """Mean seconds per epoch, and the fastest epoch: the one least slowed down by other jobs on the machine."""
+    records = metric_records(found, datasets, models, 8, 'seconds_per_epoch', 'seconds_per_epoch')
+    for record in records:
+        cells = found.get((record['dataset'], record['model']), {})
+        seeds = [s for s in sorted(cells) if cells[s]['epochs']]
+        record['fastest'] = stats([min(row['epoch_time_s'] for row in cells[s]['epochs']) for s in seeds], seeds)
+    return records
+
+
+def health_records(found, datasets, models) -> List[Dict[str, Any]]:
+    from timm_gradattn.analysis import HEALTH_BANDS
+    records = []
+    for dataset in datasets:
+        for model in models:
+            cells = found.get((dataset, model), {})
+            seeds = [s for s in sorted(cells) if cells[s]['gradient_health'] is not None]
+            for mode in ('outputs', 'parameters'):
+                paper = paper_figure(7, 'ghs', dataset, model) if mode == 'outputs' else None
+                paper_vanishing = paper_figure(7, 'vanishing', dataset, model) if mode == 'outputs' else None
+                for band in HEALTH_BANDS:
+                    health = [cells[s]['gradient_health']['modes'][mode]['health'][band] for s in seeds]
+                    records.append(dict(
+                        dataset=dataset, model=model, metric=f'ghs_{band}', mode=mode, band=list(HEALTH_BANDS[band]),
+                        ours=stats([h['score'] for h in health], seeds),
+                        vanishing=stats([len(h['vanishing']) for h in health], seeds),
+                        exploding=stats([len(h['exploding']) for h in health], seeds),
+                        analysed=stats([h['analysed'] for h in health], seeds),
+                        paper=paper, paper_vanishing=paper_vanishing))
+    return records
+
+
+def _band_label(band: Sequence[float]) -> str:
+    low, high = band
+    return f'[{low:g}, {high:g}]'
+
+
+def build_tables(found, options) -> List[Dict[str, Any]]:
+    """Every table as a dict: number, name, title, records (long format), Markdown layout and notes."""
+    datasets = list(options.datasets)
+    main = [m for m in MAIN_MODELS if m in options.models]
+    baselines = [m for m in BASELINE_MODELS if m in options.models]
+    models = list(options.models)
+    return [
+        dict(number=3, name='table3_top1', title='Top-1 test accuracy (%)', layout='pivot', digits=2,
+             records=metric_records(found, datasets, main, 3, 'top1', 'top1')),
+        dict(number=4, name='table4_top3_top5_f1_ece', title='Top-3 / top-5 accuracy (%), macro F1 and ECE',
+             layout='rows', digits={'top3': 2, 'top5': 2, 'f1': 3, 'ece': 3},
+             records=[r for metric, key in (('top3', 'top3'), ('top5', 'top5'), ('f1', 'f1_macro'), ('ece', 'ece'))
+                      for r in metric_records(found, datasets, models, 4, metric, key)]),
+        dict(number=5, name='table5_precision_recall_f1', title='Precision, recall and F1, macro and weighted',
+             layout='rows', digits=3, paper_column='trailing',
+             records=[r for key in ('precision_macro', 'recall_macro', 'f1_macro', 'precision_weighted',
+                                    'recall_weighted', 'f1_weighted')
+                      for r in metric_records(found, datasets, models, 5, key, key)]),
+        dict(number=6, name='table6_train_val_gap', title='Train-validation top-1 gap at the best epoch (points)',
+             layout='pivot', digits=2, records=metric_records(found, datasets, models, 6, 'train_val_gap',
+                                                              'train_val_gap')),
+        dict(number=7, name='table7_gradient_health', title='Gradient Health Score after training', layout='health',
+             digits=2, paper_column='trailing', records=health_records(found, datasets, models)),
+        dict(number=8, name='table8_seconds_per_epoch', title='Training time per epoch (s)', layout='pivot',
+             digits=2, records=epoch_time_records(found, datasets, models)),
+        dict(number=9, name='table9_attention_baselines', title='Top-1 test accuracy (%) of the SE / CBAM baselines',
+             layout='pivot', digits=2,
+             records=metric_records(found, datasets, baselines, 9, 'top1', 'top1', fallback_table=3)),
+    ]
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+    return lines + ['| ' + ' | '.join(row) + ' |' for row in rows]
+
+
+METRIC_LABELS = {
+    'top3': 'top-3', 'top5': 'top-5', 'f1': 'F1 (macro)', 'ece': 'ECE',
+    'precision_macro': 'precision (macro)', 'recall_macro': 'recall (macro)', 'f1_macro': 'F1 (macro)',
+    'precision_weighted': 'precision (weighted)', 'recall_weighted': 'recall (weighted)',
+    'f1_weighted': 'F1 (weighted)',
+}
+
+
+def _has_figures(records: Sequence[Dict[str, Any]]) -> bool:
+    """A row is shown when it has a figure of ours or of the paper."""
+    return any(r['ours'] is not None or r['paper'] is not None for r in records)
+
+
+def _digits(table: Dict[str, Any], metric: str) -> int:
+    return table['digits'][metric] if isinstance(table['digits'], dict) else table['digits']
+
+
+def _cell_text(record, digits: int, num_seeds: int, inline_paper: bool) -> str:
+    text = format_ours(record, digits, num_seeds)
+    return f'{text} (paper {format_paper(record["paper"], digits)})' if inline_paper else text
+
+
+def render_markdown(table: Dict[str, Any], context: Dict[str, Any], with_grid_notes: bool = True) -> str:
+    """A table in the paper's shape; each of our figures is followed by the paper's (or n/a)."""
+    records, num_seeds, layout = table['records'], len(context['seeds']), table['layout']
+    datasets = list(dict.fromkeys(r['dataset'] for r in records))
+    models = list(dict.fromkeys(r['model'] for r in records))
+    lines = [f'### Table {table["number"]}: {table["title"]}', '']
+    rows: List[List[str]] = []
+    if not records:
+        lines.append('No model of this table is in the grid.')
+    elif layout == 'pivot':
+        by_key = {(r['dataset'], r['model']): r for r in records}
+        rows = [[d] + [_cell_text(by_key[d, m], table['digits'], num_seeds, True) for m in models] for d in datasets]
+        lines += _md_table(['dataset'] + [_label(m) for m in models], rows)
+    elif layout == 'rows':
+        metrics = list(dict.fromkeys(r['metric'] for r in records))
+        by_key = {(r['dataset'], r['model'], r['metric']): r for r in records}
+        trailing = table.get('paper_column') == 'trailing'
+        rows = []
+        for d in datasets:
+            for m in models:
+                cells = [by_key[d, m, metric] for metric in metrics]
+                if not _has_figures(cells):
+                    continue
+                row = [d, _label(m)] + [_cell_text(c, _digits(table, c['metric']), num_seeds, not trailing)
+                                        for c in cells]
+                rows.append(row + (['n/a'] if trailing else []))
+        lines += _md_table(['dataset', 'model'] + [METRIC_LABELS[m] for m in metrics]
+                           + (['paper'] if trailing else []), rows)
+    else:  # health: one row per (dataset, model, mode), one column per band
+        bands = list(dict.fromkeys(r['metric'] for r in records))
+        band_of = {r['metric']: r['band'] for r in records}
+        by_key = {(r['dataset'], r['model'], r['mode'], r['metric']): r for r in records}
+        rows = []
+        for d in datasets:
+            for m in models:
+                for mode in ('outputs', 'parameters'):
+                    cells = [by_key[d, m, mode, band] for band in bands]
+                    if not _has_figures(cells):
+                        continue
+                    paper = cells[0]['paper']
+                    paper_text = format_paper(paper, 2)
+                    if paper is not None and cells[0]['paper_vanishing']:
+                        paper_text += f' ({cells[0]["paper_vanishing"]} vanishing)'
+                    rows.append([d, _label(m), mode] + [format_ours(c, 2, num_seeds) for c in cells] + [paper_text])
+        header = ['dataset', 'model', 'gradient of'] + [
+            ('reference ' if 'reference' in band else 'paper band ') + _band_label(band_of[band]) for band in bands]
+        lines += _md_table(header + ['paper GHS'], rows)
+    if not rows and records:
+        lines.append('(no finished cell yet)')
+    lines += [''] + [f'- {note}' for note in table_notes(table, context, with_grid_notes)]
+    return '\n'.join(lines) + '\n'
+
+
+OURS_NOTES = {
+    3: 'Ours: test split, best-validation weights.',
+    4: 'Ours: test split, best-validation weights; F1 is the macro average, ECE uses 10 equal-width bins.',
+    5: 'Ours: test split, best-validation weights; zero_division = 0.',
+    6: 'Ours: |train top-1 - val top-1| at the best validation epoch, in percentage points.',
+    7: f'Ours: gradient norms of the best weights on shuffled test batches in train mode (up to {GHS_BATCHES} '
+       f'as in the paper, fewer with --ghs-batches or a small split). "outputs": gradient w.r.t. every Conv2d / '
+       f'Linear / encoder-layer output (the paper\'s measurement); "parameters": gradient of each module\'s own '
+       f'parameters. Score = healthy / analysed layers, counting only layers that received a gradient; '
+       f'"(k vanishing, j exploding of n)": layers below / above the band.',
+    8: 'Ours: mean wall time of an epoch, training plus the validation pass.',
+    9: 'Ours: test split, best-validation weights.',
+}
+
+
+def table_notes(table: Dict[str, Any], context: Dict[str, Any], with_grid_notes: bool = True) -> List[str]:
+    """The notes under a table: what our figures are, the paper's caveats and, optionally, the grid's."""
+    number = table['number']
+    notes = [OURS_NOTES[number],
+             f"Paper: {PAPER_CITATION}, Table {number}; n/a where the paper publishes no figure. {PAPER_NOTES[number]}"]
+    if number == 7 and context['ghs_batches_used']:
+        notes.append(f'Test batches used here: {", ".join(map(str, context["ghs_batches_used"]))}.')
+    if number == 8:
+        machines = sorted({_machine_line(m) for m in context['cell_machines']})
+        notes.append('Our machine: ' + ('; '.join(machines) if machines else 'none yet') + '. "fastest": the '
+                     'fastest epoch of the run (mean over seeds).')
+        notes += _load_notes(context)
+    return notes + (grid_notes(context) if with_grid_notes else [])
+
+
+def _load_notes(context: Dict[str, Any]) -> List[str]:
+    """Whether other jobs shared the machine while the cells trained (then times do not compare models)."""
+    cores = context['cores']
+    if context['cell_loads']:
+        loads, when = context['cell_loads'], 'over the 5 minutes before each cell finished training'
+    elif context['run_load']:
+        loads, when = [context['run_load'][2]], 'over the 15 minutes before the tables were written'
+    else:
+        return []
+    note = f'Load average {when}: {min(loads):.1f}' + (f' to {max(loads):.1f}' if len(loads) > 1 else '') + \
+        f' on {cores} cores.'
+    if max(loads) > cores / 2:
+        note += (' Other jobs shared the machine: these times measure the contention as much as the models, '
+                 'so compare models only on times taken on an otherwise idle machine.')
+    return [note]
+
+
+def grid_notes(context: Dict[str, Any]) -> List[str]:
+    """What holds for every table of the grid: seeds, epoch cap, skipped datasets, failed cells."""
+    seeds = context['seeds']
+    notes = [(f'Mean ± sample standard deviation over seeds {", ".join(map(str, seeds))}' if len(seeds) > 1
+              else f'One run per cell (seed {seeds[0]})') + '; "—": no finished run.']
+    if context['epochs_override']:
+        notes.append(f'Epochs capped at {context["epochs_override"]} (--epochs): NOT the paper\'s protocol of up '
+                     f'to 100 epochs with early stopping.')
+    for dataset, reason in context['skipped'].items():
+        notes.append(f'Skipped {dataset}: {_first_sentence(reason)}')
+    for cell, reason in context['failed'].items():
+        notes.append(f'Failed {cell}: {_first_sentence(reason)}')
+    return notes
+
+
+def _first_sentence(text: str) -> str:
+    sentence = text.strip().split('. ')[0].rstrip('.')
+    return sentence + '.'
+
+
+def _machine_line(machine: Dict[str, Any]) -> str:
+    device = machine.get('gpu') or f"{machine.get('cpu')} ({machine.get('cpu_count')} cores)"
+    return f"{device}, {machine.get('num_processes', 1)} process(es), torch {machine.get('torch')}"
+
+
+def describe_machine() -> Dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+    except OSError:
+        pass
+    import accelerate
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    # Other jobs on the machine slow every epoch down: the load says how much the timings can be trusted.
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
+    return dict(cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), gpus=gpus,
+                load_average_1_5_15_min=load, os=platform.platform(), python=platform.python_version(),
+                torch=torch.__version__, timm=timm.__version__, accelerate=accelerate.__version__)
+
+
+def table_context(options, found, skipped: Dict[str, str], failed: Dict[str, str],
+                  machine: Dict[str, Any]) -> Dict[str, Any]:
+    """What the notes under the tables need to know about the grid and the machine."""
+    finished = [c for seeds in found.values() for c in seeds.values()]
+    return dict(
+        seeds=options.seeds, skipped=skipped, failed=failed, epochs_override=options.epochs,
+        cell_machines=[c['results']['machine'] for c in finished],
+        cell_loads=[c['wall_time_s'][LOAD_KEY] for c in finished if c['wall_time_s'] and LOAD_KEY in c['wall_time_s']],
+        run_load=machine.get('load_average_1_5_15_min'), cores=machine['cpu_count'],
+        ghs_batches_used=sorted({c['gradient_health']['batches'] for c in finished if c['gradient_health']}))
+
+
+def write_outputs(options: argparse.Namespace, skipped: Dict[str, str], failed: Dict[str, str],
+                  wall_time_s: Optional[float] = None) -> List[Path]:
+    """Write every table (Markdown + JSON), tables.md, cells.json and run.json; returns the table files."""
+    found = collect(options)
+    output = Path(options.output)
+    output.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+    recorded = getattr(options, 'recorded_run', None) or {}
+    run_info = dict(
+        command=options.command, date=recorded.get('date', now), machine=recorded.get('machine') or describe_machine(),
+        tables_written=now, models=list(options.models), datasets=list(options.datasets),
+        seeds=list(options.seeds), epochs_override=options.epochs, train_args=list(options.train_args),
+        launcher=options.launcher,
+        recipe='paper', runs_dir=str(options.runs_dir), skipped_datasets=skipped, failed_cells=failed,
+        finished_cells=sum(len(seeds) for seeds in found.values()),
+        cells_wall_time_s=sum(seconds for seeds in found.values() for c in seeds.values()
+                              for key, seconds in (c['wall_time_s'] or {}).items() if key.endswith('_s')),
+        planned_cells=len(options.models) * len(options.datasets) * len(options.seeds),
+        wall_time_s=wall_time_s, paper=PAPER_CITATION)
+    context = table_context(options, found, skipped, failed, run_info['machine'])
+    header = _header(run_info) + '\n' + '\n'.join(f'- {note}' for note in grid_notes(context))
+    written, markdown = [], [f'# GradAttn reproduction: tables\n\n{header}\n']
+    for table in build_tables(found, options):
+        markdown.append(render_markdown(table, context, with_grid_notes=False))
+        base = output / table['name']
+        base.with_suffix('.md').write_text(f'{render_markdown(table, context)}\n{_header(run_info)}\n')
+        base.with_suffix('.json').write_text(json.dumps(dict(
+            table=table['number'], title=table['title'], paper_source=PAPER_CITATION,
+            notes=table_notes(table, context), records=table['records']), indent=2))
+        written += [base.with_suffix('.md'), base.with_suffix('.json')]
+    (output / 'tables.md').write_text('\n'.join(markdown))
+    cells = [dict(dataset=d, model=m, seed=s, **{k: v for k, v in cell.items() if k != 'run_dir'})
+             for (d, m), seeds in found.items() for s, cell in sorted(seeds.items())]
+    (output / 'cells.json').write_text(json.dumps(cells, indent=1))
+    (output / 'run.json').write_text(json.dumps(run_info, indent=2))
+    return written
+
+
+def _header(run_info: Dict[str, Any]) -> str:
+    machine = run_info['machine']
+    load = '/'.join(map(str, machine.get('load_average_1_5_15_min') or ['?']))
+    device = ', '.join(machine['gpus']) if machine['gpus'] else f"CPU only: {machine['cpu']}"
+    wall = (f"{run_info['wall_time_s'] / 60:.1f} min for the command above"
+            if run_info['wall_time_s'] is not None else 'the command above is still running')
+    wall += f"; {run_info['cells_wall_time_s'] / 60:.1f} min of cell time (training, test, gradient health)"
+    return '\n'.join([
+        f"- Command: `{run_info['command']}`",
+        f"- Machine: {device}; {machine['cpu_count']} cores (load average {load} over 1/5/15 min when the tables "
+        f"were written); torch {machine['torch']}, timm {machine['timm']}, accelerate {machine['accelerate']}, "
+        f"Python {machine['python']}; {run_info['date']}",
+        f"- Cells run " + (f"by `{run_info['launcher']} train.py`" if run_info['launcher'] else
+                           'in one process through timm_gradattn.engine.train') + '.',
+        f"- Grid: {len(run_info['models'])} model(s) x {len(run_info['datasets'])} dataset(s) x "
+        f"{len(run_info['seeds'])} seed(s), recipe paper"
+        + (f", epochs capped at {run_info['epochs_override']}" if run_info['epochs_override'] else '')
+        + f"; {run_info['finished_cells']} of {run_info['planned_cells']} cells finished",
+        f"- Wall time: {wall}",
+    ])
+
+
+# --- command line ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a grid of models x datasets under the GradAttn paper's protocol and write its tables "
+                    "next to the paper's figures. Flags after a bare `--` are passed to train.py for every cell.")
+    parser.add_argument('--models', nargs='+', default=None, metavar='MODEL',
+                        help=f'timm model names (default: {" ".join(MODELS)}).')
+    parser.add_argument('--datasets', nargs='+', default=None, metavar='DATASET',
+                        help=f'Dataset names (default: the paper\'s {" ".join(PAPER_TAGS)}; --quick: digits).')
+    parser.add_argument('--seeds', nargs='+', type=int, default=None, metavar='SEED',
+                        help='One run per seed for every cell, reported as mean ± std (default: 42, the paper\'s).')
+    parser.add_argument('--data-dir', default=None, metavar='DIR', help="Passed to train.py's --data-dir.")
+    parser.add_argument('--output', default=None, metavar='DIR',
+                        help='Where the tables go (default: benchmarks/results/reproduce, '
+                             'with --quick benchmarks/results/reproduce_quick).')
+    parser.add_argument('--runs-dir', default=None, metavar='DIR',
+                        help='Parent of the training run folders, ~200 MB each (default: output/reproduce, '
+                             'with --quick output/reproduce_quick).')
+    parser.add_argument('--epochs', type=int, default=None,
+                        help='Cap every run at this many epochs (the paper: up to 100 with early stopping). '
+                             f'Default: the recipe\'s; with --quick {QUICK_EPOCHS}.')
+    parser.add_argument('--ghs-batches', type=int, default=GHS_BATCHES, metavar='N',
+                        help='Test batches for the gradient health score (default: %(default)s, as the paper).')
+    parser.add_argument('--launcher', default=None, metavar='COMMAND',
+                        help='Run each cell as `COMMAND train.py ...` in its own processes, e.g. "accelerate launch '
+                             '--multi_gpu --num_processes 4" (default: in this process, one device).')
+    parser.add_argument('--quick', action='store_true',
+                        help=f'Smoke-level grid: all six models on digits, {QUICK_EPOCHS} epochs, into '
+                             'benchmarks/results/reproduce_quick (a few minutes on a laptop CPU).')
+    parser.add_argument('--tables-only', action='store_true',
+                        help='Train nothing: rewrite the tables from the finished runs in --runs-dir (the grid, '
+                             'command and machine of the last training invocation are kept from run.json).')
+    return parser
+
+
+def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, train_args = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
+    parser = build_parser()
+    options = parser.parse_args(own)
+    options.train_args = train_args
+    options.command = shlex.join(['python', 'benchmarks/reproduce.py'] + argv)
+    if os.environ.get('WORLD_SIZE', '1') != '1':
+        # The engine's train() owns its process group (it ends it when the job ends), so one process cannot
+        # run a second cell inside a launch; each cell gets a launch of its own instead.
+        parser.error('run reproduce.py as a single process and let it launch every cell: python '
+                     'benchmarks/reproduce.py --launcher "accelerate launch --multi_gpu --num_processes N" ...')
+    name = 'reproduce_quick' if options.quick else 'reproduce'
+    options.given = {k for k in ('models', 'datasets', 'seeds', 'epochs') if getattr(options, k) is not None}
+    options.seeds = options.seeds or [42]
+    options.models = options.models or list(MODELS)
+    options.datasets = options.datasets or list(QUICK_DATASETS if options.quick else PAPER_TAGS)
+    options.epochs = options.epochs or (QUICK_EPOCHS if options.quick else None)
+    options.output = Path(options.output or RESULTS_DIR / name)
+    options.runs_dir = Path(options.runs_dir or REPO / 'output' / name)
+    for model in options.models:
+        if not timm.is_model(model):
+            parser.error(f'--models: {model!r} is not a timm model name; this grid uses {", ".join(MODELS)}.')
+    try:
+        options.datasets = [get_dataset_info(d).name for d in options.datasets]
+    except ValueError as error:
+        parser.error(f'--datasets: {error}')
+    for flag, value in (('--epochs', options.epochs), ('--ghs-batches', options.ghs_batches)):
+        if value is not None and value < 1:
+            parser.error(f'{flag} must be at least 1, got {value}.')
+    for flag in ('--model', '--dataset', '--seed', '--epochs', '--output', '--experiment', '--resume', '--recipe'):
+        if flag in train_args:
+            parser.error(f'{flag} after `--` would change what the grid itself sets per cell; use --models, '
+                         f'--datasets, --seeds, --epochs, --output of reproduce.py instead.')
+    return options
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    options = parse_options(argv)
+    start = time.perf_counter()
+    if options.tables_only:
+        outcome = dict(skipped={}, failed={}, wall_time_s=None)
+        previous = options.output / 'run.json'
+        if previous.is_file():  # keep what the training invocation recorded: its command, machine and time
+            recorded = json.loads(previous.read_text())
+            options.command, options.recorded_run = recorded['command'], recorded
+            for key, recorded_key in (('models', 'models'), ('datasets', 'datasets'), ('seeds', 'seeds'),
+                                      ('epochs', 'epochs_override')):
+                if key not in options.given:
+                    setattr(options, key, recorded[recorded_key])
+            options.train_args = recorded['train_args']
+            outcome = dict(skipped=recorded['skipped_datasets'], failed=recorded['failed_cells'],
+                           wall_time_s=recorded['wall_time_s'])
+    else:
+        outcome = run_grid(options)
+        outcome['wall_time_s'] = time.perf_counter() - start
+    written = write_outputs(options, outcome['skipped'], outcome['failed'], wall_time_s=outcome['wall_time_s'])
+    print(f'Wrote {len(written)} table files, tables.md, cells.json and run.json to {options.output} '
+          f'(wall time {time.perf_counter() - start:.0f} s).')
+    return 1 if outcome['failed'] else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
