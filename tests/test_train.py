@@ -33,7 +33,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1', TOKENIZERS_PARALLELISM='false')
 TINY = ['--model-kwargs', 'channels=(16,32,64,128)', 'embed_dim=64', 'mlp_dim=128', 'num_heads=4',
         '--img-size', '16', '-b', '32']
 REFERENCE = TINY + ['--epochs', '3']
-RUN_FILES = {'config.yaml', 'summary.csv', 'results.json', 'model_best.safetensors', 'last', 'hub'}
+RUN_FILES = {'config.yaml', 'summary.csv', 'results.json', 'model_best.safetensors', 'last', 'hub',
+             'training_curves.png', 'reliability.png', 'confusion_matrix.png'}
 RESULT_FACTS = {'model', 'dataset', 'protocol', 'seed', 'num_classes', 'label_names', 'best_epoch', 'epochs_run',
                 'val_top1_best', 'train_top1_at_best', 'train_val_gap', 'seconds_per_epoch', 'num_params', 'machine',
                 'pretrained_from'}

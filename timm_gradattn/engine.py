@@ -142,6 +142,20 @@ def _sum_over_processes(accelerator: Accelerator, totals: torch.Tensor, seen: in
     return accelerator.reduce(counts, reduction='sum').tolist()
 
 
+def _write_plots(run_dir: Path, summary_rows, test_logits, test_targets, label_names) -> None:
+    """PNGs next to results.json: curves from summary.csv, and calibration and confusion on the test split."""
+    from .analysis import read_grad_norms
+    from .metrics import confusion_matrix, reliability_bins
+    from .plots import plot_confusion_matrix, plot_gradient_norms, plot_reliability_diagram, plot_training_curves
+    plot_training_curves(summary_rows, run_dir / 'training_curves.png', title=run_dir.name)
+    bins = reliability_bins(test_logits.double().softmax(dim=1), test_targets)
+    plot_reliability_diagram(bins, run_dir / 'reliability.png', title=f'reliability (test): {run_dir.name}')
+    plot_confusion_matrix(confusion_matrix(test_logits, test_targets), run_dir / 'confusion_matrix.png', label_names,
+                          title=f'confusion (test): {run_dir.name}')
+    if (run_dir / 'grad_norms.jsonl').exists():
+        plot_gradient_norms(read_grad_norms(run_dir / 'grad_norms.jsonl'), run_dir / 'gradient_norms.png')
+
+
 # --- the whole run ------------------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the job described by ``args`` (see ``timm_gradattn.config.parse_args``); returns results.json's content.
@@ -239,7 +253,8 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
     # The test split sees the best validation epoch's weights, reloaded from their file.
     accelerator.wait_for_everyone()
     load_weights(accelerator.unwrap_model(model), run_dir / 'model_best.safetensors', what='Best weights')
-    test = classification_metrics(*predict(model, test_loader, accelerator))
+    test_logits, test_targets = predict(model, test_loader, accelerator)
+    test = classification_metrics(test_logits, test_targets)
     results = _results(args, data, test, state, accelerator, model)
     if accelerator.is_main_process:
         export_hub_folder(
@@ -249,6 +264,7 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
                 f'Trained on {info.title} with timm-gradattn train.py (recipe {args.recipe}); '
                 f'best validation top-1 {state["best_top1"]:.2f} at epoch {state["best_epoch"]}.',)))
         atomic_write_text(run_dir / 'results.json', json.dumps(results, indent=2))
+        _write_plots(run_dir, state['summary_rows'], test_logits, test_targets, info.label_names)
     accelerator.wait_for_everyone()
     accelerator.print(
         f"Test top-1 {test['top1']:.2f}  top-5 {test['top5']:.2f}  F1 (macro) {test['f1_macro']:.4f}  "
@@ -257,6 +273,7 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
         f'  results.json            test metrics and run facts\n'
         f'  summary.csv             one row per epoch\n'
         f'  model_best.safetensors  best validation weights\n'
+        f'  *.png                   training curves, reliability diagram, confusion matrix (test split)\n'
         f'  hub/                    timm.create_model("local-dir:{run_dir / "hub"}", pretrained=True)\n'
         f'  last/                   resumable state: python train.py --resume {run_dir}')
     accelerator.end_training()
