@@ -96,6 +96,16 @@ def rope_sin_cos(num_tokens: int, head_dim: int, base: float = 10000.) -> torch.
     return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
 
 
+def _global_average(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C) spatial mean, computed as sum / area: the same numbers as ``mean((2, 3))``.
+
+    mean's backward writes a new NCHW gradient, which turns a channels-last backbone's gradients NCHW where it
+    joins the next stage's (a copy and mixed-layout kernels in every block); sum's backward is an expanded view
+    that takes on the memory format of the gradient it is added to.
+    """
+    return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
+
+
 class EncoderLayer(nn.Module):
     """One transformer encoder layer, numerically the layer of ``nn.TransformerEncoderLayer``.
 
@@ -364,9 +374,7 @@ class GradAttnResNet(nn.Module):
     def tokens(self, features: List[torch.Tensor]) -> torch.Tensor:
         """Pool and project the five extraction-point feature maps into the (B, 5, d) token sequence."""
         # enumerate, not zip: TorchScript can only unroll a ModuleList loop it can index statically.
-        # adaptive_avg_pool2d rather than mean((2, 3)): its gradient keeps the feature map's memory format, so
-        # channels-last training does not turn the backbone's gradients to NCHW where they join the tokens'.
-        tokens = [proj(F.adaptive_avg_pool2d(features[i], 1).flatten(1)) for i, proj in enumerate(self.token_proj)]
+        tokens = [proj(_global_average(features[i])) for i, proj in enumerate(self.token_proj)]
         x = torch.stack(tokens, dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
