@@ -1,6 +1,7 @@
 """The pieces under train.py: settings resolution, crash-safe checkpoint files, exact state restore, predict."""
 import json
 import os
+import platform
 import random
 
 import numpy as np
@@ -17,7 +18,8 @@ from timm_gradattn.checkpoint import (
     save_training_state, scheduler_state_dict,
 )
 from timm_gradattn.config import RECIPES, UserError, parse_args, settings_to_yaml
-from timm_gradattn.engine import predict
+from timm_gradattn.cpu import keep_freed_memory
+from timm_gradattn.engine import _create_optimizer, _has_fused_kernel, predict
 
 
 @pytest.fixture
@@ -138,3 +140,38 @@ def test_predict_returns_every_sample_once(accelerator):
     logits, gathered = predict(accelerator.prepare(model), loader, accelerator)
     assert logits.shape == (11, 3) and torch.equal(gathered, targets)
     torch.testing.assert_close(logits, model(images).detach())
+
+
+@pytest.mark.parametrize('opt', ['adam', 'adamw', 'sgd'])
+def test_fused_optimizer_takes_the_same_steps_as_the_loop(opt):
+    torch.manual_seed(0)
+    # No BatchNorm after a biased layer: that bias gets a zero gradient up to rounding, which Adam scales to
+    # full steps of arbitrary sign.
+    models = [nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [_create_optimizer(parse_args(['--opt', opt, '--lr', '0.01', *flag]), model, torch.device('cpu'))
+                  for model, flag in zip(models, ([], ['--no-fused-opt']))]
+    assert optimizers[0].defaults['fused'] and not optimizers[1].defaults['fused']
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    for _ in range(5):
+        for model, optimizer in zip(models, optimizers):
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for fused, loop in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(fused, loop, atol=1e-6)
+
+
+def test_optimizers_without_a_fused_kernel_are_built_as_before():
+    model = nn.Linear(4, 2)
+    for opt in ('lamb', 'nadam', 'lookahead_adam'):
+        optimizer = _create_optimizer(parse_args(['--opt', opt]), model, torch.device('cpu'))
+        assert not optimizer.defaults.get('fused')
+    assert not _has_fused_kernel('adam', torch.device('meta'))
+    with pytest.raises(UserError, match="Cannot create optimizer --opt 'adamm'"):
+        _create_optimizer(parse_args(['--opt', 'adamm']), model, torch.device('cpu'))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc malloc settings')
+def test_keep_freed_memory_sets_glibc_malloc():
+    assert keep_freed_memory() is True

@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('Devices (Hugging Face Accelerate)')
     group.add_argument('--mixed-precision', default='no', choices=('no', 'bf16', 'fp16'),
                        help='Autocast precision passed to Accelerate (fp16 needs a GPU).')
+    group.add_argument('--fused-opt', action=argparse.BooleanOptionalAction, default=True,
+                       help="Use the fused kernel of torch's Adam, AdamW, SGD and Adagrad on CPU and CUDA: one "
+                            "update for all parameters instead of a Python loop over them, same arithmetic "
+                            "(--no-fused-opt: the loop).")
+    group.add_argument('--keep-freed-memory', action=argparse.BooleanOptionalAction, default=True,
+                       help="On CPU, let glibc's malloc keep freed memory for reuse instead of returning it to the "
+                            "system after every step (--no-keep-freed-memory: glibc's default).")
 
     group = parser.add_argument_group('Output')
     group.add_argument('--output', default='output/train', metavar='DIR', help='Parent of run folders.')
