@@ -4,7 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
+from torchvision import transforms as T
+
 from timm_gradattn.data import AUGMENTATIONS, DATASETS, build_transform, resolve_info
+from timm_gradattn.data.transforms import ToNormalizedTensor
 
 torch.manual_seed(0)
 
@@ -91,3 +94,24 @@ def test_overrides_are_resolved_into_the_info():
 def test_bad_overrides_are_explained(overrides, match):
     with pytest.raises(ValueError, match=match):
         resolve_info(DATASETS['cifar10'], **overrides)
+
+
+@pytest.mark.parametrize('mode,mean,std', [('L', (0.3053,), (0.376,)),
+                                           ('RGB', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_to_normalized_tensor_equals_torchvision_to_tensor_then_normalize(mode, mean, std):
+    rng = np.random.default_rng(0)
+    shape = (24, 40) if mode == 'L' else (24, 40, 3)  # not square: height and width must not swap
+    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+    ours = ToNormalizedTensor(mean, std)(image)
+    reference = T.Normalize(mean, std)(T.ToTensor()(image))
+    assert ours.shape == reference.shape == (len(mean), 24, 40) and ours.is_contiguous()
+    assert torch.equal(ours, reference)
+
+
+def test_to_normalized_tensor_explains_what_it_cannot_take():
+    with pytest.raises(ValueError, match="mode 'I;16'"):
+        ToNormalizedTensor((0.5,), (0.5,))(Image.new('I;16', (4, 4)))
+    with pytest.raises(ValueError, match='3-channel image for a 1-channel mean'):
+        ToNormalizedTensor((0.5,), (0.5,))(Image.new('RGB', (4, 4)))
+    with pytest.raises(ValueError, match='std non-zero'):
+        ToNormalizedTensor((0.5,), (0.0,))
