@@ -6,7 +6,7 @@ bf16 autocast): training-step and inference throughput (images/s, median of time
 parameters, FLOPs and the peak memory of a training step. Results go to JSON, a Markdown report of ratios
 against ``resnet18`` and a plot, with the machine description and its load average before and after.
 
-    python benchmarks/speed.py                   # full grid: about 25 minutes on a quiet 2-core CPU
+    python benchmarks/speed.py                   # full grid: about 8 minutes on a 2-core CPU
     python benchmarks/speed.py --quick           # about a minute: resnet18 and GradAttn-RoPE, 32 px, eager
     python benchmarks/speed.py --max-load 1.3    # first wait (up to --wait-minutes) for a quiet machine
 
@@ -17,8 +17,6 @@ tap of nine), so the report also gives the executed FLOPs, with those taps left 
 against them.
 """
 import argparse
-import ctypes
-import ctypes.util
 import json
 import os
 import platform
@@ -40,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 import timm_gradattn  # noqa: F401  (registers the zoo)
+from timm_gradattn.cpu import keep_freed_memory
 
 MODELS = ('resnet18', 'seresnet18', 'resnet18_se', 'resnet18_cbam',
           'gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope')
@@ -66,25 +65,6 @@ def machine_description() -> Dict[str, str]:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'
     return dict(cpu=cpu, cores=str(os.cpu_count()), threads=str(torch.get_num_threads()), device=device,
                 torch=torch.__version__, timm=timm.__version__, python=platform.python_version())
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system.
-
-    By default glibc unmaps large freed blocks and trims the heap, so every training step page-faults its
-    activations and gradients in again: about 10 % of a 32 px step here, and more for some models than for
-    others. PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``) avoids this by preloading a caching
-    allocator; this does the same with glibc's knobs. Returns False where they do not exist.
-    """
-    name = ctypes.util.find_library('c')
-    if not name or platform.system() != 'Linux':
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def load_average() -> Optional[List[float]]:
@@ -162,34 +142,37 @@ def peak_train_memory_mb(name: str, size: int, batch_size: int) -> float:
 
 # --- timing -------------------------------------------------------------------------------------------------
 def configure_compile(device: torch.device) -> None:
-    # All models of a mode live side by side, and models of one class share a forward code object: each
-    # keeps one inference graph per size group and one training graph per size.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # All models of a mode live side by side, and models of one class share a forward code object, which
+    # keeps two graphs (inference, training) per model and size.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(SIZES) * len(MODELS))
     if device.type == 'cpu':
         # Inductor's channels-last layout pass re-lays-out every convolution weight on every training step
         # of an NCHW model, which on CPU costs more than it saves (resnet18 at 32 px: 1.3x eager).
         torch._inductor.config.layout_optimization = False
+        # Inductor's own CPU random numbers make GradAttn's dropout masks cost twice aten's Bernoulli sampler
+        # (about 10 ms of a 32 px training step); aten's also gives the same masks as eager for a seed.
+        torch._inductor.config.fallback_random = True
 
 
 def make_steps(model: nn.Module, mode: str, device: torch.device) -> Tuple[Callable, Callable]:
     """One inference step and one training step (forward, cross-entropy, backward, SGD update) under ``mode``."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode == 'bf16' else nullcontext()
     if mode == 'compile':
-        # One inference graph serves every size of a group (shapes dynamic); inductor specialises the
-        # convolution-backward lowering to the input size anyway, so training graphs are compiled per size.
-        infer_forward = torch.compile(model, fullgraph=True, dynamic=True)
-        train_forward = torch.compile(model, fullgraph=True, dynamic=False)
+        # Static shapes: one graph per size and train/eval. Inductor's CPU kernels for dynamic shapes are
+        # 5-25 % slower here (the stem's max-pool above all), and its convolution-backward lowering specialises
+        # training graphs to the input size anyway, so dynamic shapes would save only inference compiles.
+        forward = torch.compile(model, fullgraph=True, dynamic=False)
     else:
-        infer_forward = train_forward = model
+        forward = model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def infer(x, y):
         with torch.inference_mode(), autocast:
-            infer_forward(x)
+            forward(x)
 
     def train(x, y):
         with autocast:
-            loss = F.cross_entropy(train_forward(x), y)
+            loss = F.cross_entropy(forward(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -231,7 +214,11 @@ def repeats_at(size: int, repeats: int) -> int:
 
 
 def measure(models, sizes, modes, warmup, repeats, memory, device) -> List[Dict]:
-    """Every mode builds all models once; at each size the models' steps are timed interleaved."""
+    """Every mode builds all models once; at each size the models' steps are timed interleaved.
+
+    The compile pass also times each model eagerly, interleaved with its compiled steps, so that compile
+    and eager are compared under the same conditions rather than minutes apart.
+    """
     params = {name: sum(p.numel() for p in timm.create_model(name, num_classes=NUM_CLASSES).parameters())
               for name in models}
     flops = {(name, size): forward_flops(name, size) for name in models for size in sizes}
@@ -245,6 +232,8 @@ def measure(models, sizes, modes, warmup, repeats, memory, device) -> List[Dict]
             if mode == 'channels_last':
                 model = model.to(memory_format=torch.channels_last)
             built.append((model, *make_steps(model, mode, device)))
+        if mode == 'compile':
+            built += [(model, *make_steps(model, 'eager', device)) for model, _, _ in built]
         for size in sizes:
             batch_size = BATCH_SIZES[size]
             x = torch.randn(batch_size, 3, size, size, device=device)
@@ -269,8 +258,11 @@ def measure(models, sizes, modes, warmup, repeats, memory, device) -> List[Dict]
                            infer_img_s=batch_size / results['infer'][0][i],
                            train_img_s=batch_size / results['train'][0][i])
                 if mode == 'compile':
+                    eager = len(models) + i
                     row.update(infer_first_call_s=round(results['infer'][1][i], 2),
-                               train_first_call_s=round(results['train'][1][i], 2))
+                               train_first_call_s=round(results['train'][1][i], 2),
+                               eager_infer_img_s_same_pass=batch_size / results['infer'][0][eager],
+                               eager_train_img_s_same_pass=batch_size / results['train'][0][eager])
                 rows.append(row)
                 print(f"{name:24s} {size:4d}px b{batch_size:<3d} {mode:14s} infer {row['infer_img_s']:9.1f} img/s  "
                       f"train {row['train_img_s']:8.1f} img/s  {row['gflops_per_image']:.3f} GFLOP", flush=True)
@@ -387,9 +379,10 @@ def report(result: Dict) -> str:
         f"({repeats_at(224, result['repeats'])} at 224 px) after {result['warmup']} warm-up steps; batch sizes "
         f"{result['batch_sizes']}. Training step: forward, cross-entropy, backward, SGD update. glibc malloc "
         f"{'keeps freed memory (no trimming)' if result['malloc_keeps_freed_memory'] else 'with its default trimming'}.",
-        'Modes: eager fp32 NCHW; compile = `torch.compile(fullgraph=True)` (inference with dynamic shapes, '
-        'training per size; on CPU without inductor\'s layout pass); channels_last = eager with channels-last '
-        'model and input; bf16 = eager under `torch.autocast(bfloat16)`.',
+        'Modes: eager fp32 NCHW; compile = `torch.compile(fullgraph=True, dynamic=False)`, one graph per size '
+        '(on CPU without inductor\'s layout pass and with aten\'s random numbers); channels_last = eager with '
+        'channels-last model and input; '
+        'bf16 = eager under `torch.autocast(bfloat16)`.',
         '## FLOP ratio against resnet18 (counted / executed)',
         'Counted: `FlopCounterMode`. Executed: the same without the convolution taps that fall on zero padding, '
         'which a direct convolution does not compute.',
@@ -403,9 +396,12 @@ def report(result: Dict) -> str:
             '### The same against executed FLOPs',
             efficiency_table(rows, 'executed_efficiency'),
         ]
-    if 'compile' in modes and 'eager' in modes:
+    if 'compile' in modes:
         parts += ['## torch.compile against eager: speed-up (inference / training; above 1 = compile is faster)',
-                  relative_table(rows, lambda r: _find(rows, r['model'], r['size'], 'eager'), names, ['compile'])]
+                  'Eager timed in the compile pass, interleaved with the compiled steps.',
+                  relative_table(rows, lambda r: dict(infer_img_s=r['eager_infer_img_s_same_pass'],
+                                                      train_img_s=r['eager_train_img_s_same_pass']),
+                                 names, ['compile'])]
     attention_baselines = [n for n in ('resnet18_se', 'resnet18_cbam') if n in names]
     if attention_baselines and 'seresnet18' in names:
         parts += ["## SE / CBAM baselines against timm's seresnet18: speed-up (inference / training; "
@@ -417,23 +413,37 @@ def report(result: Dict) -> str:
 
 
 def plot(rows: List[Dict], path: Path) -> None:
+    """Time per image relative to resnet18 (training row, inference row; one column per mode), with the
+    GradAttn FLOP ratio (counted: dotted, executed: dash-dotted) that a model paying only for its arithmetic
+    would follow."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    rows = [r for r in rows if 'flop_ratio' in r]
+    if not rows:
+        return
     modes = [m for m in MODES if any(r['mode'] == m for r in rows)]
     sizes = sorted({r['size'] for r in rows})
-    fig, axes = plt.subplots(2, len(modes), figsize=(4.5 * len(modes), 7.5), squeeze=False, sharey='row')
+    names = [n for n in dict.fromkeys(r['model'] for r in rows) if n != BASELINE]
+    fig, axes = plt.subplots(2, len(modes), figsize=(4.5 * len(modes), 7.5), squeeze=False, sharey=True)
     for row_axes, kind in zip(axes, ('train', 'infer')):
         for ax, mode in zip(row_axes, modes):
-            for name in dict.fromkeys(r['model'] for r in rows):
-                pts = sorted((r['size'], r[f'{kind}_img_s']) for r in rows if r['model'] == name and r['mode'] == mode)
+            for name in names:
+                pts = sorted((r['size'], r[f'{kind}_time_ratio'])
+                             for r in rows if r['model'] == name and r['mode'] == mode)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=name,
                         linestyle='-' if name.startswith('gradattn') else '--')
-            ax.set(xscale='log', yscale='log', title=f"{'training step' if kind == 'train' else 'inference'}, {mode}",
+            gradattn = [r for r in rows if r['model'].startswith('gradattn') and r['mode'] == mode]
+            for key, style, label in (('flop_ratio', ':', 'GradAttn FLOP ratio'),
+                                      ('executed_flop_ratio', '-.', 'GradAttn executed-FLOP ratio')):
+                pts = sorted({(r['size'], r[key]) for r in gradattn})
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color='black', linestyle=style, label=label)
+            ax.axhline(1.0, color='grey', linewidth=0.8)
+            ax.set(xscale='log', title=f"{'training step' if kind == 'train' else 'inference'}, {mode}",
                    xlabel='input size (px)')
             ax.set_xticks(sizes, labels=[str(s) for s in sizes])
             ax.minorticks_off()
-        row_axes[0].set_ylabel('images / s')
+        row_axes[0].set_ylabel(f'time per image / {BASELINE}\'s')
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -488,7 +498,8 @@ def main(argv=None) -> None:
     add_ratios(rows)
     load_after = load_average()
     result = dict(machine=machine, load_before=load_before, load_after=load_after, quiet=quiet,
-                  waited_for_quiet_s=round(waited), malloc_keeps_freed_memory=malloc_tuned, seconds=round(time.time() - started, 1),
+                  waited_for_quiet_s=round(waited), malloc_keeps_freed_memory=malloc_tuned,
+                  seconds=round(time.time() - started, 1),
                   memory_seconds=round(memory_s, 1), warmup=args.warmup, repeats=repeats,
                   batch_sizes=BATCH_SIZES, command=' '.join(['python', 'benchmarks/speed.py'] + (argv or sys.argv[1:])),
                   rows=rows)
