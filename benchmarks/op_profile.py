@@ -1,0 +1,174 @@
+"""Where a training step's time goes, by kind of operation, for resnet18 and the GradAttn variants.
+
+    python benchmarks/op_profile.py                     # 32 and 64 px, eager fp32: about a minute
+    python benchmarks/op_profile.py --sizes 224 --models resnet18 gradattn_resnet18_rope
+
+``benchmarks/speed.py`` says how much slower than its FLOP ratio a model is; this says why. Each model's
+eager training step (the same step as speed.py's: forward, cross-entropy, backward, SGD update) runs under
+``torch.profiler`` (the models' steps interleaved, one profiled step each per round), and the self CPU time
+of every operator is summed into kinds (convolutions, matrix products, dropout's random numbers, ...).
+``FlopCounterMode`` counts the same step's FLOPs per kind, so the report gives each kind's arithmetic rate:
+a kind that runs at a lower rate than the convolutions, or costs time without counted FLOPs, is what puts a
+model above its FLOP ratio. Profiled times carry the profiler's own per-call overhead, so the unprofiled
+median step time is given beside them.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm
+
+from speed import (BASELINE, BATCH_SIZES, NUM_CLASSES, RESULTS_DIR, interleaved_medians, load_average,
+                   machine_description, make_steps, wait_for_quiet)
+from timm_gradattn.cpu import keep_freed_memory
+
+MODELS = ('resnet18', 'gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope')
+_LINEAR, _ATTENTION = 'matrix products (linear layers)', 'attention (batched products, softmax)'
+# (kind, substrings of operator names), first match wins; anything else is "other".
+KINDS = (
+    ('convolution', ('convolution',)),
+    ('batch norm', ('batch_norm',)),
+    (_LINEAR, ('aten::mm', 'aten::addmm', 'aten::linear')),
+    (_ATTENTION, ('aten::bmm', 'softmax', 'scaled_dot_product')),
+    ('layer norm', ('layer_norm',)),
+    ('dropout random numbers', ('bernoulli', 'aten::rand')),
+    ('max pool', ('max_pool',)),
+    ('element-wise and copies', ('aten::add', 'aten::mul', 'aten::div', 'aten::sub', 'relu', 'threshold',
+                                 'clamp', 'aten::copy_', 'aten::fill_', 'aten::zero_', 'aten::sum', 'aten::mean',
+                                 'aten::cat', 'aten::stack', 'aten::where', 'aten::neg', 'aten::sqrt')),
+    ('optimizer and zero_grad (Python)', ('Optimizer.',)),
+)
+OTHER = 'other (dispatch, views, loss)'
+# FlopCounterMode's operator packets, by the same kinds.
+FLOP_KINDS = {'convolution': 'convolution', 'convolution_backward': 'convolution', 'mm': _LINEAR, 'addmm': _LINEAR,
+              'bmm': _ATTENTION, '_scaled_dot_product_flash_attention_for_cpu': _ATTENTION,
+              '_scaled_dot_product_efficient_attention': _ATTENTION, '_scaled_dot_product_flash_attention': _ATTENTION}
+
+
+def kind_of(operator: str) -> str:
+    for kind, needles in KINDS:
+        if any(needle in operator for needle in needles):
+            return kind
+    return OTHER
+
+
+def step_flops(train_step, x, y) -> Dict[str, float]:
+    """FLOPs of one training step (forward and backward), by kind."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(x, y)
+    flops: Dict[str, float] = defaultdict(float)
+    for operator, count in counter.get_flop_counts()['Global'].items():
+        name = str(operator).split('.')[-1]
+        flops[FLOP_KINDS.get(name, OTHER)] += count
+    return dict(flops)
+
+
+def profile_models(names: List[str], size: int, warmup: int, steps: int) -> List[Dict]:
+    """Median step time and median per-kind profiled time of each model, with the models' steps interleaved
+    (timed round-robin, then profiled one step each per round) so that a shared machine's drifts hit all alike."""
+    batch_size = BATCH_SIZES[size]
+    x, y = torch.randn(batch_size, 3, size, size), torch.randint(0, NUM_CLASSES, (batch_size,))
+    train_steps = []
+    for name in names:
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=NUM_CLASSES)
+        train_steps.append(make_steps(model, 'eager', torch.device('cpu'))[1])
+    medians, _ = interleaved_medians([lambda step=step: step(x, y) for step in train_steps], warmup, steps,
+                                     torch.device('cpu'))
+    per_round: List[List[Dict[str, float]]] = [[] for _ in names]
+    for _ in range(steps):
+        for index, step in enumerate(train_steps):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(x, y)
+            milliseconds: Dict[str, float] = defaultdict(float)
+            for event in prof.key_averages():
+                milliseconds[kind_of(event.key)] += event.self_cpu_time_total / 1000
+            per_round[index].append(milliseconds)
+    rows = []
+    for name, step, median, rounds in zip(names, train_steps, medians, per_round):
+        kinds = {kind for r in rounds for kind in r}
+        rows.append(dict(model=name, size=size, batch_size=batch_size, step_ms=1000 * median,
+                         profiled_ms={kind: statistics.median(r.get(kind, 0.) for r in rounds) for kind in kinds},
+                         flops=step_flops(step, x, y)))
+    return rows
+
+
+def report(result: Dict) -> str:
+    lines = ['# Where a training step\'s time goes',
+             f"Machine: {result['machine']}.  \nLoad average (1, 5, 15 min) before: {result['load_before']}, after: "
+             f"{result['load_after']}. Eager fp32 training step (forward, cross-entropy, backward, SGD update), "
+             f"self CPU time per kind of operator under `torch.profiler`, median of {result['steps']} steps; "
+             'GFLOP/s = counted FLOPs of the kind (forward and backward) / its profiled time.', '']
+    kinds = [k for k, _ in KINDS] + [OTHER]
+    for size in result['sizes']:
+        rows = [r for r in result['rows'] if r['size'] == size]
+        base = next((r for r in rows if r['model'] == BASELINE), None)
+        lines += [f"## {size} px, batch {rows[0]['batch_size']}", '',
+                  '| kind | ' + ' | '.join(r['model'] for r in rows) + ' |',
+                  '|---|' + '---|' * len(rows)]
+        for kind in kinds:
+            cells = []
+            for r in rows:
+                ms = r['profiled_ms'].get(kind, 0.)
+                cell = f'{ms:.2f} ms'
+                if r['flops'].get(kind) and ms > 0 and kind != OTHER:
+                    cell += f" ({r['flops'][kind] / ms / 1e6:.0f} GFLOP/s)"
+                if base is not None and r is not base:
+                    cell += f" ({ms - base['profiled_ms'].get(kind, 0.):+.2f})"
+                cells.append(cell)
+            lines.append(f'| {kind} | ' + ' | '.join(cells) + ' |')
+        totals = [sum(r['profiled_ms'].values()) for r in rows]
+        lines.append('| **profiled total** | ' + ' | '.join(f'**{t:.1f} ms**' for t in totals) + ' |')
+        lines.append('| unprofiled step (median) | ' + ' | '.join(f"{r['step_ms']:.1f} ms" for r in rows) + ' |')
+        if base is not None:
+            flop_total = {r['model']: sum(r['flops'].values()) for r in rows}
+            lines.append('| step FLOP ratio against resnet18 | ' + ' | '.join(
+                f"{flop_total[r['model']] / flop_total[BASELINE]:.3f}" for r in rows) + ' |')
+            lines.append('| profiled time ratio | ' + ' | '.join(f'{t / totals[rows.index(base)]:.3f}'
+                                                              for t in totals) + ' |')
+            lines.append('| unprofiled time ratio | ' + ' | '.join(f"{r['step_ms'] / base['step_ms']:.3f}"
+                                                                for r in rows) + ' |')
+        lines.append('')
+    lines.append('In brackets after a time: the difference from resnet18.')
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv: List[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', nargs='+', default=list(MODELS))
+    parser.add_argument('--sizes', nargs='+', type=int, default=[32, 64], choices=sorted(BATCH_SIZES))
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--steps', type=int, default=10, help='timed steps, then as many profiled ones')
+    parser.add_argument('--max-load', type=float, default=None,
+                        help='wait until the 1-minute load average is below this before measuring')
+    parser.add_argument('--wait-minutes', type=float, default=40, help='longest wait for --max-load')
+    parser.add_argument('--out', type=Path, default=RESULTS_DIR)
+    parser.add_argument('--name', default='op_profile')
+    args = parser.parse_args(argv)
+    keep_freed_memory()  # as speed.py measures
+    if args.max_load is not None:
+        wait_for_quiet(args.max_load, args.wait_minutes)
+    load_before = load_average()
+    rows = [row for size in args.sizes for row in profile_models(args.models, size, args.warmup, args.steps)]
+    result = dict(machine=machine_description(), load_before=load_before, load_after=load_average(),
+                  sizes=args.sizes, steps=args.steps, rows=rows,
+                  command=' '.join(['python', 'benchmarks/op_profile.py', *(sys.argv[1:] if argv is None else argv)]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f'{args.name}.json').write_text(json.dumps(result, indent=2))
+    text = report(result)
+    (args.out / f'{args.name}.md').write_text(text)
+    print(text)
+
+
+if __name__ == '__main__':
+    main()
