@@ -1,0 +1,222 @@
+"""Throughput of train.py's training loop against the bare training step of the same model.
+
+    python benchmarks/pipeline_speed.py                      # digits, gradattn_resnet18_rope: about a minute
+    python benchmarks/pipeline_speed.py --max-load 1.3       # first wait for a quiet machine
+    python benchmarks/pipeline_speed.py -- --workers 1       # flags after -- go to train.py unchanged
+
+Pipeline: images/s of each epoch's training loop inside ``timm_gradattn.engine.train`` (data loading and
+augmentation, Accelerate, loss and accuracy bookkeeping, logging), timed around ``train_one_epoch``, so the
+validation pass and checkpointing are left out. Bare step: the same model, optimizer (as the engine builds
+it), loss and batch size on one fixed batch of the input shape, timed before the first epoch and after every
+epoch, so that each epoch is compared with the bare step measured just before and just after it. Efficiency =
+pipeline / bare; the data-only figure (iterating the training loader without a model) shows how much of the
+gap is input work.
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+import timm
+from timm.optim import create_optimizer_v2
+
+from speed import RESULTS_DIR, load_average, machine_description, wait_for_quiet
+from timm_gradattn import engine
+from timm_gradattn.config import parse_args
+from timm_gradattn.cpu import keep_freed_memory
+from timm_gradattn.data import build_datasets
+
+
+def bare_step_timer(args: argparse.Namespace, info, warmup: int, repeats: int) -> Callable[[], float]:
+    """A function timing ``repeats`` bare steps (forward, loss, backward, optimizer step, zero_grad) on one fixed
+    batch and returning images/s; the model and optimizer are built once, as the engine builds them."""
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, num_classes=info.num_classes, in_chans=info.in_chans).train()
+    optimizer = engine._create_optimizer(args, model, torch.device('cpu'))
+    loss_fn = nn.CrossEntropyLoss()
+    images = torch.randn(args.batch_size, *info.input_size)
+    targets = torch.randint(0, info.num_classes, (args.batch_size,))
+
+    def step():
+        loss = loss_fn(model(images), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+
+    def images_per_s() -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return args.batch_size / statistics.median(times)
+    return images_per_s
+
+
+def data_only_images_per_s(args: argparse.Namespace, data, epochs: int) -> float:
+    """The training loader on its own: decoding, augmentation and collation, no model."""
+    loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        persistent_workers=args.workers > 0)
+    rates = []
+    for _ in range(epochs):
+        start, seen = time.perf_counter(), 0
+        for images, _ in loader:
+            seen += len(images)
+        rates.append(seen / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def run_pipeline(args: argparse.Namespace, bare_img_s: Callable[[], float]) -> Dict:
+    """Train through the engine, timing its training loop, evaluation passes and checkpoint writes per epoch,
+    and the bare step before the first epoch and after each."""
+    epochs: List[Dict] = []
+    bare = [bare_img_s()]
+    spent = dict(predict=0., save_training_state=0.)
+    originals = {name: getattr(engine, name) for name in ('train_one_epoch', 'predict', 'save_training_state')}
+
+    def timed_train_one_epoch(epoch, model, loader, *rest, **kwargs):
+        spent.update(predict=0., save_training_state=0.)
+        start = time.perf_counter()
+        result = originals['train_one_epoch'](epoch, model, loader, *rest, **kwargs)
+        seconds = time.perf_counter() - start
+        bare.append(bare_img_s())
+        images = len(loader.dataset)
+        epochs.append(dict(epoch=epoch + 1, images=images, seconds=round(seconds, 3), img_s=images / seconds,
+                           bare_img_s=(bare[-2] + bare[-1]) / 2))
+        epochs[-1]['efficiency'] = epochs[-1]['img_s'] / epochs[-1]['bare_img_s']
+        return result
+
+    def timer(name):
+        def timed(*args_, **kwargs):
+            start = time.perf_counter()
+            try:
+                return originals[name](*args_, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+                if epochs:  # the epoch's validation pass and checkpoint (the test pass lands on the last epoch)
+                    epochs[-1][f'{name}_s'] = round(spent[name], 3)
+        return timed
+
+    engine.train_one_epoch = timed_train_one_epoch
+    engine.predict = timer('predict')
+    engine.save_training_state = timer('save_training_state')
+    start = time.perf_counter()
+    try:
+        results = engine.train(args)
+    finally:
+        for name, function in originals.items():
+            setattr(engine, name, function)
+    seconds = time.perf_counter() - start
+    return dict(epochs=epochs, bare_img_s=bare, engine_seconds=round(seconds, 2), test_top1=results.get('top1'))
+
+
+def report(result: Dict) -> str:
+    epochs = result['pipeline']['epochs']
+    lines = [
+        '# Training pipeline against the bare training step',
+        f"Machine: {result['machine']}.  \nLoad average (1, 5, 15 min) before: {result['load_before']}, after: "
+        f"{result['load_after']}{'' if result['quiet'] else ' (the machine did not get quiet; timings are noisy)'}."
+        f"  \ntrain.py settings: `{result['train_args']}` ({result['model']} on {result['dataset']}, batch "
+        f"{result['batch_size']}, input {result['input_size']}, {result['opt']} "
+        f"({'fused' if result['fused_opt'] else 'per-parameter loop'}), {result['workers']} loader workers, glibc "
+        f"malloc {'keeping freed memory' if result['malloc_keeps_freed_memory'] else 'with its default trimming'}).",
+        '',
+        '| measurement | images/s |',
+        '|---|---|',
+        f"| bare training step (median of {result['repeats']} steps; before the first epoch, after each) | "
+        f"{' / '.join(f'{v:.1f}' for v in result['pipeline']['bare_img_s'])} |",
+        f"| train.py training loop, median of epochs 2-{len(epochs)} | {result['pipeline_img_s']:.1f} |",
+        f"| training loader alone (no model) | {result['data_only_img_s']:.1f} |",
+        '',
+        f"**Pipeline efficiency: {100 * result['efficiency']:.1f} %** of the bare step (median over epochs "
+        f"2-{len(epochs)} of each epoch's images/s over the bare step's just before and after it; target 90 %). "
+        f"The loader alone would take {100 * result['data_share']:.1f} % of the bare step's time.",
+        '',
+        f"The whole `engine.train` call took {result['pipeline']['engine_seconds']:.1f} s (bare-step timings "
+        f"included): the training loops {sum(e['seconds'] for e in epochs):.1f} s, evaluation passes "
+        f"{sum(e.get('predict_s', 0) for e in epochs):.1f} s, checkpoint writes (`last/`) "
+        f"{sum(e.get('save_training_state_s', 0) for e in epochs):.1f} s.",
+        '',
+        '| epoch | images | training loop s | images/s | bare step images/s | efficiency | evaluation s | '
+        'checkpoint s |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
+    for e in epochs:
+        lines.append(f"| {e['epoch']} | {e['images']} | {e['seconds']:.2f} | {e['img_s']:.1f} | "
+                     f"{e['bare_img_s']:.1f} | {100 * e['efficiency']:.1f} % | {e.get('predict_s', 0):.2f} | "
+                     f"{e.get('save_training_state_s', 0):.2f} |")
+    lines += ['', '(The last epoch\'s evaluation time includes the test pass.)']
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_argv = argv[argv.index('--') + 1:] if '--' in argv else []
+    own_argv = argv[:argv.index('--')] if '--' in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--epochs', type=int, default=6, help='epochs of train.py (the first is left out)')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed bare steps')
+    parser.add_argument('--repeats', type=int, default=10,
+                        help='timed bare steps before the first epoch and after each')
+    parser.add_argument('--max-load', type=float, default=None,
+                        help='wait until the 1-minute load average is below this before measuring')
+    parser.add_argument('--wait-minutes', type=float, default=40, help='longest wait for --max-load')
+    parser.add_argument('--out', type=Path, default=RESULTS_DIR, help='folder for <name>.json/.md')
+    parser.add_argument('--name', default='pipeline_speed', help='file stem')
+    own = parser.parse_args(own_argv)
+    if own.epochs < 2:
+        parser.error(f'--epochs {own.epochs}: at least 2 are needed, the first epoch is left out as warm-up')
+
+    with tempfile.TemporaryDirectory() as output:
+        train_args = ['--epochs', str(own.epochs), '--output', output, '--experiment', 'pipeline'] + train_argv
+        args = parse_args(train_args)
+        data = build_datasets(args.dataset, data_dir=args.data_dir, protocol=args.protocol, seed=args.seed,
+                              img_size=args.img_size, in_chans=args.in_chans)
+        info = data.info
+        # The engine's own defaults, resolved here so the bare step runs as the engine's does, the allocator
+        # setting included (it is process-wide, so it is made before the first bare step).
+        args.batch_size = args.batch_size or info.batch_size
+        args.workers = (0 if info.name == 'digits' else 2) if args.workers is None else args.workers
+        malloc_tuned = keep_freed_memory() if args.keep_freed_memory else False
+
+        quiet = True
+        if own.max_load is not None:
+            quiet, _ = wait_for_quiet(own.max_load, own.wait_minutes)
+        load_before = load_average()
+        started = time.time()
+        bare_img_s = bare_step_timer(args, info, own.warmup, own.repeats)
+        pipeline = run_pipeline(parse_args(train_args), bare_img_s)
+        data_only = data_only_images_per_s(args, data, epochs=3)
+        load_after = load_average()
+
+    measured = pipeline['epochs'][1:]
+    result = dict(
+        machine=machine_description(), load_before=load_before, load_after=load_after, quiet=quiet,
+        malloc_keeps_freed_memory=malloc_tuned, fused_opt=args.fused_opt, seconds=round(time.time() - started, 1),
+        train_args=' '.join(train_argv) or '(defaults)', model=args.model, dataset=info.name,
+        batch_size=args.batch_size, input_size=list(info.input_size), opt=args.opt, workers=args.workers,
+        warmup=own.warmup, repeats=own.repeats,
+        pipeline_img_s=statistics.median(e['img_s'] for e in measured), data_only_img_s=data_only,
+        efficiency=statistics.median(e['efficiency'] for e in measured),
+        data_share=statistics.median(e['bare_img_s'] for e in measured) / data_only, pipeline=pipeline)
+    own.out.mkdir(parents=True, exist_ok=True)
+    (own.out / f'{own.name}.json').write_text(json.dumps(result, indent=2))
+    text = report(result)
+    (own.out / f'{own.name}.md').write_text(text)
+    print(text)
+    print(f"wrote {own.out / own.name}.json/.md in {result['seconds']:.0f} s")
+
+
+if __name__ == '__main__':
+    main()
