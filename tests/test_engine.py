@@ -175,3 +175,12 @@ def test_optimizers_without_a_fused_kernel_are_built_as_before():
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc malloc settings')
 def test_keep_freed_memory_sets_glibc_malloc():
     assert keep_freed_memory() is True
+
+
+def test_help_lists_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(['--help'])
+    assert exit_info.value.code == 0
+    text = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert text.startswith('usage: train.py') and '--fused-opt, --no-fused-opt' in text
+    assert "'official': the dataset's own splits (default: paper)" in text, '--protocol shows its default'

@@ -45,9 +45,10 @@ IDENTITY_KEYS = ('model', 'model_kwargs', 'dataset', 'data_dir', 'protocol', 'se
 NOT_SAVED_KEYS = ('config', 'resume', 'experiment', 'output')
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='train.py',
+        add_help=add_help,
         description='Train a timm classifier (GradAttn, its baselines or any timm model) with Accelerate. '
                     'With no arguments: gradattn_resnet18_rope on digits, a few minutes on a laptop CPU.')
     parser.add_argument('-c', '--config', default=None, metavar='YAML',
@@ -172,7 +173,7 @@ def load_yaml(path: str, what: str = '--config') -> Dict[str, Any]:
 
 def explicit_settings(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Dict[str, Any]:
     """Only the settings given on the command line (argparse cannot tell a default from an explicit value)."""
-    probe = build_parser()
+    probe = build_parser(add_help=False)  # --help is the full parser's: it shows the defaults this one hides
     for action in probe._actions:
         action.default = argparse.SUPPRESS
     known, _ = probe.parse_known_args(argv)
