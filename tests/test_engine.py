@@ -13,13 +13,16 @@ from accelerate.state import AcceleratorState
 from torch.utils.data import DataLoader, TensorDataset
 
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from timm_gradattn.checkpoint import (
     atomic_write_text, find_last_checkpoint, load_scheduler_state_dict, load_training_state, load_weights,
     save_training_state, scheduler_state_dict,
 )
 from timm_gradattn.config import RECIPES, UserError, parse_args, settings_to_yaml
 from timm_gradattn.cpu import keep_freed_memory
-from timm_gradattn.engine import _create_optimizer, _has_fused_kernel, predict
+from timm_gradattn.engine import (
+    NonFiniteLossError, _create_optimizer, _has_fused_kernel, _stop_unless_finite, predict,
+)
 
 
 @pytest.fixture
@@ -184,3 +187,19 @@ def test_help_lists_every_flag_with_its_default(capsys):
     text = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
     assert text.startswith('usage: train.py') and '--fused-opt, --no-fused-opt' in text
     assert "'official': the dataset's own splits (default: paper)" in text, '--protocol shows its default'
+
+
+def test_an_epoch_with_non_finite_weights_is_neither_validated_nor_saved(accelerator):
+    model, ema_source = nn.Linear(4, 2), nn.Linear(4, 2)
+    args = parse_args(['--mixed-precision', 'no'])
+    _stop_unless_finite(0, model, None, accelerator, args)  # finite: nothing happens
+    ema = ModelEmaV3(ema_source)
+    with torch.no_grad():
+        ema.module.bias[0] = float('inf')
+    with pytest.raises(NonFiniteLossError, match=r'during epoch 3: .*the state after epoch 2 is kept'):
+        _stop_unless_finite(2, model, ema, accelerator, args)
+    with torch.no_grad():
+        model.weight[0, 0] = float('nan')
+    with pytest.raises(NonFiniteLossError, match='no epoch had finished') as error:
+        _stop_unless_finite(0, model, None, accelerator, parse_args(['--mixed-precision', 'bf16']))
+    assert '--mixed-precision no or a larger --img-size' in str(error.value)

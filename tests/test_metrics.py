@@ -128,3 +128,12 @@ def test_bad_inputs_are_explained():
         classification_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match=r'\(N, C\)'):
         classification_metrics(torch.zeros(3), torch.zeros(3, dtype=torch.long))
+
+
+def test_non_finite_logits_are_refused_not_scored():
+    # NaN compares false with everything: unchecked, a NaN row ranks its target first and scores top-1 100 %.
+    logits = torch.randn(6, 4)
+    logits[2] = float('nan')
+    logits[4, 1] = float('inf')
+    with pytest.raises(ValueError, match='2 of 6 samples have NaN or infinite logits'):
+        classification_metrics(logits, torch.arange(6) % 4)

@@ -147,3 +147,9 @@ def test_fp16_without_gpu(tmp_path, capsys):
 def test_unknown_optimizer_and_scheduler(tmp_path, capsys):
     assert 'adamx' in fails([*TINY, '--opt', 'adamx'], tmp_path, capsys)
     assert 'cosine' in fails([*TINY, '--sched', 'cosinus'], tmp_path, capsys)
+
+
+def test_unknown_compile_backend(tmp_path, capsys):
+    message = fails(['--torchcompile', 'inductorr'], tmp_path, capsys)
+    assert "--torchcompile 'inductorr'" in message and 'inductor' in message
+    assert not any(tmp_path.iterdir())

@@ -130,6 +130,12 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group = parser.add_argument_group('Devices (Hugging Face Accelerate)')
     group.add_argument('--mixed-precision', default='no', choices=('no', 'bf16', 'fp16'),
                        help='Autocast precision passed to Accelerate (fp16 needs a GPU).')
+    group.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                       help="torch.compile the model through Accelerate (BACKEND default: inductor). Off by default; "
+                            "`accelerate launch --dynamo_backend` sets it too.")
+    group.add_argument('--torchcompile-mode', default=None,
+                       choices=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
+                       help='torch.compile mode (with --torchcompile).')
     group.add_argument('--fused-opt', action=argparse.BooleanOptionalAction, default=True,
                        help="Use the fused kernel of torch's Adam, AdamW, SGD and Adagrad on CPU and CUDA: one "
                             "update for all parameters instead of a Python loop over them, same arithmetic "

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DynamoBackend, TorchDynamoPlugin, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -97,7 +97,7 @@ def train_one_epoch(
     """Returns ({'train_loss', 'train_top1'}, updated optimizer-step count)."""
     model.train()
     if args.freeze_backbone:
-        _keep_frozen_layers_in_eval(accelerator.unwrap_model(model))
+        _keep_frozen_layers_in_eval(_bare(accelerator, model))
     # Running sums stay on the device; the host reads them only at log intervals.
     totals = torch.zeros(2, device=accelerator.device)  # sum of losses, correct predictions
     seen = 0
@@ -117,7 +117,7 @@ def train_one_epoch(
         if accelerator.sync_gradients:
             num_updates += 1
             if ema is not None:
-                ema.update(accelerator.unwrap_model(model), step=num_updates)
+                ema.update(_bare(accelerator, model), step=num_updates)
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
         totals += torch.stack([loss.detach().float() * len(targets), (logits.argmax(1) == targets).sum().float()])
@@ -137,6 +137,27 @@ def train_one_epoch(
     progress.close()
     loss_sum, correct, total = _sum_over_processes(accelerator, totals, seen)
     return {'train_loss': loss_sum / total, 'train_top1': 100 * correct / total}, num_updates
+
+
+def _stop_unless_finite(epoch: int, model: nn.Module, ema: Optional[ModelEmaV3], accelerator: Accelerator,
+                        args: argparse.Namespace) -> None:
+    """Stop before an epoch whose weights are NaN or infinite is validated or saved.
+
+    The loss check inside the epoch sees the loss before each step; a non-finite gradient in the epoch's
+    last step would otherwise reach the saved state, and NaN logits would score as correct.
+    """
+    modules = [_bare(accelerator, model)] + ([ema.module] if ema is not None else [])
+    finite = torch.stack([p.isfinite().all() for module in modules for p in module.parameters()]).all()
+    if finite:
+        return
+    kept = f'the state after epoch {epoch} is kept' if epoch else 'no epoch had finished'
+    hint = (' On CPU, bf16 autocast has given garbage gradients for a stride-2 3x3 convolution on 1x1 feature '
+            'maps (inputs of 16 px or less through an ImageNet stem); use --mixed-precision no or a larger '
+            '--img-size.' if args.mixed_precision == 'bf16' and accelerator.device.type == 'cpu' else '')
+    raise NonFiniteLossError(
+        f'The weights became NaN or infinite during epoch {epoch + 1}: a non-finite gradient reached the optimizer. '
+        f'Training stopped and {kept}. Lower --lr or train without --mixed-precision, then continue with --resume '
+        f'or start again.{hint}')
 
 
 def _sum_over_processes(accelerator: Accelerator, totals: torch.Tensor, seen: int):
@@ -198,7 +219,7 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
     train_loader, val_loader, test_loader = _create_loaders(args, data)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader)
-    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.model_ema_decay) if args.model_ema else None
+    ema = ModelEmaV3(_bare(accelerator, model), decay=args.model_ema_decay) if args.model_ema else None
 
     state: Dict[str, Any] = dict(model=args.model, epochs_done=0, num_updates=0, best_top1=-1.0, best_epoch=0,
                                  bad_epochs=0, stopped_early=False, summary_rows=[])
@@ -224,6 +245,7 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
         train_stats, state['num_updates'] = train_one_epoch(
             epoch, model, train_loader, optimizer, scheduler, train_loss_fn, accelerator, args,
             state['num_updates'], mixup_fn, ema)
+        _stop_unless_finite(epoch, model, ema, accelerator, args)
         val = classification_metrics(*predict(eval_model, val_loader, accelerator))
         row = dict(epoch=epoch + 1, **train_stats, val_loss=val['nll'], val_top1=val['top1'], val_top5=val['top5'],
                    val_f1_macro=val['f1_macro'], lr=lr, epoch_time_s=time.perf_counter() - start)
@@ -231,7 +253,7 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
         if val['top1'] > state['best_top1']:
             state.update(best_top1=val['top1'], best_epoch=epoch + 1, bad_epochs=0)
             if accelerator.is_main_process:
-                atomic_save_weights(accelerator.unwrap_model(eval_model), run_dir / 'model_best.safetensors',
+                atomic_save_weights(_bare(accelerator, eval_model), run_dir / 'model_best.safetensors',
                                     metadata=dict(model=args.model, epoch=str(epoch + 1), val_top1=str(val['top1'])))
         else:
             state['bad_epochs'] += 1
@@ -248,7 +270,7 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
             f"{row['epoch_time_s']:.1f}s{'  *best' if state['best_epoch'] == epoch + 1 else ''}")
         if args.grad_stats_every and (epoch + 1) % args.grad_stats_every == 0:
             _record_grad_norms(epoch, model, data.train, args, accelerator, run_dir)
-        save_training_state(run_dir, accelerator, accelerator.unwrap_model(model), optimizer, state,
+        save_training_state(run_dir, accelerator, _bare(accelerator, model), optimizer, state,
                             ema=ema.module if ema is not None else None)
         if state['stopped_early']:
             accelerator.print(f"Early stopping: no better val top-1 for {args.patience} epochs "
@@ -256,13 +278,13 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
 
     # The test split sees the best validation epoch's weights, reloaded from their file.
     accelerator.wait_for_everyone()
-    load_weights(accelerator.unwrap_model(model), run_dir / 'model_best.safetensors', what='Best weights')
+    load_weights(_bare(accelerator, model), run_dir / 'model_best.safetensors', what='Best weights')
     test_logits, test_targets = predict(model, test_loader, accelerator)
     test = classification_metrics(test_logits, test_targets)
     results = _results(args, data, test, state, accelerator, model)
     if accelerator.is_main_process:
         export_hub_folder(
-            accelerator.unwrap_model(model), run_dir / 'hub', label_names=info.label_names,
+            _bare(accelerator, model), run_dir / 'hub', label_names=info.label_names,
             input_size=info.input_size, mean=info.mean, std=info.std,
             pretrained_cfg=dict(tag=info.name, license=info.license, notes=(
                 f'Trained on {info.title} with timm-gradattn train.py (recipe {args.recipe}); '
@@ -284,6 +306,12 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
     return results
 
 
+def _bare(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The model without Accelerate's wrappers (DDP, autocast) or torch.compile's: what weights are saved from
+    and loaded into, under the parameter names of the model's own ``state_dict``."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 # --- setup: everything that can fail does so before the first step ------------------------------------------
 def _create_accelerator(args: argparse.Namespace) -> Accelerator:
     if args.mixed_precision == 'fp16' and not torch.cuda.is_available():
@@ -293,6 +321,7 @@ def _create_accelerator(args: argparse.Namespace) -> Accelerator:
     # launch on a machine without CUDA would start independent single-process runs.
     accelerator = Accelerator(
         cpu=world_size > 1 and not torch.cuda.is_available(),
+        dynamo_plugin=_dynamo_plugin(args),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum_steps,
         # split_batches: --batch-size is the global batch, so a recipe means the same on any number of devices.
@@ -302,6 +331,17 @@ def _create_accelerator(args: argparse.Namespace) -> Accelerator:
         raise UserError(f'{world_size} processes were launched but Accelerate joined {accelerator.num_processes}. '
                         f'Launch with `accelerate launch --multi_gpu --num_processes N train.py ...`.')
     return accelerator
+
+
+def _dynamo_plugin(args: argparse.Namespace) -> Optional[TorchDynamoPlugin]:
+    """torch.compile settings for Accelerate's prepare(); None leaves them to ``accelerate launch`` / its config."""
+    if not args.torchcompile:
+        return None
+    backends = [b.value.lower() for b in DynamoBackend if b is not DynamoBackend.NO]
+    if args.torchcompile.lower() not in backends:
+        raise UserError(f'--torchcompile {args.torchcompile!r} is not a torch.compile backend Accelerate knows; '
+                        f'use one of {backends} (inductor is torch\'s default).')
+    return TorchDynamoPlugin(backend=args.torchcompile.upper(), mode=args.torchcompile_mode)
 
 
 def _resolve_run_dir(args: argparse.Namespace, accelerator: Accelerator) -> Path:
@@ -491,7 +531,7 @@ def _create_loaders(args: argparse.Namespace, data: DataSplits) -> Tuple[DataLoa
 
 def _resume(folder: Path, args, accelerator, model, optimizer, scheduler, ema) -> Dict[str, Any]:
     try:
-        state = load_training_state(folder, accelerator, accelerator.unwrap_model(model), optimizer,
+        state = load_training_state(folder, accelerator, _bare(accelerator, model), optimizer,
                                     ema=ema.module if ema is not None else None)
     except ValueError as error:
         raise UserError(f'--resume {folder.parent}: {error} Resume with the --model the run was trained with.') \
@@ -528,7 +568,7 @@ def _record_grad_norms(epoch, model, train_set, args, accelerator, run_dir: Path
     loader = DataLoader(train_set, batch_size=args.batch_size // accelerator.num_processes, shuffle=False)
     batches = [(x.to(accelerator.device), y.to(accelerator.device)) for x, y in islice(loader, GRAD_STATS_BATCHES)]
     restore_rng_state(rng['tensors'], rng['python'], rng['numpy'])
-    norms = gradient_norms(accelerator.unwrap_model(model), batches, max_batches=GRAD_STATS_BATCHES)
+    norms = gradient_norms(_bare(accelerator, model), batches, max_batches=GRAD_STATS_BATCHES)
     with open(run_dir / 'grad_norms.jsonl', 'a') as f:
         f.write(json.dumps({'epoch': epoch + 1, 'norms': norms}) + '\n')
 
@@ -546,10 +586,15 @@ def _results(args, data: DataSplits, test: Dict[str, float], state: Dict[str, An
         val_top1_best=state['best_top1'], train_top1_at_best=best['train_top1'],
         train_val_gap=abs(best['train_top1'] - best['val_top1']),
         seconds_per_epoch=sum(r['epoch_time_s'] for r in rows) / len(rows),
-        num_params=sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
+        num_params=sum(p.numel() for p in _bare(accelerator, model).parameters()),
         machine=_describe_machine(accelerator),
         pretrained_from=(args.model if args.pretrained else args.initial_checkpoint),
     )
+
+
+def _compile_backend(accelerator: Accelerator) -> Optional[str]:
+    backend = accelerator.state.dynamo_plugin.backend
+    return None if backend == DynamoBackend.NO else backend.value.lower()
 
 
 def _describe_machine(accelerator: Accelerator) -> Dict[str, Any]:
@@ -563,5 +608,6 @@ def _describe_machine(accelerator: Accelerator) -> Dict[str, Any]:
         cpu=cpu, cpu_count=os.cpu_count(),
         gpu=torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == 'cuda' else None,
         device=str(accelerator.device), num_processes=accelerator.num_processes,
-        mixed_precision=accelerator.mixed_precision, torch=torch.__version__, timm=timm.__version__,
+        mixed_precision=accelerator.mixed_precision, torch_compile=_compile_backend(accelerator),
+        torch=torch.__version__, timm=timm.__version__,
         accelerate=accelerate.__version__, python=platform.python_version())

@@ -171,7 +171,10 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
 
     default_dir = Path('output') / 'eval' / f'{safe_model_name(args.model)}-{info.name}-{args.split}'
     output_dir = Path(args.output) if args.output else default_dir
-    results: Dict[str, Any] = classification_metrics(logits, targets, ece_bins=args.ece_bins)
+    try:
+        results: Dict[str, Any] = classification_metrics(logits, targets, ece_bins=args.ece_bins)
+    except ValueError as error:  # non-finite logits, labels beyond the model's classes
+        raise UserError(f'--model {args.model} on {info.name} ({args.split}): {error}') from error
     counts = confusion_matrix(logits, targets, info.num_classes)
     per_class = per_class_metrics(counts)
     bins = reliability_bins(logits.double().softmax(dim=1), targets, args.ece_bins)

@@ -40,6 +40,12 @@ def _check_inputs(logits: torch.Tensor, targets: torch.Tensor):
             f'Expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}.')
     if len(targets) == 0:
         raise ValueError('No samples to evaluate: the split is empty.')
+    finite_rows = torch.isfinite(logits).all(dim=1)
+    if not finite_rows.all():
+        # NaN compares false with everything, so a NaN row would otherwise rank its target first (top-1 "correct").
+        raise ValueError(f'{int((~finite_rows).sum())} of {len(logits)} samples have NaN or infinite logits: the '
+                         f'model\'s weights or inputs are not finite (a diverged training run?). Metrics need finite '
+                         f'logits; check the checkpoint with torch.isfinite on its tensors.')
     num_classes = logits.shape[1]
     if targets.min() < 0 or targets.max() >= num_classes:
         raise ValueError(
