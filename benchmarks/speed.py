@@ -149,8 +149,8 @@ def configure_compile(device: torch.device) -> None:
         # Inductor's channels-last layout pass re-lays-out every convolution weight on every training step
         # of an NCHW model, which on CPU costs more than it saves (resnet18 at 32 px: 1.3x eager).
         torch._inductor.config.layout_optimization = False
-        # Inductor's own CPU random numbers make GradAttn's dropout masks cost twice aten's Bernoulli sampler
-        # (about 10 ms of a 32 px training step); aten's also gives the same masks as eager for a seed.
+        # aten's random numbers for dropout: the same masks as eager for a seed, so compiled and eager training
+        # steps do the same work (inductor's own CPU generator is a different, code-generated sampler).
         torch._inductor.config.fallback_random = True
 
 

@@ -364,3 +364,9 @@ def test_wrong_channel_count_is_refused(name, make_images):
     message = 'in_chans=3' if name in GRADATTN_NAMES else 'expected input.* to have 3 channels'
     with torch.no_grad(), pytest.raises((AssertionError, RuntimeError), match=message):
         model(make_images(batch=1, chans=1, size=32))
+
+
+def test_token_pooling_is_the_spatial_mean_to_the_bit():
+    from timm_gradattn.models.gradattn import _global_average
+    x = torch.randn(4, 8, 7, 5)
+    assert torch.equal(_global_average(x), x.mean((2, 3)))

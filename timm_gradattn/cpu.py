@@ -13,11 +13,12 @@ def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system.
 
     By default glibc unmaps large freed blocks and trims the heap, so every CPU training step page-faults
-    its activations and gradients in again: about 15 % of a GradAttn step on 32 px digits on a 2-core CPU.
-    PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``) avoids this by preloading a caching
-    allocator; this does the same with glibc's own settings, for this process only. The process then keeps
-    its peak heap (which a training loop reaches again every step anyway). Returns False where there is no
-    glibc (macOS, Windows, musl), which changes nothing.
+    its activations and gradients in again. Together with the fused optimizer step, this took train.py's
+    default digits run from 452 to 614 training images/s on a 2-core CPU
+    (``benchmarks/results/pipeline_speed*.md``). PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``)
+    avoids this by preloading a caching allocator; this does the same with glibc's own settings, for this
+    process only. The process then keeps its peak heap (which a training loop reaches again every step
+    anyway). Returns False where there is no glibc (macOS, Windows, musl), which changes nothing.
     """
     name = ctypes.util.find_library('c')
     if not name or platform.system() != 'Linux':

@@ -495,8 +495,8 @@ def _create_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.
 def _has_fused_kernel(opt: str, device: torch.device) -> bool:
     """Whether timm's ``opt`` is one of torch's optimizers with a fused implementation for ``device``.
 
-    On a 2-core CPU the fused Adam step makes a GradAttn training step on digits about 15 % faster than the
-    per-parameter loop torch uses there by default (its multi-tensor path helps only on CUDA).
+    On CPU torch otherwise runs a Python loop over the parameters (its multi-tensor path is for CUDA); see
+    ``benchmarks/results/pipeline_speed*.md`` for train.py with and without this and ``keep_freed_memory``.
     """
     if device.type not in ('cpu', 'cuda'):
         return False
