@@ -47,6 +47,15 @@ SOURCES: Dict[str, Source] = {
             'batches.meta')),
         layout='<data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (the python version)',
         how_to_get='Pass --download (download=True) to fetch it with torchvision.'),
+    'cifar100': Source(
+        files=tuple(f'cifar-100-python/{f}' for f in ('train', 'test', 'meta')),
+        layout='<data_dir>/cifar-100-python/{train, test, meta} (the python version)',
+        how_to_get='Pass --download (download=True) to fetch it with torchvision.'),
+    'mnist': Source(
+        files=tuple(f'MNIST/raw/{f}' for f in (
+            'train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
+        layout='<data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (unzipped IDX files)',
+        how_to_get='Pass --download (download=True) to fetch them with torchvision.'),
     'svhn': Source(
         files=('train_32x32.mat', 'test_32x32.mat', 'extra_32x32.mat'),
         layout='<data_dir>/{train,test,extra}_32x32.mat (format 2, cropped digits)',
@@ -185,7 +194,9 @@ def _timm_torchvision_adapter(name: str, timm_name: str) -> None:
 
 
 _timm_torchvision_adapter('cifar10', 'torch/cifar10')
+_timm_torchvision_adapter('cifar100', 'torch/cifar100')
 _timm_torchvision_adapter('fashion_mnist', 'torch/fashion_mnist')
+_timm_torchvision_adapter('mnist', 'torch/mnist')
 
 
 @register_adapter('svhn')

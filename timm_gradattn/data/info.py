@@ -46,6 +46,15 @@ _CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog
 _FASHION_LABELS = (
     'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 _DIGIT_LABELS = tuple(str(i) for i in range(10))
+# CIFAR-100's fine labels in label-index order (the dataset's meta file; alphabetical).
+_CIFAR100_LABELS = tuple('''
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can
+    castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+    elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster
+    man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck
+    pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
+    skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger
+    tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm'''.split())
 # MedMNIST v2 label dictionaries (medmnist.INFO), in label-index order.
 _TISSUE_LABELS = (
     'Collecting Duct, Connecting Tubule', 'Distal Convoluted Tubule', 'Glomerular endothelial cells',
@@ -93,6 +102,19 @@ DATASETS: Dict[str, DatasetInfo] = {info.name: info for info in (
         mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), label_names=_CIFAR10_LABELS,
         license='unknown', homepage='https://www.cs.toronto.edu/~kriz/cifar.html', train_augment='cifar',
         citation='Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009.'),
+    DatasetInfo(
+        # The CNNtention and Attention Shortcuts papers use the official 50k / 10k split; the per-channel
+        # statistics of the 50k training images.
+        name='cifar100', title='CIFAR-100', num_classes=100, input_size=(3, 32, 32),
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), label_names=_CIFAR100_LABELS,
+        license='unknown', homepage='https://www.cs.toronto.edu/~kriz/cifar.html', train_augment='cifar',
+        citation='Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009.'),
+    DatasetInfo(
+        name='mnist', title='MNIST', num_classes=10, input_size=(1, 28, 28),
+        mean=(0.1307,), std=(0.3081,), label_names=_DIGIT_LABELS,
+        license='cc-by-sa-3.0', homepage='http://yann.lecun.com/exdb/mnist/',
+        citation='LeCun, Bottou, Bengio & Haffner, Gradient-Based Learning Applied to Document Recognition, '
+                 'Proc. IEEE 86(11), 1998.'),
     DatasetInfo(
         name='svhn', title='SVHN (train + test + extra)', num_classes=10, input_size=(3, 32, 32),
         mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), label_names=_DIGIT_LABELS,

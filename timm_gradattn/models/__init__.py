@@ -1,7 +1,26 @@
 """The model zoo. Importing this package registers every model with timm's registry."""
-from ._pretrained import DEFAULT_HUB_NAMESPACE, HUB_NAMESPACE_ENV, MissingWeightsError, hub_namespace, hub_repo_id
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from ._pretrained import (
+    DEFAULT_HUB_NAMESPACE, HUB_NAMESPACE_ENV, MissingWeightsError, hub_namespace, hub_repo_id, model_tags)
 from .gradattn import GradAttnResNet, gradattn_resnet18_lpe, gradattn_resnet18_nope, gradattn_resnet18_rope
 from .resnet_attn import ReferenceInitResNet, resnet18_cbam, resnet18_se
 
 MODEL_NAMES = (
     'gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope', 'resnet18_se', 'resnet18_cbam')
+
+# Each family whose weights were ever saved under other names registers its timm-style filter here:
+# (model class, fn(state_dict, model) -> state_dict in the model's current names).
+_CHECKPOINT_FILTERS: List[Tuple[type, Callable]] = []
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map a state dict saved under any naming the zoo knows (older releases, the papers' reference code) to
+    ``model``'s names. The one filter every weight-loading path applies; a no-op for current names."""
+    for model_cls, filter_fn in _CHECKPOINT_FILTERS:
+        if isinstance(model, model_cls):
+            return filter_fn(state_dict, model)
+    return state_dict

@@ -10,7 +10,7 @@ import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from safetensors import SafetensorError
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
@@ -18,11 +18,13 @@ from ..data.info import DATASETS, PAPER_TAGS
 from ..hub import hub_weights_problem
 
 __all__ = ['HUB_NAMESPACE_ENV', 'DEFAULT_HUB_NAMESPACE', 'PAPER_ID', 'hub_namespace', 'hub_repo_id',
-           'dataset_cfgs', 'build_with_weights_hint', 'MissingWeightsError']
+           'dataset_cfgs', 'model_tags', 'build_with_weights_hint', 'MissingWeightsError']
 
 HUB_NAMESPACE_ENV = 'TIMM_GRADATTN_HUB_NAMESPACE'
 DEFAULT_HUB_NAMESPACE = 'timm-gradattn'
 PAPER_ID = 'arXiv:2603.26756'
+PAPER_NAME = ('GradAttn: Transformer-Based Modulation of Residual Approach for Classification and '
+              'Representation Learning Problems')
 # The default tag comes first: ``create_model('gradattn_resnet18_rope')`` means Tiny ImageNet.
 TAGS: Tuple[str, ...] = PAPER_TAGS + ('digits',)
 
@@ -39,10 +41,19 @@ def hub_repo_id(model_name: str, tag: str) -> str:
     return f'{hub_namespace()}/{model_name}.{tag}'
 
 
-def dataset_cfgs(model_name: str, **kwargs: Any) -> Dict[str, Dict[str, Any]]:
-    """``{'<model>.<tag>': cfg}`` for every dataset tag, for ``generate_default_cfgs``."""
+def dataset_cfgs(
+        model_name: str,
+        tags: Tuple[str, ...] = TAGS,
+        paper_ids: str = PAPER_ID,
+        paper_name: str = PAPER_NAME,
+        **kwargs: Any,
+) -> Dict[str, Dict[str, Any]]:
+    """``{'<model>.<tag>': cfg}`` for each dataset tag (the first is the default), for ``generate_default_cfgs``.
+
+    A family passes its own ``tags`` and paper; every other field comes from ``timm_gradattn.data.info``.
+    """
     cfgs = {}
-    for tag in TAGS:
+    for tag in tags:
         info = DATASETS[tag]
         cfgs[f'{model_name}.{tag}'] = {
             'hf_hub_id': hub_repo_id(model_name, tag),
@@ -55,13 +66,17 @@ def dataset_cfgs(model_name: str, **kwargs: Any) -> Dict[str, Dict[str, Any]]:
             'std': info.std,
             'label_names': info.label_names,
             'license': info.license,
-            'paper_ids': PAPER_ID,
-            'paper_name': 'GradAttn: Transformer-Based Modulation of Residual Approach for '
-                          'Classification and Representation Learning Problems',
+            'paper_ids': paper_ids,
+            'paper_name': paper_name,
             'notes': (f'Trained from scratch on {info.title} with the paper protocol.',),
             **kwargs,
         }
     return cfgs
+
+
+def model_tags(model_name: str) -> Tuple[str, ...]:
+    """The pretrained tags registered for ``model_name``, default first."""
+    return tuple(name.split('.', 1)[1] for name in get_arch_pretrained_cfgs(model_name))
 
 
 def build_with_weights_hint(model_cls: Callable, variant: str, pretrained: bool, **kwargs: Any):
@@ -73,10 +88,11 @@ def build_with_weights_hint(model_cls: Callable, variant: str, pretrained: bool,
     and names the repository or file and the ways to get weights.
     """
     tag = kwargs.get('pretrained_cfg')
-    if isinstance(tag, str) and tag not in TAGS:
+    known = model_tags(variant)
+    if isinstance(tag, str) and tag not in known:
         raise RuntimeError(
-            f'Unknown pretrained tag {tag!r} for {variant}. Known tags: {", ".join(TAGS)} '
-            f'(e.g. {variant}.{TAGS[0]}).')
+            f'Unknown pretrained tag {tag!r} for {variant}. Known tags: {", ".join(known)} '
+            f'(e.g. {variant}.{known[0]}).')
     if not pretrained:
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
     repo_id, source = _weights_source(variant, kwargs)
