@@ -42,9 +42,17 @@ def _rope_table(positions: torch.Tensor, head_dim: int = HEAD_DIM, base: float =
     return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
 
 
-def _scores(layer, x, rope):
-    q, k, _ = layer._qkv(x, rope)
-    return q @ k.transpose(-2, -1)
+def _attention_probabilities(layer, x, rope):
+    """The softmax probabilities a layer's attention computes for ``x``, read at its dropout on the unfused path."""
+    probabilities = []
+    hook = layer.attn.attn_drop.register_forward_pre_hook(lambda module, args: probabilities.append(args[0]))
+    fused, layer.attn.fused_attn = layer.attn.fused_attn, False
+    try:
+        layer.attn(x, rope=rope)
+    finally:
+        layer.attn.fused_attn = fused
+        hook.remove()
+    return probabilities[0]
 
 
 def _encode_projected(model, tokens):
@@ -131,35 +139,51 @@ def test_tokens_are_projected_average_pools_stem_first():
             assert torch.allclose(tokens[:, i], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize('name', GRADATTN_NAMES)
-def test_encoder_layer_equals_pytorch_transformer_layer(name):
-    layer = _create(name).encoder[0]
+def _pytorch_layer_like(layer):
+    """nn.TransformerEncoderLayer(256, 8, 512, 0.1) holding the weights of one of our encoder layers."""
     reference = nn.TransformerEncoderLayer(256, 8, 512, 0.1, batch_first=True).eval()
     with torch.no_grad():
-        reference.self_attn.in_proj_weight.copy_(layer.qkv.weight)
-        if layer.qkv.bias is not None:
-            reference.self_attn.in_proj_bias.copy_(layer.qkv.bias)
+        reference.self_attn.in_proj_weight.copy_(layer.attn.qkv.weight)
+        if layer.attn.qkv.bias is not None:
+            reference.self_attn.in_proj_bias.copy_(layer.attn.qkv.bias)
         else:  # RoPE's q/k/v projections have no bias, as the paper's reference
             reference.self_attn.in_proj_bias.zero_()
-        for ours, theirs in ((layer.proj, reference.self_attn.out_proj), (layer.fc1, reference.linear1),
-                             (layer.fc2, reference.linear2), (layer.norm1, reference.norm1),
+        for ours, theirs in ((layer.attn.proj, reference.self_attn.out_proj), (layer.mlp.fc1, reference.linear1),
+                             (layer.mlp.fc2, reference.linear2), (layer.norm1, reference.norm1),
                              (layer.norm2, reference.norm2)):
             theirs.weight.copy_(ours.weight)
             theirs.bias.copy_(ours.bias)
+    return reference
+
+
+@pytest.mark.parametrize('name', GRADATTN_NAMES)
+def test_encoder_layer_equals_pytorch_transformer_layer(name):
+    layer = _create(name).encoder[0]
+    reference = _pytorch_layer_like(layer)
+    with torch.no_grad():
         x = torch.randn(3, 5, 256)
         expected = reference(x)
         for fused in (True, False):
-            layer.fused_attn = fused
+            layer.attn.fused_attn = fused
             assert torch.allclose(layer(x), expected, atol=1e-5)
-    assert (layer.qkv.bias is None) == (name == 'gradattn_resnet18_rope')
-    assert layer.proj.bias is not None
+    assert (layer.attn.qkv.bias is None) == (name == 'gradattn_resnet18_rope')
+    assert layer.attn.proj.bias is not None
+
+
+def test_encoder_layer_is_timm_attention_and_mlp():
+    from timm.layers import AttentionRope, Mlp
+    layer = _create('gradattn_resnet18_rope').encoder[0]
+    assert type(layer.attn) is AttentionRope and type(layer.mlp) is Mlp
+    assert layer.attn.rotate_half and layer.attn.num_prefix_tokens == 0
+    # Dropouts where nn.TransformerEncoderLayer has them: probabilities, after out_proj, in and after the MLP.
+    assert [layer.attn.attn_drop.p, layer.attn.proj_drop.p, layer.mlp.drop1.p, layer.mlp.drop2.p] == [0.1] * 4
 
 
 @pytest.mark.parametrize('name', GRADATTN_NAMES)
 def test_encoder_is_post_norm_without_final_norm_and_head_averages_tokens(name):
     model = _create(name)
     assert len(model.encoder) == 3 and isinstance(model.norm, nn.Identity)
-    assert not model.encoder[0].norm_first and model.encoder[0].attn_drop == 0.1
+    assert not model.encoder[0].norm_first and model.encoder[0].attn.attn_drop.p == 0.1
     tokens = torch.randn(2, 5, 256)
     with torch.no_grad():
         expected = tokens.mean(1) @ model.head.weight.T + model.head.bias
@@ -175,6 +199,22 @@ def test_attention_maps_are_distributions_over_the_five_depths(name):
     for attention in maps:
         assert attention.shape == (2, 8, 5, 5)
         assert torch.allclose(attention.sum(-1), torch.ones(2, 8, 5), atol=1e-5)
+    # Reading the maps leaves the model as it was: fused attention where it was on, no hooks left behind.
+    for layer in model.encoder:
+        assert layer.attn.fused_attn == timm.layers.use_fused_attn() and not layer.attn.attn_drop._forward_pre_hooks
+
+
+def test_attention_maps_are_pytorch_attention_weights():
+    model = _create('gradattn_resnet18_lpe')
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = model.attention_maps(images)
+        x = model.tokens(model.extract(images))
+        for layer, attention in zip(model.encoder, maps):
+            reference = _pytorch_layer_like(layer)
+            _, expected = reference.self_attn(x, x, x, need_weights=True, average_attn_weights=False)
+            assert torch.allclose(attention, expected, atol=1e-6)
+            x = layer(x)
 
 
 # --- the variants ---------------------------------------------------------------------------------------------------
@@ -225,19 +265,24 @@ def test_rope_table_is_rotate_half_over_full_head_base_10000():
 
 
 @pytest.mark.parametrize('offset', (1, 7, 100))
-def test_rope_attention_scores_depend_only_on_relative_position(offset):
+def test_rope_attention_depends_only_on_relative_position(offset):
     model = _create('gradattn_resnet18_rope')
     layer = model.encoder[0]
     x = torch.randn(2, 5, 256)
     with torch.no_grad():
-        scores = _scores(layer, x, model.rope)
-        shifted = _scores(layer, x, _rope_table(torch.arange(5) + offset))
-        unrotated = _scores(layer, x, None)
-        _, _, v = layer._qkv(x, model.rope)
-        _, _, v_plain = layer._qkv(x, None)
-    assert torch.allclose(scores, shifted, atol=1e-3, rtol=1e-4)  # q.k sees m - n only
-    assert not torch.allclose(scores, unrotated, atol=1e-3)       # but the rotation is really applied
-    assert torch.equal(v, v_plain)                                # values are not rotated
+        attention = _attention_probabilities(layer, x, model.rope)
+        shifted = _attention_probabilities(layer, x, _rope_table(torch.arange(5) + offset))
+        unrotated = _attention_probabilities(layer, x, None)
+    assert torch.allclose(attention, shifted, atol=1e-5)  # q.k sees m - n only
+    assert not torch.allclose(attention, unrotated, atol=1e-3)  # but the rotation is really applied
+
+
+def test_rope_leaves_values_unrotated():
+    layer = _create('gradattn_resnet18_rope').encoder[0]
+    x = torch.randn(2, 5, 256)
+    with torch.no_grad():
+        layer.attn.qkv.weight[:2 * 256].zero_()  # q = k = 0: uniform attention, the output is the mean value
+        assert torch.equal(layer.attn(x, rope=_rope_table(torch.arange(5))), layer.attn(x, rope=None))
 
 
 def test_rope_table_drives_every_forward():
@@ -249,3 +294,73 @@ def test_rope_table_drives_every_forward():
         assert not torch.allclose(model(x), out)
         model.rope.copy_(_rope_table(torch.arange(5) + 3))  # the same relative positions
         assert torch.allclose(model(x), out, atol=1e-4)
+
+
+# --- initialisation -------------------------------------------------------------------------------------------------
+
+def _layer_states(model):
+    return [layer.state_dict() for layer in model.encoder]
+
+
+def _all_equal(states):
+    return all(torch.equal(state[key], states[0][key]) for state in states[1:] for key in states[0])
+
+
+@pytest.mark.parametrize('name', ('gradattn_resnet18_nope', 'gradattn_resnet18_lpe'))
+def test_transformer_encoder_variants_start_as_one_layer_copied(name):
+    # nn.TransformerEncoder deep-copies one nn.TransformerEncoderLayer: the reference's three layers start equal.
+    model = _create(name)
+    assert _all_equal(_layer_states(model))
+    layer = model.encoder[0]
+    xavier_bound = (6 / (256 + 3 * 256)) ** 0.5  # nn.MultiheadAttention's in_proj, (768, 256)
+    assert 0.95 * xavier_bound < layer.attn.qkv.weight.abs().max() <= xavier_bound
+    assert not layer.attn.qkv.bias.any() and not layer.attn.proj.bias.any()
+    assert layer.attn.proj.weight.abs().max() <= 256 ** -0.5 and layer.mlp.fc1.bias.any()  # nn.Linear defaults
+    assert torch.equal(layer.norm1.weight, torch.ones(256)) and not layer.norm1.bias.any()
+
+    independent = _create(name, encoder_init='independent')
+    states = _layer_states(independent)
+    for key in states[0]:
+        if (key.startswith('attn.') and key.endswith('.bias')) or key.startswith('norm'):
+            continue  # zeros and ones in every layer
+        assert not torch.equal(states[0][key], states[1][key]), key
+        assert not torch.equal(states[1][key], states[2][key]), key
+    assert not independent.encoder[1].attn.qkv.bias.any() and not independent.encoder[2].attn.proj.bias.any()
+
+
+@pytest.mark.parametrize('encoder_init', ('reference', 'independent'))
+def test_rope_layers_start_with_linear_defaults_each_drawn_separately(encoder_init):
+    # The reference RoPE layer is plain nn.Linear q/k/v (no bias) and output (with bias) projections.
+    model = _create('gradattn_resnet18_rope', encoder_init=encoder_init)
+    bound = 256 ** -0.5
+    for layer in model.encoder:
+        assert layer.attn.qkv.bias is None
+        assert 0.95 * bound < layer.attn.qkv.weight.abs().max() <= bound
+        assert layer.attn.proj.bias.any() and layer.attn.proj.bias.abs().max() <= bound
+    states = _layer_states(model)
+    assert not torch.equal(states[0]['attn.qkv.weight'], states[1]['attn.qkv.weight'])
+    assert not torch.equal(states[1]['attn.proj.bias'], states[2]['attn.proj.bias'])
+
+
+def test_unknown_encoder_init_is_refused():
+    with pytest.raises(ValueError, match="encoder_init='copied'"):
+        _create('gradattn_resnet18_nope', encoder_init='copied')
+
+
+# --- computed buffers ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', GRADATTN_NAMES)
+def test_meta_device_build_then_load_gives_identical_logits(name):
+    # transformers' TimmWrapper builds on the meta device, materialises, then calls init_non_persistent_buffers.
+    model = _create(name)
+    with torch.device('meta'):
+        empty = timm.create_model(name, num_classes=10)
+    assert all(tensor.is_meta for tensor in empty.state_dict().values())
+    empty = empty.to_empty(device='cpu')
+    empty.init_non_persistent_buffers()
+    empty.load_state_dict(model.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(empty.eval()(images), model(images))
+    if model.rope is not None:
+        assert torch.equal(empty.rope, model.rope)

@@ -5,15 +5,17 @@ environment variables huggingface_hub reads at import time (``HF_HUB_OFFLINE``, 
 ``HF_ENDPOINT``) and on ``TIMM_GRADATTN_HUB_NAMESPACE`` run in a fresh interpreter.
 """
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import timm
+import timm_gradattn
 from timm.models import save_for_hf
 from timm_gradattn import MODEL_NAMES, MissingWeightsError
 from timm_gradattn.hub import place_in_hf_cache
@@ -114,6 +116,44 @@ def test_truncated_weights_file_is_named_in_the_error(exports, tmp_path):
 def test_missing_local_folder_is_named_in_the_error(tmp_path):
     with pytest.raises(FileNotFoundError, match='config.json'):
         timm.create_model(f'local-dir:{tmp_path / "nowhere"}', pretrained=True)
+
+
+# --- exports written before the encoder was built from timm's layers ----------------------------------------------
+
+GRADATTN_NAMES = tuple(name for name in MODEL_NAMES if name.startswith('gradattn_'))
+
+
+def _earlier_names(state):
+    """Today's state dict under the names of earlier releases: ``encoder.N.qkv``, ``encoder.N.fc1``, ..."""
+    return {re.sub(r'^(encoder\.\d+\.)(?:attn|mlp)\.', r'\1', key): value for key, value in state.items()}
+
+
+@pytest.mark.parametrize('name', GRADATTN_NAMES)
+def test_export_under_earlier_names_still_loads(name, exports, tmp_path):
+    source = exports['folders'][name]
+    state = load_file(source / 'model.safetensors')
+    earlier = _earlier_names(state)
+    assert 'encoder.0.qkv.weight' in earlier and 'encoder.2.fc2.bias' in earlier and earlier.keys() != state.keys()
+    folder = tmp_path / 'earlier'
+    folder.mkdir()
+    (folder / 'config.json').write_bytes((source / 'config.json').read_bytes())
+    save_file(earlier, folder / 'model.safetensors')
+    images, expected = exports['reference']['images'], exports['reference'][name]
+
+    assert torch.equal(_logits(timm.create_model(f'local-dir:{folder}', pretrained=True), images), expected)
+    weights = str(folder / 'model.safetensors')
+    overlay = timm.create_model(f'{name}.{SOURCE_TAG}', pretrained=True, pretrained_cfg_overlay=dict(file=weights))
+    assert torch.equal(_logits(overlay, images), expected)
+    # checkpoint_path= and a plain load_state_dict take no filter: the model maps the names itself.
+    checkpoint = timm.create_model(f'{name}.{SOURCE_TAG}', checkpoint_path=weights)
+    assert torch.equal(_logits(checkpoint, images), expected)
+    wrapped = torch.nn.Sequential(timm.create_model(f'{name}.{SOURCE_TAG}'))
+    wrapped.load_state_dict({f'0.{key}': value for key, value in earlier.items()})
+    assert torch.equal(_logits(wrapped, images), expected)
+    # The package's one filter for its own loaders dispatches to the family's.
+    mapped = timm_gradattn.models.checkpoint_filter_fn(earlier, checkpoint)
+    assert mapped.keys() == state.keys() and all(torch.equal(mapped[k], state[k]) for k in state)
+    assert timm_gradattn.models.checkpoint_filter_fn(state, checkpoint).keys() == state.keys()
 
 
 # --- the Hugging Face cache layout -----------------------------------------------------------------------------------

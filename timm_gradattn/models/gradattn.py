@@ -18,23 +18,24 @@ Three variants differ only in how the encoder knows the token order:
 Defaults follow the paper's reference implementation exactly (7x7 stem with max-pool, d=256, 3 post-norm
 layers, 8 heads, feed-forward 512, dropout 0.1), so parameter counts match the paper's.
 """
+import re
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from timm.layers import apply_rot_embed_cat, get_act_layer, get_norm_layer, use_fused_attn
+from timm.layers import AttentionRope, Mlp, get_act_layer, get_norm_layer
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ._pretrained import build_with_weights_hint, dataset_cfgs
 
-__all__ = ['GradAttnResNet', 'PlainBlock', 'EncoderLayer']
+__all__ = ['GradAttnResNet', 'PlainBlock', 'EncoderLayer', 'checkpoint_filter_fn']
 
 POS_EMBED_TYPES = ('none', 'learned', 'rope')
 STEM_TYPES = ('imagenet', 'small')
+ENCODER_INITS = ('reference', 'independent')
 
 
 class PlainBlock(nn.Module):
@@ -108,9 +109,9 @@ def _global_average(x: torch.Tensor) -> torch.Tensor:
 class EncoderLayer(nn.Module):
     """One transformer encoder layer, numerically the layer of ``nn.TransformerEncoderLayer``.
 
-    Written out (rather than wrapping ``nn.TransformerEncoderLayer``) so that rotary embeddings can be
-    applied inside attention, attention maps can be read back, and the fused scaled-dot-product kernel
-    is used on every path. Parameter shapes match the PyTorch layer (``qkv`` is its ``in_proj``).
+    timm's ``AttentionRope`` (rotate-half rotary embedding when given a table, plain attention without) and
+    ``Mlp`` inside a post-norm residual (pre-norm with ``norm_first``). The dropouts sit where PyTorch's layer
+    has them: on the attention probabilities, after the output projection, inside and after the feed-forward.
     """
 
     def __init__(
@@ -128,69 +129,30 @@ class EncoderLayer(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'embed_dim={dim} must be divisible by num_heads={num_heads}.')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
         self.norm_first = norm_first
-        self.attn_drop = drop_rate if attn_drop_rate is None else attn_drop_rate
-        self.fused_attn = use_fused_attn()
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.drop1 = nn.Dropout(drop_rate)
+        self.attn = AttentionRope(
+            dim, num_heads, qkv_bias=qkv_bias, num_prefix_tokens=0, rotate_half=True,
+            attn_drop=drop_rate if attn_drop_rate is None else attn_drop_rate, proj_drop=drop_rate,
+        )
         self.norm1 = norm_layer(dim)
-        self.fc1 = nn.Linear(dim, mlp_dim)
-        self.act = act_layer()
-        self.drop_mlp = nn.Dropout(drop_rate)
-        self.fc2 = nn.Linear(mlp_dim, dim)
-        self.drop2 = nn.Dropout(drop_rate)
+        self.mlp = Mlp(dim, mlp_dim, act_layer=act_layer, drop=drop_rate)
         self.norm2 = norm_layer(dim)
 
     def init_weights(self) -> None:
-        # As nn.MultiheadAttention: Xavier-uniform input projection, zero projection biases.
-        nn.init.xavier_uniform_(self.qkv.weight)
-        if self.qkv.bias is not None:
-            nn.init.zeros_(self.qkv.bias)
-        nn.init.zeros_(self.proj.bias)
-
-    def _qkv(self, x: torch.Tensor, rope: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if rope is None:
-            q, k, v = qkv.unbind(0)
-        else:
-            # Queries and keys rotated in one call: half the small element-wise kernels on 5-token inputs.
-            q, k = apply_rot_embed_cat(qkv[:2], rope, half=True).unbind(0)
-            v = qkv[2]
-        return q, k, v
-
-    def attention(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self._qkv(x, rope)
-        drop = self.attn_drop if self.training else 0.
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-        else:
-            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
-            attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training)
-            x = attn @ v
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-    def attention_map(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Softmax attention probabilities (B, heads, N, N) for the layer input ``x`` (no dropout)."""
-        if self.norm_first:
-            x = self.norm1(x)
-        q, k, _ = self._qkv(x, rope)
-        return ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.drop_mlp(self.act(self.fc1(x))))
+        """nn.MultiheadAttention's own initialisation: Xavier-uniform input projection, zero projection biases."""
+        nn.init.xavier_uniform_(self.attn.qkv.weight)
+        if self.attn.qkv.bias is not None:
+            nn.init.zeros_(self.attn.qkv.bias)
+        if self.attn.proj.bias is not None:
+            nn.init.zeros_(self.attn.proj.bias)
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.norm_first:
-            x = x + self.drop1(self.attention(self.norm1(x), rope))
-            x = x + self.drop2(self.mlp(self.norm2(x)))
+            x = x + self.attn(self.norm1(x), rope=rope)
+            x = x + self.mlp(self.norm2(x))
         else:
-            x = self.norm1(x + self.drop1(self.attention(x, rope)))
-            x = self.norm2(x + self.drop2(self.mlp(x)))
+            x = self.norm1(x + self.attn(x, rope=rope))
+            x = self.norm2(x + self.mlp(x))
         return x
 
 
@@ -226,6 +188,7 @@ class GradAttnResNet(nn.Module):
             norm_layer: Union[str, type] = nn.BatchNorm2d,
             encoder_act_layer: Union[str, type] = nn.ReLU,
             encoder_norm_layer: Union[str, type] = partial(nn.LayerNorm, eps=1e-5),
+            encoder_init: str = 'reference',
     ):
         """
         Args:
@@ -252,6 +215,12 @@ class GradAttnResNet(nn.Module):
             norm_layer: Backbone normalisation.
             encoder_act_layer: Feed-forward activation.
             encoder_norm_layer: Encoder normalisation.
+            encoder_init: 'reference' starts the encoder as the paper's reference code does: without rope, one
+                layer in nn.MultiheadAttention's initialisation (Xavier-uniform q/k/v, zero q/k/v and output
+                biases, nn.Linear defaults elsewhere) copied into every layer, as nn.TransformerEncoder's deep
+                copy does; with rope, nn.Linear defaults (uniform +-1/sqrt(embed_dim), non-zero output bias)
+                drawn for each layer. 'independent' draws every layer's weights separately in the same scheme
+                (the same as 'reference' for rope).
         """
         super().__init__()
         if pos_embed not in POS_EMBED_TYPES:
@@ -260,6 +229,8 @@ class GradAttnResNet(nn.Module):
             raise ValueError(f"stem_type={stem_type!r} is not one of {STEM_TYPES}; use 'small' for 32 px data.")
         if global_pool not in ('avg', ''):
             raise ValueError(f"global_pool={global_pool!r} is not supported; use 'avg' or ''.")
+        if encoder_init not in ENCODER_INITS:
+            raise ValueError(f"encoder_init={encoder_init!r} is not one of {ENCODER_INITS}.")
         act_layer = get_act_layer(act_layer)
         norm_layer = get_norm_layer(norm_layer)
         encoder_act_layer = get_act_layer(encoder_act_layer)
@@ -271,6 +242,7 @@ class GradAttnResNet(nn.Module):
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.pos_embed_type = pos_embed
+        self.encoder_init = encoder_init
         self.num_tokens = len(layers) + 1
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.grad_checkpointing = False
@@ -293,8 +265,6 @@ class GradAttnResNet(nn.Module):
             in_chs = out_chs
         self.stages = nn.Sequential(*stages)
         self.extraction_channels = tuple(info['num_chs'] for info in self.feature_info)
-        # Smallest input side at which every stage still sees a map larger than 1x1 before its last stride.
-        self.min_input_size = max(reduction // 2, 1)
 
         # Tokens: global average pool of each extraction point, projected to the encoder width.
         self.token_proj = nn.ModuleList([nn.Linear(chs, embed_dim) for chs in self.extraction_channels])
@@ -302,9 +272,11 @@ class GradAttnResNet(nn.Module):
             self.pos_embed = nn.Parameter(torch.randn(1, self.num_tokens, embed_dim))
         else:
             self.pos_embed = None
+        self.rope_base = rope_base
+        self.head_dim = embed_dim // num_heads
         if pos_embed == 'rope':
-            self.register_buffer(
-                'rope', rope_sin_cos(self.num_tokens, embed_dim // num_heads, rope_base), persistent=False)
+            # Derived, not a weight: filled by init_non_persistent_buffers (also after a meta-device build).
+            self.register_buffer('rope', torch.empty(self.num_tokens, 2 * self.head_dim), persistent=False)
         else:
             self.rope = None
 
@@ -320,14 +292,29 @@ class GradAttnResNet(nn.Module):
         self.head_drop = nn.Dropout(head_drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
+        self.init_non_persistent_buffers()
         self.init_weights()
+        self.register_load_state_dict_pre_hook(_load_state_dict_under_current_names)
 
     @torch.jit.ignore
     def init_weights(self) -> None:
-        # PyTorch defaults everywhere, as the reference; only the attention projections follow
-        # nn.MultiheadAttention's own initialisation, which the reference inherits from it.
+        # PyTorch defaults everywhere, as the reference. Its No-PE/LPE encoder is nn.TransformerEncoder, whose
+        # nn.MultiheadAttention re-initialises the attention projections and whose layers are deep copies of one;
+        # its RoPE layer is written with plain nn.Linear projections, which keep their defaults.
+        if self.pos_embed_type == 'rope' or not len(self.encoder):
+            return
         for layer in self.encoder:
             layer.init_weights()
+        if self.encoder_init == 'reference':
+            for layer in self.encoder[1:]:
+                layer.load_state_dict(self.encoder[0].state_dict())
+
+    @torch.jit.ignore
+    def init_non_persistent_buffers(self) -> None:
+        """Compute the rotary table (the only buffer not saved with the weights), e.g. after a meta-device build."""
+        if self.rope is not None:
+            with torch.no_grad():
+                self.rope.copy_(rope_sin_cos(self.num_tokens, self.head_dim, self.rope_base))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -364,11 +351,6 @@ class GradAttnResNet(nn.Module):
             x.shape[1] == self.in_chans,
             'Input channel count does not match the model: it was created with in_chans=' + str(self.in_chans)
             + '. Create it with the in_chans of your images, or convert the images.')
-        # Height and width are checked separately: min() over traced sizes is control flow FX cannot trace.
-        too_small = ('Input image is too small for this network: height and width must be at least '
-                     + str(self.min_input_size) + ' px. Resize the images, or use stem_type="small" for tiny inputs.')
-        torch._assert(x.shape[2] >= self.min_input_size, too_small)
-        torch._assert(x.shape[3] >= self.min_input_size, too_small)
 
     def tokens(self, features: List[torch.Tensor]) -> torch.Tensor:
         """Pool and project the five extraction-point feature maps into the (B, 5, d) token sequence."""
@@ -413,12 +395,24 @@ class GradAttnResNet(nn.Module):
 
     @torch.jit.ignore
     def attention_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Attention probabilities of every encoder layer, each (B, heads, 5, 5), query x key over depths."""
-        x = self.tokens(self.extract(x))
-        maps = []
-        for layer in self.encoder:
-            maps.append(layer.attention_map(x, self.rope))
-            x = layer(x, self.rope)
+        """Attention probabilities of every encoder layer, each (B, heads, 5, 5), query x key over depths.
+
+        Read, as ``timm.utils.AttentionExtract`` does, at the input of each attention's dropout (so never
+        dropped out), on the unfused path: the fused kernel never forms the probabilities.
+        """
+        attentions = [layer.attn for layer in self.encoder]
+        maps: List[torch.Tensor] = []
+        fused = [attn.fused_attn for attn in attentions]
+        hooks = [attn.attn_drop.register_forward_pre_hook(lambda module, args: maps.append(args[0]))
+                 for attn in attentions]
+        try:
+            for attn in attentions:
+                attn.fused_attn = False
+            self.forward_features(x)
+        finally:
+            for attn, was_fused, hook in zip(attentions, fused, hooks):
+                attn.fused_attn = was_fused
+                hook.remove()
         return maps
 
     def forward_intermediates(
@@ -487,9 +481,77 @@ class GradAttnResNet(nn.Module):
         return take_indices
 
 
+# State-dict names of earlier releases (hand-written attention and MLP) and of the paper's reference notebooks,
+# mapped by role to today's; tried in order, first match wins. A current name matches none of them.
+_RENAMES = (
+    (r'^encoder\.(\d+)\.(qkv|proj)\.', r'encoder.\1.attn.\2.'),
+    (r'^encoder\.(\d+)\.(fc1|fc2)\.', r'encoder.\1.mlp.\2.'),
+    (r'^conv1\.', 'stem.conv.'),
+    (r'^bn1\.', 'stem.bn.'),
+    (r'^layer(\d+)\.', lambda match: f'stages.{int(match[1]) - 1}.'),
+    (r'^projections\.(\d+)\.2\.', r'token_proj.\1.'),
+    (r'^positional_embedding$', 'pos_embed'),
+    (r'^transformer_(?:encoder\.)?layers\.(\d+)\.self_attn\.in_proj_(weight|bias)$', r'encoder.\1.attn.qkv.\2'),
+    (r'^transformer_(?:encoder\.)?layers\.(\d+)\.self_attn\.(?:out_proj|w_o)\.', r'encoder.\1.attn.proj.'),
+    (r'^transformer_(?:encoder\.)?layers\.(\d+)\.linear([12])\.', r'encoder.\1.mlp.fc\2.'),
+    (r'^transformer_(?:encoder\.)?layers\.(\d+)\.(norm[12])\.', r'encoder.\1.\2.'),
+    (r'^classifier\.', 'head.'),
+)
+# The reference RoPE layer's separate query/key/value projections, concatenated into one qkv as AttentionRope's.
+_REFERENCE_QKV = re.compile(r'^transformer_layers\.(\d+)\.self_attn\.w_([qkv])\.(weight|bias)$')
+_REFERENCE_DERIVED = re.compile(r'\.rotary_emb\.inv_freq$')
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map a GradAttn state dict saved under earlier or the reference notebooks' names to the current names.
+
+    Earlier releases: ``encoder.N.{qkv,proj}`` -> ``encoder.N.attn.*``, ``encoder.N.{fc1,fc2}`` -> ``encoder.N.mlp.*``.
+    Reference notebooks (by role, never by position): ``conv1``/``bn1`` -> ``stem.conv``/``stem.bn``,
+    ``layer{1..4}`` -> ``stages.{0..3}``, ``projections.i.2`` -> ``token_proj.i``, ``positional_embedding`` ->
+    ``pos_embed``, ``self_attn.in_proj_*``/``out_proj`` or ``w_q``/``w_k``/``w_v`` (concatenated) and ``w_o`` ->
+    ``attn.qkv``/``attn.proj``, ``linear1``/``linear2`` -> ``mlp.fc1``/``mlp.fc2``, ``classifier`` -> ``head``; the
+    RoPE layers' ``rotary_emb.inv_freq`` buffers are dropped (the model computes its own rotary table).
+    Current names pass unchanged, so applying the filter twice is harmless.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    separate_qkv: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if _REFERENCE_DERIVED.search(key):
+            continue
+        match = _REFERENCE_QKV.match(key)
+        if match:
+            layer, role, kind = match.groups()
+            separate_qkv.setdefault((layer, kind), {})[role] = value
+            continue
+        for pattern, replacement in _RENAMES:
+            key, found = re.subn(pattern, replacement, key, count=1)
+            if found:
+                break
+        out[key] = value
+    for (layer, kind), parts in separate_qkv.items():
+        if set(parts) == {'q', 'k', 'v'}:
+            out[f'encoder.{layer}.attn.qkv.{kind}'] = torch.cat([parts['q'], parts['k'], parts['v']])
+        else:  # incomplete: keep the pieces under their own names, so that loading names what is missing
+            out.update({f'transformer_layers.{layer}.self_attn.w_{role}.{kind}': v for role, v in parts.items()})
+    return out
+
+
+def _load_state_dict_under_current_names(module: nn.Module, state_dict: Dict[str, torch.Tensor], prefix: str,
+                                         *args: Any) -> None:
+    """load_state_dict pre-hook: apply ``checkpoint_filter_fn`` in place, for loaders that take no filter
+    (``create_model(checkpoint_path=...)``, a plain ``model.load_state_dict``)."""
+    own = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    mapped = checkpoint_filter_fn(own, module)
+    if mapped.keys() != own.keys():
+        for key in own:
+            del state_dict[prefix + key]
+        state_dict.update({prefix + key: value for key, value in mapped.items()})
+
+
 def _create_gradattn(variant: str, pretrained: bool = False, **kwargs: Any) -> GradAttnResNet:
     return build_with_weights_hint(
         GradAttnResNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3, 4)),
         **kwargs,
     )
