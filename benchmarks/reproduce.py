@@ -34,13 +34,11 @@ and ``run.json`` (command, machine, grid, skipped datasets, wall time). The run 
 resumable checkpoints, ~200 MB per cell) go to ``--runs-dir``, under the git-ignored ``output/``.
 """
 import argparse
-import csv
 import datetime
 import functools
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -55,7 +53,9 @@ from torch.utils.data import DataLoader
 
 import timm
 import timm_gradattn  # noqa: F401  (registers the models)
+from timm_gradattn.checkpoint import atomic_write_text
 from timm_gradattn.data import PAPER_TAGS, DatasetNotFoundError, build_datasets, get_dataset_info
+from timm_gradattn.reporting import describe_machine, load_average, machine_line, markdown_table, read_summary_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_results import PAPER_CITATION, PAPER_MODEL_NAMES, PAPER_NOTES, paper_figure  # noqa: E402
@@ -213,16 +213,17 @@ def _record_time(run_dir: Path, key: str, seconds: float) -> None:
     file = run_dir / TIMING_FILE
     timing = json.loads(file.read_text()) if file.is_file() else {}
     timing[key] = timing.get(key, 0.0) + seconds
-    file.write_text(json.dumps(timing))
+    atomic_write_text(file, json.dumps(timing))
 
 
 def _record_load(run_dir: Path) -> None:
     """How busy the machine was while the cell trained: other jobs slow its epochs down."""
-    if hasattr(os, 'getloadavg'):
+    load = load_average()
+    if load is not None:
         file = run_dir / TIMING_FILE
         timing = json.loads(file.read_text()) if file.is_file() else {}
-        timing[LOAD_KEY] = round(os.getloadavg()[1], 2)
-        file.write_text(json.dumps(timing))
+        timing[LOAD_KEY] = load[1]
+        atomic_write_text(file, json.dumps(timing))
 
 
 def _release_memory() -> None:
@@ -262,7 +263,7 @@ def measure_gradient_health(run_dir: Path, max_batches: int = GHS_BATCHES) -> Di
         norms = gradient_norms(model, batches(), mode=mode, max_batches=max_batches)
         report['modes'][mode] = dict(health=gradient_health_report(norms), norms=norms)
     report['seconds'] = time.perf_counter() - start
-    (run_dir / GHS_FILE).write_text(json.dumps(report, indent=2))
+    atomic_write_text(run_dir / GHS_FILE, json.dumps(report, indent=2))
     return report
 
 
@@ -272,8 +273,7 @@ def read_cell(run_dir: Path) -> Optional[Dict[str, Any]]:
     if not (run_dir / 'results.json').is_file():
         return None
     cell = dict(results=json.loads((run_dir / 'results.json').read_text()), run_dir=str(run_dir))
-    with open(run_dir / 'summary.csv', newline='') as f:
-        cell['epochs'] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    cell['epochs'] = read_summary_csv(run_dir / 'summary.csv')
     health = run_dir / GHS_FILE
     cell['gradient_health'] = json.loads(health.read_text()) if health.is_file() else None
     timing = run_dir / TIMING_FILE
@@ -422,11 +422,6 @@ def build_tables(found, options) -> List[Dict[str, Any]]:
     ]
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
-    return lines + ['| ' + ' | '.join(row) + ' |' for row in rows]
-
-
 METRIC_LABELS = {
     'top3': 'top-3', 'top5': 'top-5', 'f1': 'F1 (macro)', 'ece': 'ECE',
     'precision_macro': 'precision (macro)', 'recall_macro': 'recall (macro)', 'f1_macro': 'F1 (macro)',
@@ -461,7 +456,7 @@ def render_markdown(table: Dict[str, Any], context: Dict[str, Any], with_grid_no
     elif layout == 'pivot':
         by_key = {(r['dataset'], r['model']): r for r in records}
         rows = [[d] + [_cell_text(by_key[d, m], table['digits'], num_seeds, True) for m in models] for d in datasets]
-        lines += _md_table(['dataset'] + [_label(m) for m in models], rows)
+        lines.append(markdown_table(['dataset'] + [_label(m) for m in models], rows))
     elif layout == 'rows':
         metrics = list(dict.fromkeys(r['metric'] for r in records))
         by_key = {(r['dataset'], r['model'], r['metric']): r for r in records}
@@ -475,8 +470,8 @@ def render_markdown(table: Dict[str, Any], context: Dict[str, Any], with_grid_no
                 row = [d, _label(m)] + [_cell_text(c, _digits(table, c['metric']), num_seeds, not trailing)
                                         for c in cells]
                 rows.append(row + (['n/a'] if trailing else []))
-        lines += _md_table(['dataset', 'model'] + [METRIC_LABELS[m] for m in metrics]
-                           + (['paper'] if trailing else []), rows)
+        lines.append(markdown_table(['dataset', 'model'] + [METRIC_LABELS[m] for m in metrics]
+                                    + (['paper'] if trailing else []), rows))
     else:  # health: one row per (dataset, model, mode), one column per band
         bands = list(dict.fromkeys(r['metric'] for r in records))
         band_of = {r['metric']: r['band'] for r in records}
@@ -495,7 +490,7 @@ def render_markdown(table: Dict[str, Any], context: Dict[str, Any], with_grid_no
                     rows.append([d, _label(m), mode] + [format_ours(c, 2, num_seeds) for c in cells] + [paper_text])
         header = ['dataset', 'model', 'gradient of'] + [
             ('reference ' if 'reference' in band else 'paper band ') + _band_label(band_of[band]) for band in bands]
-        lines += _md_table(header + ['paper GHS'], rows)
+        lines.append(markdown_table(header + ['paper GHS'], rows))
     if not rows and records:
         lines.append('(no finished cell yet)')
     lines += [''] + [f'- {note}' for note in table_notes(table, context, with_grid_notes)]
@@ -525,7 +520,7 @@ def table_notes(table: Dict[str, Any], context: Dict[str, Any], with_grid_notes:
     if number == 7 and context['ghs_batches_used']:
         notes.append(f'Test batches used here: {", ".join(map(str, context["ghs_batches_used"]))}.')
     if number == 8:
-        machines = sorted({_machine_line(m) for m in context['cell_machines']})
+        machines = sorted({machine_line(m) for m in context['cell_machines']})
         notes.append('Our machine: ' + ('; '.join(machines) if machines else 'none yet') + '. "fastest": the '
                      'fastest epoch of the run (mean over seeds).')
         notes += _load_notes(context)
@@ -569,27 +564,6 @@ def _first_sentence(text: str) -> str:
     return sentence + '.'
 
 
-def _machine_line(machine: Dict[str, Any]) -> str:
-    device = machine.get('gpu') or f"{machine.get('cpu')} ({machine.get('cpu_count')} cores)"
-    return f"{device}, {machine.get('num_processes', 1)} process(es), torch {machine.get('torch')}"
-
-
-def describe_machine() -> Dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
-    except OSError:
-        pass
-    import accelerate
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    # Other jobs on the machine slow every epoch down: the load says how much the timings can be trusted.
-    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
-    return dict(cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), gpus=gpus,
-                load_average_1_5_15_min=load, os=platform.platform(), python=platform.python_version(),
-                torch=torch.__version__, timm=timm.__version__, accelerate=accelerate.__version__)
-
-
 def table_context(options, found, skipped: Dict[str, str], failed: Dict[str, str],
                   machine: Dict[str, Any]) -> Dict[str, Any]:
     """What the notes under the tables need to know about the grid and the machine."""
@@ -610,8 +584,10 @@ def write_outputs(options: argparse.Namespace, skipped: Dict[str, str], failed: 
     output.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
     recorded = getattr(options, 'recorded_run', None) or {}
+    # Other jobs on the machine slow every epoch down: the load says how far the timings can be trusted.
+    machine = recorded.get('machine') or dict(describe_machine(), load_average_1_5_15_min=load_average())
     run_info = dict(
-        command=options.command, date=recorded.get('date', now), machine=recorded.get('machine') or describe_machine(),
+        command=options.command, date=recorded.get('date', now), machine=machine,
         tables_written=now, models=list(options.models), datasets=list(options.datasets),
         seeds=list(options.seeds), epochs_override=options.epochs, train_args=list(options.train_args),
         launcher=options.launcher,
@@ -627,23 +603,25 @@ def write_outputs(options: argparse.Namespace, skipped: Dict[str, str], failed: 
     for table in build_tables(found, options):
         markdown.append(render_markdown(table, context, with_grid_notes=False))
         base = output / table['name']
-        base.with_suffix('.md').write_text(f'{render_markdown(table, context)}\n{_header(run_info)}\n')
-        base.with_suffix('.json').write_text(json.dumps(dict(
+        atomic_write_text(base.with_suffix('.md'), f'{render_markdown(table, context)}\n{_header(run_info)}\n')
+        atomic_write_text(base.with_suffix('.json'), json.dumps(dict(
             table=table['number'], title=table['title'], paper_source=PAPER_CITATION,
             notes=table_notes(table, context), records=table['records']), indent=2))
         written += [base.with_suffix('.md'), base.with_suffix('.json')]
-    (output / 'tables.md').write_text('\n'.join(markdown))
+    atomic_write_text(output / 'tables.md', '\n'.join(markdown))
     cells = [dict(dataset=d, model=m, seed=s, **{k: v for k, v in cell.items() if k != 'run_dir'})
              for (d, m), seeds in found.items() for s, cell in sorted(seeds.items())]
-    (output / 'cells.json').write_text(json.dumps(cells, indent=1))
-    (output / 'run.json').write_text(json.dumps(run_info, indent=2))
+    atomic_write_text(output / 'cells.json', json.dumps(cells, indent=1))
+    atomic_write_text(output / 'run.json', json.dumps(run_info, indent=2))
     return written
 
 
 def _header(run_info: Dict[str, Any]) -> str:
     machine = run_info['machine']
     load = '/'.join(map(str, machine.get('load_average_1_5_15_min') or ['?']))
-    device = ', '.join(machine['gpus']) if machine['gpus'] else f"CPU only: {machine['cpu']}"
+    # run.json files written before the machine description was shared name every GPU under 'gpus'
+    gpu = machine.get('gpu') or ', '.join(machine.get('gpus') or [])
+    device = gpu or f"CPU only: {machine['cpu']}"
     wall = (f"{run_info['wall_time_s'] / 60:.1f} min for the command above"
             if run_info['wall_time_s'] is not None else 'the command above is still running')
     wall += f"; {run_info['cells_wall_time_s'] / 60:.1f} min of cell time (training, test, gradient health)"
