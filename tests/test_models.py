@@ -19,6 +19,9 @@ from timm_gradattn.models._pretrained import TAGS as GRADATTN_TAGS
 
 GRADATTN_NAMES = ('gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope')
 CNNTENTION_TAGS = ('cifar10', 'mnist', 'digits')
+ATTENTION_SHORTCUTS_NAMES = ('asnet50_out', 'asnet50_kv', 'as_resnet50_stages', 'resnet50_cifar', 'resnet50_cifar_050',
+                             'resnet50_cifar_plain')
+ATTENTION_SHORTCUTS_TAGS = ('cifar10', 'cifar100', 'digits')
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Expected:
     sizes: Tuple[int, ...] = (28, 32)      # image sides the output-shape check runs, 1 and 3 channels
     rgb_sizes: Tuple[int, ...] = ()        # further sides checked with 3 channels only (large inputs)
     feature_size: int = 32                 # image side for the features_only checks
+    feature_wrapper: type = FeatureListNet  # what features_only builds when no feature_cls is given
 
 
 # GradAttn and SE match the GradAttn paper's reference implementation exactly; timm's CBAM spatial gate
@@ -55,6 +59,15 @@ _RESNET18 = dict(
 _RESNET20 = dict(
     feature_channels=(16, 32, 64), feature_reductions=(1, 2, 4), num_features=64, features_shape=(64, 8, 8),
     tags=CNNTENTION_TAGS, channel_error='expected input.* to have 3 channels')
+# Attention Shortcuts: ResNet-50 layouts with the CIFAR stem (3x3 stride 1, no max-pool), about 25x a ResNet-20
+# per image, so the size checks stay small. The AS nets' attention reads a cache across blocks, which timm's
+# module-walking FeatureListNet cannot run: their features_only is FeatureGetterNet (forward_intermediates).
+# For the 1-channel counts only the 3x3 stem conv sees the input: stem width x 3 x 3 weights per input channel.
+_ATTENTION_SHORTCUTS = dict(
+    feature_reductions=(1, 1, 2, 4, 8), tags=ATTENTION_SHORTCUTS_TAGS,
+    channel_error='expected input.* to have 3 channels', sizes=(16, 32), feature_size=32)
+_RESNET50_CIFAR = dict(feature_channels=(64, 256, 512, 1024, 2048), num_features=2048, features_shape=(2048, 4, 4),
+                       **_ATTENTION_SHORTCUTS)
 
 EXPECTED: Dict[str, Expected] = {
     'gradattn_resnet18_nope': Expected(12_849_994, 12_843_722, **_GRADATTN),
@@ -66,6 +79,19 @@ EXPECTED: Dict[str, Expected] = {
     'resnet20_selfatt': Expected(286_189, 285_901, **_RESNET20),
     'resnet20_mha': Expected(291_677, 291_389, **_RESNET20),
     'resnet20_cbam': Expected(270_691, 270_403, **_RESNET20),
+    'asnet50_out': Expected(
+        12_373_642, 12_373_642 - 2 * 128 * 3 * 3, feature_channels=(128,) * 5, num_features=128,
+        features_shape=(128, 4, 4), feature_wrapper=FeatureGetterNet, **_ATTENTION_SHORTCUTS),
+    'asnet50_kv': Expected(
+        15_426_506, 15_426_506 - 2 * 64 * 3 * 3, feature_channels=(64, 64, 128, 256, 512), num_features=512,
+        features_shape=(512, 4, 4), feature_wrapper=FeatureGetterNet, **_ATTENTION_SHORTCUTS),
+    'as_resnet50_stages': Expected(
+        30_389_450, 30_389_450 - 2 * 64 * 3 * 3, feature_wrapper=FeatureGetterNet, **_RESNET50_CIFAR),
+    'resnet50_cifar': Expected(23_520_842, 23_520_842 - 2 * 64 * 3 * 3, **_RESNET50_CIFAR),
+    'resnet50_cifar_050': Expected(
+        5_899_050, 5_899_050 - 2 * 32 * 3 * 3, feature_channels=(32, 128, 256, 512, 1024), num_features=1024,
+        features_shape=(1024, 4, 4), **_ATTENTION_SHORTCUTS),
+    'resnet50_cifar_plain': Expected(20_744_266, 20_744_266 - 2 * 64 * 3 * 3, **_RESNET50_CIFAR),
 }
 
 
@@ -83,6 +109,7 @@ def test_registry_lists_every_model_and_tag():
     assert set(timm.list_models('gradattn_*')) == set(GRADATTN_NAMES)
     cnntention = {'resnet20', 'resnet20_selfatt', 'resnet20_mha', 'resnet20_cbam'}
     assert set(timm.list_models(['resnet20', 'resnet20_*'])) == cnntention
+    assert set(timm.list_models(['asnet50_*', 'as_resnet50_*', 'resnet50_cifar*'])) == set(ATTENTION_SHORTCUTS_NAMES)
     assert sorted(EXPECTED) == sorted(MODEL_NAMES), 'every registered model needs a row in EXPECTED'
     for name in MODEL_NAMES:
         assert timm.is_model(name)
@@ -221,9 +248,9 @@ def test_feature_info_names_the_extraction_points(name):
 @pytest.mark.parametrize('name', MODEL_NAMES)
 def test_features_only_matches_feature_info(name, feature_cls, make_images):
     model = timm.create_model(name, features_only=True, feature_cls=feature_cls).eval()
-    wrapper = {None: FeatureListNet, 'getter': FeatureGetterNet, 'fx': FeatureGraphNet}[feature_cls]
-    assert isinstance(model, wrapper)
     expected = EXPECTED[name]
+    wrapper = {None: expected.feature_wrapper, 'getter': FeatureGetterNet, 'fx': FeatureGraphNet}[feature_cls]
+    assert isinstance(model, wrapper)
     assert model.feature_info.channels() == list(expected.feature_channels)
     assert model.feature_info.reduction() == list(expected.feature_reductions)
     size = expected.feature_size
@@ -239,6 +266,7 @@ def test_features_only_matches_feature_info(name, feature_cls, make_images):
     ('gradattn_resnet18_rope', (1, 3), [64, 256]),
     ('resnet18_se', (1, 3), [64, 256]),
     ('resnet20_selfatt', (0, 2), [16, 64]),
+    ('asnet50_kv', (1, 3), [64, 256]),  # out_indices replace the family's getter default of all five points
 ])
 def test_features_only_out_indices(name, out_indices, channels, feature_cls, make_images):
     model = timm.create_model(name, features_only=True, feature_cls=feature_cls, out_indices=out_indices).eval()

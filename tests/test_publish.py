@@ -28,7 +28,10 @@ from timm_gradattn import publish as publish_module
 from timm_gradattn.data.datasets import build_datasets
 from timm_gradattn.hub import place_in_hf_cache
 from timm_gradattn.metrics import classification_metrics
-from timm_gradattn.model_card import CARD_METRICS, CardTemplateError, card_fields, card_metadata, card_template_for, render_card
+from timm_gradattn.model_card import (
+    CARD_CITATIONS, CARD_METRICS, HUB_CARDS_DIR, CardTemplateError, card_fields, card_metadata, card_template_for,
+    render_card,
+)
 from timm_gradattn.models import model_tags
 from timm_gradattn.publish import (
     UPLOAD_FILES, PublishError, Run, RunFolderError, VerificationError, load_registry, publish, record_published,
@@ -387,9 +390,17 @@ def test_out_folder_is_never_the_runs_own(digits_run):
 
 # --- templates of every family -----------------------------------------------------------------------
 
+# The BibTeX key of each family's paper in hub_cards/citations.bib; timm's entry is on every card.
+_PAPER_KEYS = {'gradattn.md': 'ghoshal2026gradattn', 'resnet_attn.md': 'ghoshal2026gradattn',
+               'generic.md': 'ghoshal2026gradattn', 'cnntention.md': 'kapila2024cnntention',
+               'attention_shortcuts.md': 'erroz2025attentionshortcuts'}
+
+
 @pytest.mark.parametrize('architecture, family', [
     ('gradattn_resnet18_nope', 'gradattn.md'), ('gradattn_resnet18_lpe', 'gradattn.md'),
     ('resnet18_se', 'resnet_attn.md'), ('resnet18_cbam', 'resnet_attn.md'), ('resnet18', 'generic.md'),
+    ('resnet20_mha', 'cnntention.md'), ('asnet50_kv', 'attention_shortcuts.md'),
+    ('resnet50_cifar_plain', 'attention_shortcuts.md'),
 ])
 def test_every_family_template_renders(digits_run, architecture, family):
     template = card_template_for(architecture)
@@ -409,8 +420,20 @@ def test_every_family_template_renders(digits_run, architecture, family):
         assert 'import timm_gradattn' not in text
     else:
         assert 'import timm_gradattn' in text
-    assert '2603.26756' in text and '10.5281/zenodo.4414861' in text
+    cited = re.findall(r'^@\w+\{([^,\s]+),', text, re.MULTILINE)
+    assert cited.count(_PAPER_KEYS[family]) == 1  # the family's own paper, once (CNNtention's template types it)
+    assert set(cited) == {_PAPER_KEYS[family], 'wightman2019timm'}, 'no other family\'s paper'
+    assert '10.5281/zenodo.4414861' in text
     assert '${' not in text
+
+
+def test_every_family_cites_a_paper_the_bib_has():
+    keys = re.findall(r'^@\w+\{([^,\s]+),', (HUB_CARDS_DIR / 'citations.bib').read_text(), re.MULTILINE)
+    assert len(keys) == len(set(keys))
+    assert set(CARD_CITATIONS) == {template.stem for template in HUB_CARDS_DIR.glob('*.md')}
+    for family, papers in CARD_CITATIONS.items():
+        assert papers and set(papers) <= set(keys), family
+    assert 'erroz2025attentionshortcuts' in keys and 'kapila2024cnntention' in keys
 
 
 def _synthetic_run(digits_run, **results):

@@ -22,14 +22,26 @@ from .metrics import METRIC_KEYS
 from .models import DEFAULT_HUB_NAMESPACE, HUB_NAMESPACE_ENV, model_tags
 from .reporting import machine_line, markdown_table
 
-__all__ = ['HUB_CARDS_DIR', 'CARD_METRICS', 'CardTemplateError', 'card_template_for', 'card_metrics', 'card_fields',
-           'card_metadata', 'load_template', 'render_card', 'build_card']
+__all__ = ['HUB_CARDS_DIR', 'CARD_METRICS', 'CARD_CITATIONS', 'CardTemplateError', 'card_template_for', 'card_metrics',
+           'card_citations', 'card_fields', 'card_metadata', 'load_template', 'render_card', 'build_card']
 
 PathLike = Union[str, Path]
 # A wheel ships the templates inside the package; a source checkout (editable install) has them at the top.
 _PACKAGED_CARDS = Path(__file__).resolve().parent / 'hub_cards'
 HUB_CARDS_DIR = _PACKAGED_CARDS if _PACKAGED_CARDS.is_dir() else Path(__file__).resolve().parent.parent / 'hub_cards'
 GENERIC_TEMPLATE = 'generic.md'
+CITATIONS_FILE = HUB_CARDS_DIR / 'citations.bib'
+# The papers a card cites, as keys of citations.bib, by family (the template card_template_for picks). Every
+# card also cites the entries no family names here (the software: timm). The SE / CBAM baselines and any other
+# timm model are trained with the GradAttn paper's protocol.
+CARD_CITATIONS: Dict[str, Tuple[str, ...]] = {
+    'gradattn': ('ghoshal2026gradattn',),
+    'resnet_attn': ('ghoshal2026gradattn',),
+    'cnntention': ('kapila2024cnntention',),
+    'attention_shortcuts': ('erroz2025attentionshortcuts',),
+    'generic': ('ghoshal2026gradattn',),
+}
+_BIB_ENTRY = re.compile(r'^@\w+\{([^,\s]+),.*?^\}', re.MULTILINE | re.DOTALL)  # key; ends at a line-initial brace
 # results.json key -> (model-index metric type, metric config, name on the card). Keys and units are those of
 # timm_gradattn.metrics: top-k accuracies in percent, the rest fractions or nats.
 _METRIC_DESCRIPTIONS = {
@@ -71,7 +83,7 @@ _FIELD_SOURCES = {
     'dataset': 'results.json "dataset"',
     'tag': 'results.json "dataset"',
     'image_mode': 'hub/config.json pretrained_cfg "input_size" (1, 3 or 4 channels)',
-    'citations': str(HUB_CARDS_DIR / 'citations.bib'),
+    'citations': str(CITATIONS_FILE),
 }
 
 
@@ -88,6 +100,22 @@ def card_template_for(architecture: str, templates_dir: PathLike = HUB_CARDS_DIR
     family = [t for t in sorted(templates_dir.glob('*.md'))
               if t.name != GENERIC_TEMPLATE and is_model_in_modules(get_arch_name(architecture), [t.stem])]
     return family[0] if family else templates_dir / GENERIC_TEMPLATE
+
+
+def _bib_entries(text: str) -> Dict[str, str]:
+    return {found.group(1): found.group(0) for found in _BIB_ENTRY.finditer(text)}
+
+
+def card_citations(architecture: str, bib: PathLike = CITATIONS_FILE) -> Optional[str]:
+    """The BibTeX entries of ``bib`` a card of ``architecture`` cites, in the file's order: its family's papers
+    (``CARD_CITATIONS``) and every entry no family claims. None without the file."""
+    bib = Path(bib)
+    if not bib.is_file():
+        return None
+    own = CARD_CITATIONS.get(card_template_for(architecture).stem, ())
+    claimed = {key for keys in CARD_CITATIONS.values() for key in keys}
+    return '\n\n'.join(entry for key, entry in _bib_entries(bib.read_text(encoding='utf-8')).items()
+                        if key in own or key not in claimed)
 
 
 def card_metrics(results: Dict[str, Any], num_classes: int) -> List[Tuple[str, str, Optional[str], str, Any]]:
@@ -155,7 +183,6 @@ def card_fields(run, repo_id: str, config: Optional[Dict[str, Any]] = None,
     run_facts = [(label, machine_line(results[key]) if key == 'machine' else results[key])
                  for key, label in _RUN_FACTS if results.get(key) is not None]
     recipe = list(_public_settings(run.settings))
-    citations = HUB_CARDS_DIR / 'citations.bib'
     return {
         'repo_id': repo_id, 'repo_name': repo_id.partition('/')[2], 'architecture': architecture,
         'model_summary': doc or f'A timm `{architecture}` image classifier.', 'tag': tag,
@@ -178,7 +205,7 @@ def card_fields(run, repo_id: str, config: Optional[Dict[str, Any]] = None,
         'protocol': None if results.get('protocol') is None else str(results['protocol']),
         'seed': None if results.get('seed') is None else str(results['seed']),
         'license': license or pretrained_cfg.get('license') or (info.license if info else None),
-        'citations': citations.read_text(encoding='utf-8').strip() if citations.is_file() else None,
+        'citations': card_citations(architecture),
         'timm_version': timm.__version__,
     }
 
@@ -220,6 +247,12 @@ def render_card(template_path: PathLike, fields: Dict[str, Optional[str]],
     """
     template_path = Path(template_path)
     card = load_template(template_path)
+    citations = fields.get('citations')
+    if citations:  # an entry the template types itself is not cited twice
+        for key, entry in _bib_entries(citations).items():
+            if re.search(r'^@\w+\{' + re.escape(key) + ',', card.text, re.MULTILINE):
+                citations = citations.replace(entry, '')
+        fields = dict(fields, citations=re.sub(r'\n{3,}', '\n\n', citations).strip())
     body = string.Template(card.text)
     text = template_path.read_text(encoding='utf-8')
     front_lines = text[:len(text) - len(card.text)].count('\n')  # for line numbers in the template file
