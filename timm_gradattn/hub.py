@@ -4,10 +4,14 @@
 layout, as if it had been downloaded from ``repo_id``: ``create_model('<model>.<tag>', pretrained=True)`` and
 ``create_model('hf-hub:<repo_id>')`` then load it offline (``HF_HUB_OFFLINE=1``) through timm's own code.
 
+``export_hub_folder`` writes an export whose ``config.json`` both timm (``local-dir:``, ``hf-hub:``) and
+transformers' ``AutoModelForImageClassification`` / ``AutoImageProcessor`` (its TimmWrapper) read.
+
 ``hub_weights_problem`` is a quick look (the cache, then at most one HEAD request without retries) run before
 timm's download, which retries with back-off (about 23 s per file name) when the Hub cannot be reached.
 """
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +21,7 @@ from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_
 from huggingface_hub.file_download import are_symlinks_supported, repo_folder_name
 from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-__all__ = ['place_in_hf_cache', 'hub_weights_problem', 'export_hub_folder', 'WEIGHT_FILENAMES']
+__all__ = ['place_in_hf_cache', 'hub_weights_problem', 'export_hub_folder', 'client_config', 'WEIGHT_FILENAMES']
 
 # The names timm's Hub loader tries, in its order (safetensors first).
 WEIGHT_FILENAMES = ('model.safetensors', 'pytorch_model.bin')
@@ -128,8 +132,9 @@ def export_hub_folder(
 
     The config records the architecture and the arguments that rebuild it (classes, channels), the class
     names and the preprocessing the weights were trained with, so that after ``import timm_gradattn``
-    ``timm.create_model('local-dir:<folder>', pretrained=True)`` gives back the same model. The folder is
-    written under a temporary name and swapped in whole.
+    ``timm.create_model('local-dir:<folder>', pretrained=True)`` and transformers'
+    ``AutoModelForImageClassification.from_pretrained(folder)`` give back the same model (see
+    ``client_config``). The folder is written under a temporary name and swapped in whole.
 
     Args:
         model: The trained (unwrapped) timm model.
@@ -149,5 +154,33 @@ def export_hub_folder(
     if label_names:
         model_config['label_names'] = list(label_names)
     save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True, data_config=data_config)
+    config_path = tmp / 'config.json'
+    config = client_config(json.loads(config_path.read_text(encoding='utf-8')))
+    config_path.write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
     replace_folder(tmp, folder)
     return folder
+
+
+def client_config(config: dict) -> dict:
+    """A timm export's ``config.json`` contents in the form both timm and transformers load.
+
+    timm's ``save_for_hf`` repeats ``num_classes`` inside ``model_args``. transformers' TimmWrapper calls
+    ``timm.create_model(architecture, num_classes=<num_labels>, **model_args)`` (``num_classes=0`` for
+    ``AutoModel``), so the repeat is a duplicate keyword and the load fails. The top-level ``num_classes`` is
+    the one both read (timm: the pretrained cfg's default; transformers: ``num_labels``), so it leaves
+    ``model_args``. ``in_chans`` and ``global_pool`` stay there: TimmWrapper passes neither itself, and
+    ``model_args`` is the only place it rebuilds them from.
+    """
+    config = json.loads(json.dumps(config))  # a deep copy
+    model_args = config.get('model_args')
+    if isinstance(model_args, dict) and 'num_classes' in model_args:
+        if config.get('num_classes') is None:
+            config['num_classes'] = model_args['num_classes']
+        elif config['num_classes'] != model_args['num_classes']:
+            raise ValueError(
+                f"config.json disagrees with itself: num_classes {config['num_classes']} at the top level, "
+                f"{model_args['num_classes']} in model_args. Re-export the weights with export_hub_folder.")
+        del model_args['num_classes']
+        if not model_args:
+            del config['model_args']
+    return config

@@ -6,6 +6,7 @@ Weights live on the Hugging Face Hub as ``<namespace>/<model>.<tag>``; the names
 ``timm-gradattn`` and is read from the environment variable ``TIMM_GRADATTN_HUB_NAMESPACE`` when
 the package is imported, so users can point the registry at their own fine-tunes.
 """
+import math
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -18,7 +19,7 @@ from ..data.info import DATASETS, PAPER_TAGS
 from ..hub import hub_weights_problem
 
 __all__ = ['HUB_NAMESPACE_ENV', 'DEFAULT_HUB_NAMESPACE', 'PAPER_ID', 'hub_namespace', 'hub_repo_id',
-           'dataset_cfgs', 'model_tags', 'build_with_weights_hint', 'MissingWeightsError']
+           'dataset_cfgs', 'pool_size_at', 'model_tags', 'build_with_weights_hint', 'MissingWeightsError']
 
 HUB_NAMESPACE_ENV = 'TIMM_GRADATTN_HUB_NAMESPACE'
 DEFAULT_HUB_NAMESPACE = 'timm-gradattn'
@@ -41,16 +42,29 @@ def hub_repo_id(model_name: str, tag: str) -> str:
     return f'{hub_namespace()}/{model_name}.{tag}'
 
 
+def pool_size_at(input_size: Tuple[int, ...], reduction: int) -> Tuple[int, int]:
+    """The final feature map's (height, width) at ``input_size`` (C, H, W) for a CNN of total stride ``reduction``.
+
+    Each stride-2 step of a timm-style CNN (3x3/7x7 conv or 3x3 max-pool with padding k // 2, or a 1x1 conv)
+    maps n pixels to ceil(n / 2), and ceil(ceil(n / a) / b) = ceil(n / ab): 28 px at reduction 32 gives 1.
+    """
+    return tuple(math.ceil(size / reduction) for size in input_size[-2:])
+
+
 def dataset_cfgs(
         model_name: str,
         tags: Tuple[str, ...] = TAGS,
         paper_ids: str = PAPER_ID,
         paper_name: str = PAPER_NAME,
+        reduction: Optional[int] = None,
         **kwargs: Any,
 ) -> Dict[str, Dict[str, Any]]:
     """``{'<model>.<tag>': cfg}`` for each dataset tag (the first is the default), for ``generate_default_cfgs``.
 
     A family passes its own ``tags`` and paper; every other field comes from ``timm_gradattn.data.info``.
+    A CNN passes ``reduction``, the total stride of ``forward_features`` (its last ``feature_info`` entry's),
+    and each tag's ``pool_size`` is the final map size at that tag's input size (``pool_size_at``), as timm's
+    model tests require; a token-output model (GradAttn, as timm's ViTs) leaves it None.
     """
     cfgs = {}
     for tag in tags:
@@ -59,7 +73,7 @@ def dataset_cfgs(
             'hf_hub_id': hub_repo_id(model_name, tag),
             'num_classes': info.num_classes,
             'input_size': info.input_size,
-            'pool_size': None,
+            'pool_size': None if reduction is None else pool_size_at(info.input_size, reduction),
             'crop_pct': 1.0,
             'interpolation': 'bilinear',
             'mean': info.mean,

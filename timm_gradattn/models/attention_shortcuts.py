@@ -46,7 +46,7 @@ KV_ADAPTS = ('pool', 'conv')
 STEM_NORMS = ('ln', 'bn_relu_ln')
 WIDTH_READINGS = ('all', 'inner')
 PAPER_NAME = 'Introducing attention shortcuts in convolutional neural networks'
-PAPER_ID = 'Erroz & Galar, AIMS Press, 2025'  # no DOI or arXiv id known to the project
+PAPER_ID = None  # Erroz & Galar, AIMS Press, 2025: no DOI or arXiv id known to the project; the card cites it
 FEATURE_REDUCTIONS = (1, 1, 2, 4, 8)  # stem, stages 1-4: a 3x3 stride-1 stem and stage strides 1, 2, 2, 2
 LN_EPS = 1e-5  # nn.LayerNorm's, as the Transformers the paper follows; the paper gives none
 

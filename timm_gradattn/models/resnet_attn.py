@@ -21,7 +21,7 @@ from timm.layers.squeeze_excite import SEModule
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet
 
-from ._pretrained import build_with_weights_hint, dataset_cfgs
+from ._pretrained import PAPER_ID, build_with_weights_hint, dataset_cfgs
 
 __all__ = ['ReferenceInitResNet']
 
@@ -49,12 +49,16 @@ def _create_resnet_attn(variant: str, pretrained: bool = False, **kwargs: Any) -
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return dict(first_conv='conv1', classifier='fc', **kwargs)
+    # reduction: the 7x7 stride-2 stem, the max-pool and three stride-2 stages give a map 1/32 of the input.
+    return dict(first_conv='conv1', classifier='fc', reduction=32, **kwargs)
 
 
+# paper_ids: the architecture's paper, then GradAttn's, whose protocol trains these baselines.
 default_cfgs = generate_default_cfgs({
-    **dataset_cfgs('resnet18_se', **_cfg()),
-    **dataset_cfgs('resnet18_cbam', **_cfg()),
+    **dataset_cfgs('resnet18_se', paper_ids=('arXiv:1709.01507', PAPER_ID),
+                   paper_name='Squeeze-and-Excitation Networks', **_cfg()),
+    **dataset_cfgs('resnet18_cbam', paper_ids=('arXiv:1807.06521', PAPER_ID),
+                   paper_name='CBAM: Convolutional Block Attention Module', **_cfg()),
 })
 
 
