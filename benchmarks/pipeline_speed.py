@@ -5,10 +5,11 @@
     python benchmarks/pipeline_speed.py -- --workers 1       # flags after -- go to train.py unchanged
 
 Pipeline: images/s of each epoch's training loop inside ``timm_gradattn.engine.train`` (data loading and
-augmentation, Accelerate, loss and accuracy bookkeeping, logging), timed around ``train_one_epoch``, so the
-validation pass and checkpointing are left out. Bare step: the same model, optimizer (as the engine builds
-it), loss and batch size on one fixed batch of the input shape, timed before the first epoch and after every
-epoch, so that each epoch is compared with the bare step measured just before and just after it. Efficiency =
+augmentation, Accelerate, loss and accuracy bookkeeping, logging), as the engine's ``on_epoch_end`` callback
+reports it, so the validation pass and checkpointing are left out. Bare step: the same model, optimizer (the
+engine's ``create_optimizer``), loss and batch size on one fixed batch of the input shape, timed before the
+first epoch and after every epoch, so that each epoch is compared with the bare step measured just before and
+just after it. Efficiency =
 pipeline / bare; the data-only figure (iterating the training loader without a model) shows how much of the
 gap is input work.
 """
@@ -26,11 +27,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 import timm
-from timm.optim import create_optimizer_v2
 
 from speed import RESULTS_DIR, load_average, machine_description, wait_for_quiet
-from timm_gradattn import engine
-from timm_gradattn.config import parse_args
+from timm_gradattn.config import parse_args, with_dataset_defaults
+from timm_gradattn.engine import create_optimizer, train
 from timm_gradattn.cpu import keep_freed_memory
 from timm_gradattn.data import build_datasets
 
@@ -40,7 +40,7 @@ def bare_step_timer(args: argparse.Namespace, info, warmup: int, repeats: int) -
     batch and returning images/s; the model and optimizer are built once, as the engine builds them."""
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=info.num_classes, in_chans=info.in_chans).train()
-    optimizer = engine._create_optimizer(args, model, torch.device('cpu'))
+    optimizer = create_optimizer(args, model, torch.device('cpu'))
     loss_fn = nn.CrossEntropyLoss()
     images = torch.randn(args.batch_size, *info.input_size)
     targets = torch.randint(0, info.num_classes, (args.batch_size,))
@@ -78,45 +78,21 @@ def data_only_images_per_s(args: argparse.Namespace, data, epochs: int) -> float
 
 
 def run_pipeline(args: argparse.Namespace, bare_img_s: Callable[[], float]) -> Dict:
-    """Train through the engine, timing its training loop, evaluation passes and checkpoint writes per epoch,
+    """Train through the engine, recording its training loop, evaluation pass and checkpoint write per epoch,
     and the bare step before the first epoch and after each."""
     epochs: List[Dict] = []
     bare = [bare_img_s()]
-    spent = dict(predict=0., save_training_state=0.)
-    originals = {name: getattr(engine, name) for name in ('train_one_epoch', 'predict', 'save_training_state')}
 
-    def timed_train_one_epoch(epoch, model, loader, *rest, **kwargs):
-        spent.update(predict=0., save_training_state=0.)
-        start = time.perf_counter()
-        result = originals['train_one_epoch'](epoch, model, loader, *rest, **kwargs)
-        seconds = time.perf_counter() - start
+    def record(row: Dict) -> None:
         bare.append(bare_img_s())
-        images = len(loader.dataset)
-        epochs.append(dict(epoch=epoch + 1, images=images, seconds=round(seconds, 3), img_s=images / seconds,
-                           bare_img_s=(bare[-2] + bare[-1]) / 2))
+        images = row['train_images']
+        epochs.append(dict(epoch=row['epoch'], images=images, seconds=round(row['train_loop_s'], 3),
+                           img_s=images / row['train_loop_s'], bare_img_s=(bare[-2] + bare[-1]) / 2,
+                           predict_s=round(row['validate_s'], 3), save_training_state_s=round(row['checkpoint_s'], 3)))
         epochs[-1]['efficiency'] = epochs[-1]['img_s'] / epochs[-1]['bare_img_s']
-        return result
 
-    def timer(name):
-        def timed(*args_, **kwargs):
-            start = time.perf_counter()
-            try:
-                return originals[name](*args_, **kwargs)
-            finally:
-                spent[name] += time.perf_counter() - start
-                if epochs:  # the epoch's validation pass and checkpoint (the test pass lands on the last epoch)
-                    epochs[-1][f'{name}_s'] = round(spent[name], 3)
-        return timed
-
-    engine.train_one_epoch = timed_train_one_epoch
-    engine.predict = timer('predict')
-    engine.save_training_state = timer('save_training_state')
     start = time.perf_counter()
-    try:
-        results = engine.train(args)
-    finally:
-        for name, function in originals.items():
-            setattr(engine, name, function)
+    results = train(args, on_epoch_end=record)
     seconds = time.perf_counter() - start
     return dict(epochs=epochs, bare_img_s=bare, engine_seconds=round(seconds, 2), test_top1=results.get('top1'))
 
@@ -156,7 +132,6 @@ def report(result: Dict) -> str:
         lines.append(f"| {e['epoch']} | {e['images']} | {e['seconds']:.2f} | {e['img_s']:.1f} | "
                      f"{e['bare_img_s']:.1f} | {100 * e['efficiency']:.1f} % | {e.get('predict_s', 0):.2f} | "
                      f"{e.get('save_training_state_s', 0):.2f} |")
-    lines += ['', '(The last epoch\'s evaluation time includes the test pass.)']
     return '\n'.join(lines) + '\n'
 
 
@@ -184,10 +159,9 @@ def main(argv=None) -> None:
         data = build_datasets(args.dataset, data_dir=args.data_dir, protocol=args.protocol, seed=args.seed,
                               img_size=args.img_size, in_chans=args.in_chans)
         info = data.info
-        # The engine's own defaults, resolved here so the bare step runs as the engine's does, the allocator
-        # setting included (it is process-wide, so it is made before the first bare step).
-        args.batch_size = args.batch_size or info.batch_size
-        args.workers = (0 if info.name == 'digits' else 2) if args.workers is None else args.workers
+        # The engine's own defaults, so the bare step runs as the engine's does, the allocator setting included
+        # (it is process-wide, so it is made before the first bare step).
+        args = with_dataset_defaults(args, info)
         malloc_tuned = keep_freed_memory() if args.keep_freed_memory else False
 
         quiet = True
@@ -196,7 +170,7 @@ def main(argv=None) -> None:
         load_before = load_average()
         started = time.time()
         bare_img_s = bare_step_timer(args, info, own.warmup, own.repeats)
-        pipeline = run_pipeline(parse_args(train_args), bare_img_s)
+        pipeline = run_pipeline(args, bare_img_s)
         data_only = data_only_images_per_s(args, data, epochs=3)
         load_after = load_average()
 

@@ -12,17 +12,20 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch.utils.data import DataLoader, TensorDataset
 
+import timm
+from safetensors.torch import save_file
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
+from timm_gradattn import checkpoint
 from timm_gradattn.checkpoint import (
-    atomic_write_text, find_last_checkpoint, load_scheduler_state_dict, load_training_state, load_weights,
-    save_training_state, scheduler_state_dict,
+    WeightsError, atomic_write_text, find_last_checkpoint, load_scheduler_state_dict, load_training_state,
+    load_weights, save_training_state, scheduler_state_dict,
 )
-from timm_gradattn.config import RECIPES, UserError, parse_args, settings_to_yaml
+from timm_gradattn.config import RECIPES, UserError, parse_args, settings_to_yaml, with_dataset_defaults
 from timm_gradattn.cpu import keep_freed_memory
-from timm_gradattn.engine import (
-    NonFiniteLossError, _create_optimizer, _has_fused_kernel, _stop_unless_finite, predict,
-)
+from timm_gradattn.data import get_dataset_info
+from timm_gradattn.engine import NonFiniteLossError, _has_fused_kernel, _stop_unless_finite, create_optimizer
+from timm_gradattn.metrics import predict
 
 
 @pytest.fixture
@@ -52,6 +55,20 @@ def test_saved_settings_load_back_unchanged(tmp_path):
     again = parse_args(['--config', str(config), '--experiment', 'x'])
     expected = dict(vars(args), config=str(config), model_kwargs=dict(embed_dim=64, channels=[8, 16, 32, 64]))
     assert vars(again) == expected
+
+
+@pytest.mark.parametrize('argv', [['--recipe', 'cnntention', '--model', 'resnet20_cbam', '--dataset', 'cifar10'],
+                                  ['--recipe', 'attention-shortcuts', '--model', 'asnet50_kv', '--dataset', 'cifar10']])
+def test_saved_settings_of_a_per_model_recipe_load_back_unchanged(tmp_path, argv):
+    # Milestones, mean/std lists and an epoch count left to --max-updates survive config.yaml.
+    args = parse_args([*argv, '--experiment', 'x'])
+    config = tmp_path / 'config.yaml'
+    config.write_text(settings_to_yaml(args))
+    assert vars(parse_args(['--config', str(config), '--experiment', 'x'])) == dict(vars(args), config=str(config))
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'config.yaml').write_text(settings_to_yaml(args))
+    with pytest.raises(UserError, match=r'val_fraction: 0.1 -> 0.2'):
+        parse_args(['--resume', str(tmp_path / 'run'), '--val-fraction', '0.2'])
 
 
 def test_resume_refuses_other_identity(tmp_path):
@@ -129,11 +146,63 @@ def test_checkpoint_swap_leaves_a_complete_checkpoint(tmp_path, accelerator):
     assert find_last_checkpoint(tmp_path) == tmp_path / 'last'
 
 
+def test_dataset_defaults_fill_only_what_was_not_given():
+    digits, cifar = get_dataset_info('digits'), get_dataset_info('cifar10')
+    args = parse_args([])
+    resolved = with_dataset_defaults(args, digits)
+    assert (resolved.batch_size, resolved.workers) == (64, 0) and args.batch_size is None, 'a copy, args unchanged'
+    assert (with_dataset_defaults(args, cifar).batch_size, with_dataset_defaults(args, cifar).workers) == (128, 2)
+    given = with_dataset_defaults(parse_args(['-b', '32', '-j', '3']), digits)
+    assert (given.batch_size, given.workers) == (32, 3)
+
+
 def test_load_weights_names_the_mismatch(tmp_path):
-    from safetensors.torch import save_file
     save_file({'weight': torch.zeros(2, 2)}, str(tmp_path / 'w.safetensors'), metadata={'model': 'other_net'})
     with pytest.raises(ValueError, match=r"saved from other_net.*1 missing \(e.g. \['bias'\]\); 1 of another shape"):
         load_weights(nn.Linear(3, 2), tmp_path / 'w.safetensors')
+
+
+def test_load_weights_names_a_damaged_file(tmp_path):
+    (tmp_path / 'w.pth').write_bytes(b'pickled')
+    with pytest.raises(UserError, match=r'--checkpoint .*w.pth cannot be read as weights'):
+        load_weights(nn.Linear(3, 2), tmp_path / 'w.pth', what='--checkpoint')
+    save_file(nn.Linear(3, 2).state_dict(), str(tmp_path / 'w.safetensors'))
+    (tmp_path / 'cut.safetensors').write_bytes((tmp_path / 'w.safetensors').read_bytes()[:-8])
+    with pytest.raises(WeightsError, match='cut.safetensors cannot be read as weights') as error:
+        load_weights(nn.Linear(3, 2), tmp_path / 'cut.safetensors')
+    assert '\n' not in str(error.value)
+    with pytest.raises(WeightsError, match=r'missing.safetensors does not exist\.$'):
+        load_weights(nn.Linear(3, 2), tmp_path / 'missing.safetensors')
+
+
+def test_load_weights_maps_old_names_and_can_keep_a_new_head(tmp_path, monkeypatch):
+    source = timm.create_model('resnet18', num_classes=10, in_chans=1)
+    old_names = {k.replace('layer1.', 'old_layer1.'): v for k, v in source.state_dict().items()}
+    save_file(old_names, str(tmp_path / 'old.safetensors'))
+    with pytest.raises(WeightsError, match='does not fit'):
+        load_weights(timm.create_model('resnet18', num_classes=10, in_chans=1), tmp_path / 'old.safetensors')
+    # Every path (evaluate, --initial-checkpoint, --resume, publish) goes through the zoo's filter.
+    monkeypatch.setattr(checkpoint, 'checkpoint_filter_fn',
+                        lambda state, model: {k.replace('old_layer1.', 'layer1.'): v for k, v in state.items()})
+    target = timm.create_model('resnet18', num_classes=3, in_chans=1)
+    fresh_head = target.fc.weight.detach().clone()
+    with pytest.raises(WeightsError, match=r"1 of another shape|2 of another shape"):
+        load_weights(target, tmp_path / 'old.safetensors')
+    load_weights(target, tmp_path / 'old.safetensors', new_head=True)
+    assert torch.equal(target.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    assert torch.equal(target.fc.weight, fresh_head), 'a classifier of another size stays as initialised'
+
+
+@pytest.mark.parametrize('recipe, pos_embed_decay', [('default', 0.0), ('paper', 1e-4)])
+def test_paper_recipe_decays_every_parameter(recipe, pos_embed_decay):
+    model = timm.create_model('gradattn_resnet18_lpe', num_classes=10, in_chans=1)
+    optimizer = create_optimizer(parse_args(['--recipe', recipe]), model, torch.device('cpu'))
+    decay = {id(p): group['weight_decay'] for group in optimizer.param_groups for p in group['params']}
+    assert len(decay) == len(list(model.parameters()))
+    assert decay[id(model.pos_embed)] == pos_embed_decay
+    biases = [p for name, p in model.named_parameters() if name.endswith('.bias')]
+    assert {decay[id(p)] for p in biases} == {pos_embed_decay}, 'biases follow pos_embed'
+    assert decay[id(model.get_classifier().weight)] == 1e-4
 
 
 def test_predict_returns_every_sample_once(accelerator):
@@ -152,7 +221,7 @@ def test_fused_optimizer_takes_the_same_steps_as_the_loop(opt):
     # full steps of arbitrary sign.
     models = [nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [_create_optimizer(parse_args(['--opt', opt, '--lr', '0.01', *flag]), model, torch.device('cpu'))
+    optimizers = [create_optimizer(parse_args(['--opt', opt, '--lr', '0.01', *flag]), model, torch.device('cpu'))
                   for model, flag in zip(models, ([], ['--no-fused-opt']))]
     assert optimizers[0].defaults['fused'] and not optimizers[1].defaults['fused']
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
@@ -168,11 +237,11 @@ def test_fused_optimizer_takes_the_same_steps_as_the_loop(opt):
 def test_optimizers_without_a_fused_kernel_are_built_as_before():
     model = nn.Linear(4, 2)
     for opt in ('lamb', 'nadam', 'lookahead_adam'):
-        optimizer = _create_optimizer(parse_args(['--opt', opt]), model, torch.device('cpu'))
+        optimizer = create_optimizer(parse_args(['--opt', opt]), model, torch.device('cpu'))
         assert not optimizer.defaults.get('fused')
     assert not _has_fused_kernel('adam', torch.device('meta'))
     with pytest.raises(UserError, match="Cannot create optimizer --opt 'adamm'"):
-        _create_optimizer(parse_args(['--opt', 'adamm']), model, torch.device('cpu'))
+        create_optimizer(parse_args(['--opt', 'adamm']), model, torch.device('cpu'))
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc malloc settings')

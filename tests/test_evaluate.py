@@ -70,9 +70,9 @@ def test_registry_name_with_safetensors_checkpoint(tmp_path):
     assert written['split'] == 'val' and written['checkpoint'].endswith('model.safetensors')
 
 
-def test_non_safetensors_checkpoint_is_refused(tmp_path):
+def test_checkpoint_that_is_not_weights_is_refused(tmp_path):
     (tmp_path / 'weights.pth').write_bytes(b'not read')
-    with pytest.raises(UserError, match='not a .safetensors file'):
+    with pytest.raises(UserError, match='weights.pth cannot be read as weights'):
         main(['--model', 'resnet18', '--checkpoint', str(tmp_path / 'weights.pth'), '--dataset', 'digits',
               '-j', '0', '--output', str(tmp_path / 'eval')])
 

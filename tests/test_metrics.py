@@ -9,7 +9,7 @@ from sklearn.metrics import precision_recall_fscore_support, top_k_accuracy_scor
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from timm_gradattn.metrics import (
-    METRIC_KEYS, classification_metrics, confusion_matrix, reliability_bins, topk_accuracy,
+    METRIC_KEYS, classification_metrics, confusion_matrix, evaluate_logits, reliability_bins, topk_accuracy,
 )
 
 
@@ -84,6 +84,18 @@ def test_confusion_matrix_matches_scikit_learn():
     logits, targets = _predictions(120, 5, seed=5)
     expected = sk_confusion_matrix(targets.numpy(), logits.argmax(1).numpy(), labels=np.arange(5))
     assert confusion_matrix(logits, targets).numpy().tolist() == expected.tolist()
+
+
+def test_one_evaluation_gives_the_metrics_and_what_the_plots_draw():
+    logits, targets = _predictions(120, 5, seed=7)
+    result = evaluate_logits(logits.float(), targets, num_classes=5, ece_bins=8)
+    assert result.metrics == classification_metrics(logits.float(), targets, ece_bins=8)
+    assert torch.equal(result.confusion, confusion_matrix(logits, targets))
+    assert result.reliability == reliability_bins(logits.float().double().softmax(dim=1), targets, 8)
+    assert result.reliability.ece == result.metrics['ece']
+    assert result.per_class['support'].tolist() == torch.bincount(targets, minlength=5).tolist()
+    # A model with more outputs than the dataset has classes keeps every prediction in the matrix.
+    assert evaluate_logits(logits, targets, num_classes=3).confusion.shape == (5, 5)
 
 
 def test_ece_on_hand_checkable_bins():

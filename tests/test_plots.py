@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from timm_gradattn.analysis import RoutingSummary, read_grad_norms
+from timm_gradattn.analysis import DepthRoutingSummary, RoutingSummary, SpatialAttention, read_grad_norms
 from timm_gradattn.metrics import confusion_matrix, reliability_bins
 from timm_gradattn.plots import (
-    plot_confusion_matrix, plot_gradient_norms, plot_reliability_diagram, plot_routing, plot_training_curves,
-    read_summary_csv,
+    plot_confusion_matrix, plot_depth_routing, plot_gradient_norms, plot_reliability_diagram, plot_routing,
+    plot_spatial_attention, plot_training_curves, read_summary_csv,
 )
 
 
@@ -72,3 +72,26 @@ def test_routing_plot(tmp_path):
         for method in ('rollout', 'gradient')]
     _assert_png(plot_routing(summaries, tmp_path / 'routing.png', title='routing'))
     _assert_png(plot_routing(summaries[0], tmp_path / 'routing_one.png'))
+
+
+def test_depth_routing_plot(tmp_path):
+    readers = ['block1.1', 'block1.2', 'block2.1', 'block2.2']
+    weights = [[1.0], [0.3, 0.7], [0.1, 0.2, 0.7], [0.25, 0.25, 0.25, 0.25]]
+    summary = DepthRoutingSummary(readers=readers, memory=['stem'] + readers[:-1], weights=weights, num_samples=8)
+    _assert_png(plot_depth_routing(summary, tmp_path / 'depth_routing.png'))
+
+
+@pytest.mark.parametrize('chans', [1, 3])
+def test_spatial_attention_plot(tmp_path, chans):
+    generator = torch.Generator().manual_seed(0)
+    grids = [(28, 32), (14, 16), (7, 8)]
+    maps = [torch.rand(3, h, w, generator=generator) for h, w in grids]
+    attention = SpatialAttention(centre=[m / m.sum(dim=(1, 2), keepdim=True) for m in maps],
+                                 received=[m.flip(1) / m.sum(dim=(1, 2), keepdim=True) for m in maps],
+                                 centre_positions=[(h // 2, w // 2) for h, w in grids], entropy=[0.9, 0.5, 0.2])
+    images = torch.randn(3, chans, 28, 32, generator=generator)
+    path = plot_spatial_attention(attention, images, tmp_path / 'attention_maps.png', labels=['cat', 'dog', 'bird'],
+                                  mean=[0.5] * chans, std=[0.25] * chans)
+    _assert_png(path)
+    with pytest.raises(ValueError, match='2 images for the attention maps of 3'):
+        plot_spatial_attention(attention, images[:2], tmp_path / 'bad.png')

@@ -153,3 +153,10 @@ def test_unknown_compile_backend(tmp_path, capsys):
     message = fails(['--torchcompile', 'inductorr'], tmp_path, capsys)
     assert "--torchcompile 'inductorr'" in message and 'inductor' in message
     assert not any(tmp_path.iterdir())
+
+
+def test_eight_pixel_images_train(tmp_path, capsys):
+    # No size minimum: at 8 px GradAttn's deepest maps are 1x1, which batches of 64 train on.
+    argv = [*TINY, '--img-size', '8', '--batch-size', '64', '--train-subset', '64', '--experiment', 'eight']
+    assert train_cli.main([*argv, '--output', str(tmp_path)]) == 0
+    assert (tmp_path / 'eight' / 'results.json').is_file()

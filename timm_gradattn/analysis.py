@@ -14,9 +14,11 @@ Gradient flow (paper section 4.7, Table 7):
           and position embeddings are covered too. A parameter owned by the model itself (e.g.
           ``pos_embed``) is its own entry.
         * ``mode='outputs'``: the paper's variant, the L2 norm of the gradient of the loss with respect
-          to the OUTPUT of every ``nn.Conv2d``, ``nn.Linear`` and transformer encoder layer, read by
-          tensor hooks. A module called twice in one forward contributes the norm of both calls'
-          gradients together.
+          to the OUTPUT of every ``nn.Conv2d``, ``nn.Linear``, transformer encoder layer and attention
+          module of the zoo's families (CNNtention's self-attention and CBAM, Attention Shortcuts' depth
+          attention, whose output is the g its block reads), read by tensor hooks. A module called twice
+          in one forward (AS_out's shared attention is called by every block) contributes the norm of all
+          its calls' gradients together.
     In both modes the norm is taken per batch and averaged over the batches in which the layer
     received a gradient.
 
@@ -31,22 +33,36 @@ Attention routing:
           ``|sum_d token_d * d logit / d token_d|`` for the logit of the predicted class, normalised to
           sum to one per sample. With a learnable position embedding the token includes it.
     ``routing_summary`` averages either over a loader, overall and per true class.
+
+Attention of the other families (``attention_kind`` says which a model exposes, through its own
+``attention_maps``):
+    * 'tokens': GradAttn, the routing above.
+    * 'spatial': CNNtention's SelfAtt / MHA, softmax over the H*W positions of each stage's map.
+      ``spatial_attention`` takes, per stage and averaged over heads, the attention from the centre position
+      and the mean attention each position receives (over all query positions); both are distributions over
+      the positions. Read on the unfused path: the fused kernel never forms the weights.
+    * 'depth': Attention Shortcuts, softmax per pixel over the outputs stored so far.
+      ``depth_routing_summary`` averages each block's weights over pixels, heads and a loader's images:
+      which earlier outputs each block reads.
 """
 import json
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 
 __all__ = [
-    'GRADIENT_MODES', 'HEALTH_BANDS', 'PAPER_BANDS', 'REFERENCE_BAND', 'ROUTING_METHODS', 'RoutingSummary',
-    'attention_rollout', 'extraction_point_names', 'gradient_health', 'gradient_health_report', 'gradient_norms',
-    'read_grad_norms', 'routing_summary', 'routing_weights', 'unwrap_model',
+    'ATTENTION_KINDS', 'ATTENTION_MODELS', 'DepthRoutingSummary', 'GRADIENT_MODES', 'HEALTH_BANDS', 'PAPER_BANDS',
+    'REFERENCE_BAND', 'ROUTING_METHODS', 'RoutingSummary', 'SpatialAttention', 'attention_kind', 'attention_rollout',
+    'depth_routing_summary', 'depth_routing_weights', 'extraction_point_names', 'gradient_health',
+    'gradient_health_report', 'gradient_norms', 'images_per_class', 'read_grad_norms', 'routing_summary',
+    'routing_weights', 'spatial_attention',
 ]
 
 GRADIENT_MODES = ('parameters', 'outputs')
@@ -62,20 +78,12 @@ HEALTH_BANDS: Dict[str, Tuple[float, float]] = OrderedDict([
 ])
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module under DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, '_orig_mod') and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _output_layer_types() -> Tuple[type, ...]:
+    from .models.attention_shortcuts import DepthAttention
+    from .models.cnntention import ResidualCbam, SpatialSelfAttention
     from .models.gradattn import EncoderLayer
-    return nn.Conv2d, nn.Linear, nn.TransformerEncoderLayer, EncoderLayer
+    return (nn.Conv2d, nn.Linear, nn.TransformerEncoderLayer, EncoderLayer, SpatialSelfAttention, ResidualCbam,
+            DepthAttention)
 
 
 # --- gradient flow -------------------------------------------------------------------------------------------
@@ -159,6 +167,8 @@ def gradient_norms(
                 output_sq[name] = output_sq[name] + sq if name in output_sq else sq
 
             def hook(module, args, output):
+                if isinstance(output, tuple) and output:
+                    output = output[0]  # DepthAttention returns (g, key, value); g is what the block reads
                 if isinstance(output, torch.Tensor) and output.requires_grad:
                     if name not in layer_order:
                         layer_order.append(name)
@@ -364,10 +374,6 @@ class RoutingSummary:
     per_class: List[List[float]]         # (classes x points) mean weight over the samples of each class
     class_counts: List[int]
     label_names: Optional[List[str]] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
 
 
 def routing_summary(
@@ -408,3 +414,195 @@ def routing_summary(
         method=method, points=list(extraction_point_names(core)), overall=weights.mean(dim=0).tolist(),
         per_class=per_class.tolist(), class_counts=counts.tolist(),
         label_names=list(label_names) if label_names is not None else None)
+
+
+# --- attention of every family: which kind a model exposes, spatial maps, depth routing -------------------
+
+ATTENTION_KINDS = ('tokens', 'spatial', 'depth')
+# Which of the zoo's models expose each kind, for messages.
+ATTENTION_MODELS = {
+    'tokens': 'a GradAttn model (gradattn_resnet18_*)',
+    'spatial': "CNNtention's resnet20_selfatt / resnet20_mha",
+    'depth': 'an Attention Shortcuts net (asnet50_out, asnet50_kv, as_resnet50_stages)',
+}
+
+
+def _attention_modules() -> Tuple[Tuple[type, str], ...]:
+    from .models.attention_shortcuts import DepthAttention
+    from .models.cnntention import SpatialSelfAttention
+    from .models.gradattn import EncoderLayer
+    return (EncoderLayer, 'tokens'), (SpatialSelfAttention, 'spatial'), (DepthAttention, 'depth')
+
+
+def attention_kind(model: nn.Module) -> Optional[str]:
+    """Which attention maps the model's ``attention_maps(x)`` returns, or None when it exposes none.
+
+        * 'tokens': per encoder layer (B, heads, T, T) over GradAttn's extraction-point tokens.
+        * 'spatial': per stage (B, heads, N, N) over the N = H*W positions of the stage's map, rows are queries.
+        * 'depth': per attention step (B, n) softmax weights over the n outputs stored so far, oldest first,
+          averaged over pixels and heads.
+
+    A model may state its kind as an ``attention_kind`` attribute; the zoo's models are recognised by the
+    attention modules they are built from (so ``resnet20`` and ``resnet20_cbam`` have none).
+    """
+    model = unwrap_model(model)
+    if not callable(getattr(model, 'attention_maps', None)):
+        return None
+    declared = getattr(model, 'attention_kind', None)
+    if declared is not None:
+        if declared not in ATTENTION_KINDS:
+            raise ValueError(f'{type(model).__name__}.attention_kind={declared!r} is not one of {ATTENTION_KINDS}.')
+        return declared
+    kinds = _attention_modules()
+    for module in model.modules():
+        for module_type, kind in kinds:
+            if isinstance(module, module_type):
+                return kind
+    return None
+
+
+def _attention_model(model: nn.Module, kind: str) -> nn.Module:
+    model = unwrap_model(model)
+    found = attention_kind(model)
+    if found != kind:
+        has = 'no attention maps' if found is None else f'attention maps of kind {found!r}'
+        raise TypeError(f'This needs attention maps of kind {kind!r}, as {ATTENTION_MODELS[kind]} has; '
+                        f'{type(model).__name__} exposes {has}.')
+    return model
+
+
+def _in_eval_mode(model: nn.Module, read: Callable[[], Any]) -> Any:
+    modes = _training_modes(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            return read()
+    finally:
+        _restore_training_modes(modes)
+
+
+def images_per_class(
+        batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+        num_classes: int,
+        per_class: int = 2,
+        max_classes: int = 10,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` images of each of the first ``max_classes`` classes, ordered by class.
+
+    Reads batches only until every wanted class is filled; a class the data lacks is left out.
+    """
+    wanted = min(num_classes, max_classes)
+    found: Dict[int, List[torch.Tensor]] = {label: [] for label in range(wanted)}
+    for images, targets in batches:
+        for image, label in zip(images, targets.tolist()):
+            if label in found and len(found[label]) < per_class:
+                found[label].append(image)
+        if all(len(images_of_class) == per_class for images_of_class in found.values()):
+            break
+    labels = [label for label in found for _ in found[label]]
+    if not labels:
+        raise ValueError(f'No images of classes 0..{wanted - 1} in the batches.')
+    return torch.stack([image for label in found for image in found[label]]), torch.tensor(labels)
+
+
+def _grid(num_positions: int, height: int, width: int) -> Tuple[int, int]:
+    """(h, w) with h * w = num_positions and the aspect closest to the image's: a stage map's shape."""
+    pairs = [(h, num_positions // h) for h in range(1, num_positions + 1) if num_positions % h == 0]
+    return min(pairs, key=lambda pair: abs(math.log(pair[0] / pair[1]) - math.log(height / width)))
+
+
+@dataclass
+class SpatialAttention:
+    """Per stage, head-averaged spatial attention of a batch of images, each map (B, h, w) over positions."""
+    centre: List[torch.Tensor]                # attention from the centre position; sums to one per image
+    received: List[torch.Tensor]              # mean over queries of the attention each position receives; sums to one
+    centre_positions: List[Tuple[int, int]]   # (row, column) of the centre query in each stage's map
+    entropy: List[float]                      # mean entropy of the attention rows (per head) / log N: 1 = uniform
+
+    def summary(self) -> Dict[str, Any]:
+        """The numbers (not the maps) for a JSON file."""
+        return dict(
+            stages=[dict(grid=list(centre.shape[-2:]), centre=list(position), normalised_entropy=entropy)
+                    for centre, position, entropy in zip(self.centre, self.centre_positions, self.entropy)],
+            num_images=int(self.centre[0].shape[0]) if self.centre else 0)
+
+
+def spatial_attention(model: nn.Module, images: torch.Tensor) -> SpatialAttention:
+    """Where each stage's spatial attention looks, read through the model's ``attention_maps`` in eval mode."""
+    model = _attention_model(model, 'spatial')
+    maps = _in_eval_mode(model, lambda: model.attention_maps(images))
+    height, width = images.shape[-2:]
+    centre, received, positions, entropy = [], [], [], []
+    for attention in maps:
+        attention = attention.float()
+        batch, _, num_positions, _ = attention.shape
+        h, w = _grid(num_positions, height, width)
+        row, column = h // 2, w // 2
+        mean_over_heads = attention.mean(dim=1)
+        centre.append(mean_over_heads[:, row * w + column].reshape(batch, h, w).cpu())
+        received.append(mean_over_heads.mean(dim=1).reshape(batch, h, w).cpu())
+        positions.append((row, column))
+        row_entropy = -(attention * attention.clamp(min=1e-30).log()).sum(dim=-1)
+        entropy.append(float(row_entropy.mean() / math.log(num_positions)) if num_positions > 1 else 0.0)
+    return SpatialAttention(centre=centre, received=received, centre_positions=positions, entropy=entropy)
+
+
+def _depth_step_names(model: nn.Module, num_steps: int) -> List[str]:
+    """A name per attention step: the stage or block ('block<stage>.<block>', 1-based) whose input it forms."""
+    stages = getattr(model, 'stages', None)
+    stages = list(stages) if isinstance(stages, nn.Module) else []
+    if stages and num_steps == len(stages):
+        return [f'stage{s}' for s in range(1, num_steps + 1)]
+    blocks = [f'block{s}.{b}' for s, stage in enumerate(stages, 1) for b in range(1, len(stage) + 1)
+              if isinstance(stage, nn.Sequential)]
+    if len(blocks) == num_steps:
+        return blocks
+    return [f'step{i}' for i in range(1, num_steps + 1)]
+
+
+def depth_routing_weights(model: nn.Module, images: torch.Tensor) -> List[torch.Tensor]:
+    """Per attention step l, (B, l + 1) softmax weights over the stored outputs, averaged over pixels and heads."""
+    model = _attention_model(model, 'depth')
+    return [weights.float() for weights in _in_eval_mode(model, lambda: model.attention_maps(images))]
+
+
+@dataclass
+class DepthRoutingSummary:
+    """Which stored outputs each attention step reads, averaged over pixels, heads and a data set's images."""
+    readers: List[str]          # rows: the block (or stage) whose input the attention forms
+    memory: List[str]           # columns, oldest first: the stem output, then each reader's output
+    weights: List[List[float]]  # row l: mean weight over memory[0..l] (ragged); each row sums to one
+    num_samples: int
+
+
+def depth_routing_summary(
+        model: nn.Module,
+        loader: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+        accelerator: Any = None,
+        max_batches: Optional[int] = None,
+) -> DepthRoutingSummary:
+    """Average ``depth_routing_weights`` over a loader (gathered over processes with an ``accelerator``)."""
+    core = _attention_model(model, 'depth')
+    device = next(core.parameters()).device
+    total: Optional[torch.Tensor] = None
+    count = 0
+    for batch_index, (images, _) in enumerate(loader):
+        if max_batches is not None and batch_index >= max_batches:
+            break
+        steps = depth_routing_weights(core, images.to(device))
+        # Rows padded to one (B, steps, steps) tensor, so one gather covers them all.
+        table = torch.zeros(images.shape[0], len(steps), len(steps), device=device)
+        for row, weights in enumerate(steps):
+            table[:, row, :weights.shape[1]] = weights
+        if accelerator is not None:
+            table = accelerator.gather_for_metrics(table)
+        count += table.shape[0]
+        table = table.double().sum(dim=0).cpu()
+        total = table if total is None else total + table
+    if total is None:
+        raise ValueError('The loader yielded no batches.')
+    mean = total / count
+    readers = _depth_step_names(core, mean.shape[0])
+    return DepthRoutingSummary(
+        readers=readers, memory=['stem'] + readers[:-1],
+        weights=[mean[row, :row + 1].tolist() for row in range(mean.shape[0])], num_samples=count)

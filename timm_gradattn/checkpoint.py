@@ -19,13 +19,15 @@ Accelerate's ``save_state`` / ``load_state`` are not used: they unpickle registe
 ``weights_only=False`` (and early-stopping or scheduler state would be such objects), skip a failed
 random-state restore with only an info log, and do not write atomically. Nothing here is unpickled:
 tensors are safetensors, the rest JSON, and the optimizer state (tensors, numbers and lists only) is
-loaded with ``torch.load(weights_only=True)``. Multi-process runs assume a file system shared by all
-processes, as for any DDP checkpoint.
+loaded with ``torch.load(weights_only=True)``, as are foreign ``.pth`` state dicts given to ``load_weights``.
+Multi-process runs assume a file system shared by all processes, as for any DDP checkpoint.
 """
+import argparse
 import csv
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -36,10 +38,14 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+from timm.models import clean_state_dict
+
+from .config import UserError
+from .models import checkpoint_filter_fn
 
 __all__ = ['LAST', 'STATE_FILE', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_csv', 'atomic_save_weights',
            'replace_folder',
-           'load_weights', 'find_last_checkpoint', 'save_training_state', 'load_training_state',
+           'WeightsError', 'load_weights', 'find_last_checkpoint', 'save_training_state', 'load_training_state',
            'scheduler_state_dict', 'load_scheduler_state_dict', 'capture_rng_state', 'restore_rng_state']
 
 LAST = 'last'
@@ -59,9 +65,30 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    try:  # Linux states it; asking os.umask means setting it for a moment, which other threads would see
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
+def _give_default_modes(path: Path) -> None:
+    """The modes ``open()``/``mkdir()`` give under the umask (0644 / 0755 under umask 022), for ``path`` and,
+    if a folder, everything in it. safetensors' ``save_file`` and temporary files are 0600, which would make a
+    run folder copied to a shared disk unreadable to its other users."""
+    umask = _umask()
+    for item in [path, *(path.rglob('*') if path.is_dir() else ())]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 def _replace_synced(tmp: Path, path: Path) -> None:
     with open(tmp, 'rb') as f:
         os.fsync(f.fileno())
+    _give_default_modes(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -79,8 +106,10 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 
 def replace_folder(tmp: PathLike, final: PathLike) -> None:
-    """Swap a fully written folder ``tmp`` in as ``final`` (two renames; see ``find_last_checkpoint``)."""
+    """Swap a fully written folder ``tmp`` in as ``final`` (two renames; see ``find_last_checkpoint``),
+    its files given the umask's modes first."""
     tmp, final = Path(tmp), Path(final)
+    _give_default_modes(tmp)
     previous = final.with_name(f'{final.name}.prev')
     if final.exists():
         shutil.rmtree(previous, ignore_errors=True)
@@ -112,30 +141,95 @@ def atomic_save_weights(model_or_state: Union[nn.Module, Dict[str, torch.Tensor]
     _replace_synced(tmp, path)
 
 
-def load_weights(model: nn.Module, path: PathLike, what: str = 'checkpoint') -> Dict[str, str]:
-    """Load safetensors weights into ``model`` (all keys, same shapes); returns the file's metadata.
+class WeightsError(UserError, ValueError):
+    """A weights file that is missing, unreadable or does not fit the model (one line for the command line)."""
 
-    Raises:
-        ValueError: the file is not safetensors or does not fit the model; the message says which keys differ.
-    """
+
+# How torch.save files begin: its zip format, and its legacy format (a pickle, protocol 2 and up).
+_TORCH_FILE_STARTS = (b'PK\x03\x04', b'\x80')
+# The wrappers training scripts save a state dict in (timm's and torchvision's, Lightning's, PyTorch's tutorials').
+_STATE_DICT_KEYS = ('state_dict', 'model', 'model_state_dict')
+
+
+def _read_torch_state_dict(path: PathLike, what: str) -> Dict[str, torch.Tensor]:
+    """A state dict from a ``torch.save`` file, such as the GradAttn reference notebooks' ``.pth``, read with
+    ``weights_only=True`` only: tensors and plain containers, no object is built and no code runs. timm's
+    training checkpoints keep their settings as an ``argparse.Namespace``, which timm's own loader allows too."""
     try:
-        with safe_open(str(path), framework='pt') as f:
-            metadata = f.metadata() or {}
-        state = load_file(str(path), device='cpu')
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f'{what} {path} cannot be read as safetensors: {error}') from error
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as error:
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # noqa: BLE001 - only an example for the message; legacy files cannot be listed
+            found = []
+        example = f' (e.g. {", ".join(found[:3])})' if found else ''
+        raise WeightsError(
+            f'{what} {path} contains non-tensor objects{example}, and files are only unpickled as tensors '
+            f'(weights_only=True), never as code. If you trust it, load it yourself and save its state dict: '
+            f'safetensors.torch.save_file(state_dict, "model.safetensors").') from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise WeightsError(f'{what} {path} cannot be read as a PyTorch file (damaged or truncated?): '
+                           f'{" ".join(str(error).split()).split(". ")[0] or type(error).__name__}.') from error
+    state = checkpoint
+    if isinstance(checkpoint, dict):
+        state = next((checkpoint[k] for k in _STATE_DICT_KEYS if isinstance(checkpoint.get(k), dict)), checkpoint)
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        found = f'a dict with keys {sorted(map(str, state))[:5]}' if isinstance(state, dict) else type(state).__name__
+        raise WeightsError(f'{what} {path} holds no state dict (parameter names to tensors) but {found}. Save '
+                           f'model.state_dict(), alone or as {{"state_dict": ...}}.')
+    return state
+
+
+def load_weights(model: nn.Module, path: PathLike, what: str = 'checkpoint', new_head: bool = False) -> Dict[str, str]:
+    """The one way weights are read: a safetensors file, or a ``torch.save`` state dict (``.pth``/``.pt``, read
+    with ``weights_only=True`` only; a ``{'state_dict': ...}`` or ``{'model': ...}`` wrapper is unwrapped), into
+    ``model``; returns the safetensors metadata (empty for a ``torch.save`` file).
+
+    DDP / torch.compile prefixes are stripped and ``timm_gradattn.models.checkpoint_filter_fn`` maps older names
+    to the model's. Every key must fit, except that with ``new_head`` a classifier of another shape (or none)
+    stays as initialised (fine-tuning). Raises WeightsError naming ``what`` (the flag or role) and ``path``.
+    """
+    if Path(path).is_dir():
+        raise WeightsError(f'{what} {path} is a folder; pass the weights file in it (e.g. model.safetensors).')
+    if not Path(path).is_file():
+        raise WeightsError(f'{what} {path} does not exist.')
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if Path(path).suffix != '.safetensors' and head.startswith(_TORCH_FILE_STARTS):
+        state, metadata = _read_torch_state_dict(path, what), {}
+    else:
+        try:
+            with safe_open(str(path), framework='pt', device='cpu') as f:
+                metadata = f.metadata() or {}
+                state = {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError) as error:
+            kind = '' if Path(path).suffix == '.safetensors' else ' neither a PyTorch file nor safetensors, or'
+            raise WeightsError(f'{what} {path} cannot be read as weights ({kind} damaged or truncated?): '
+                               f'{" ".join(str(error).split())}'.replace('( ', '(')) from error
+    state = checkpoint_filter_fn(clean_state_dict(state), model)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or resized:
-        problems = []
-        for label, keys in (('missing', missing), ('unexpected', unexpected), ('of another shape', resized)):
-            if keys:
-                problems.append(f'{len(keys)} {label} (e.g. {keys[:3]})')
+    resized = {k for k in set(state) & set(expected) if state[k].shape != expected[k].shape}
+    first_conv = f"{(getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')}.weight"
+    if first_conv in resized and state[first_conv].ndim == 4:
+        saved, taken = state[first_conv].shape[1], expected[first_conv].shape[1]
+        raise WeightsError(f'{what} {path} was trained on {saved}-channel images but the model takes {taken}. '
+                           f'Pass --in-chans {saved} (images are converted).')
+    head = set()
+    if new_head:  # the classifier's keys: replaced when another size, optional in the file
+        classifier = model.get_classifier()
+        prefixes = tuple(f'{name}.' for name, module in model.named_modules() if module is classifier)
+        head = {k for k in expected if k.startswith(prefixes)}
+        state = {k: v for k, v in state.items() if k not in resized & head}
+    problems = []
+    for label, keys in (('missing', set(expected) - set(state) - head), ('unexpected', set(state) - set(expected)),
+                        ('of another shape', resized - head)):
+        if keys:
+            problems.append(f'{len(keys)} {label} (e.g. {sorted(keys)[:3]})')
+    if problems:
         source = f" (saved from {metadata['model']})" if 'model' in metadata else ''
-        raise ValueError(f'{what} {path}{source} does not fit this model: keys {"; ".join(problems)}.')
-    model.load_state_dict(state)
+        raise WeightsError(f'{what} {path}{source} does not fit this model: keys {"; ".join(problems)}.')
+    model.load_state_dict(state, strict=not head)
     return metadata
 
 
@@ -243,7 +337,8 @@ def load_training_state(
 ) -> Dict[str, Any]:
     """Restore what ``save_training_state`` wrote (model, EMA, optimizer, this process's generators).
 
-    Returns the JSON part of the state. Raises ValueError when the checkpoint does not fit the model.
+    Returns the JSON part of the state. Raises WeightsError (a ValueError) when the weights do not fit the model,
+    ValueError when the optimizer state does not.
     """
     folder = Path(folder)
     state = json.loads((folder / STATE_FILE).read_text())

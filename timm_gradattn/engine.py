@@ -8,22 +8,21 @@ accumulation and multi-process runs (``accelerate launch``) are Accelerate's bus
 
 A run folder ``<output>/<experiment>/`` holds ``config.yaml``, ``summary.csv``, ``model_best.safetensors``,
 ``last/`` (see ``timm_gradattn.checkpoint``), ``results.json``, ``hub/`` and, with ``--grad-stats-every``,
-``grad_norms.jsonl``. Epochs are numbered from 1 in every file.
+``grad_norms.jsonl``. Epochs are numbered from 1 in every file. ``results.json`` holds the test metrics of the
+best validation epoch's weights and, under ``test_last_epoch``, those of the last epoch's (a run stopped by
+``--max-updates`` ends with a partial epoch, validated and saved like the others).
 """
 import argparse
-import difflib
 import inspect
 import json
 import math
 import os
-import platform
 import time
 import warnings
 from itertools import islice
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
-import accelerate
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -35,24 +34,26 @@ from tqdm.auto import tqdm
 import timm
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import get_pretrained_cfg, load_state_dict, parse_model_name, safe_model_name, split_model_name_tag
-from timm.optim import create_optimizer_v2, get_optimizer_class
+from timm.models import get_pretrained_cfg, parse_model_name, safe_model_name
+from timm.optim import create_optimizer_v2, get_optimizer_class, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
+from .analysis import gradient_norms, read_grad_norms
 from .checkpoint import (
     atomic_save_weights, atomic_write_csv, atomic_write_text, capture_rng_state, find_last_checkpoint,
     load_scheduler_state_dict, load_training_state, load_weights, restore_rng_state, save_training_state,
     scheduler_state_dict,
 )
-from .config import UserError, settings_to_yaml
+from .config import UserError, check_model_name, settings_to_yaml, with_dataset_defaults
 from .cpu import keep_freed_memory
 from .data import DataSplits, build_datasets
 from .data.folder import UnreadableImageError
 from .hub import export_hub_folder
-from .metrics import classification_metrics
+from .metrics import ClassificationResult, evaluate_logits, predict
+from .reporting import describe_machine
 
-__all__ = ['train', 'predict', 'NonFiniteLossError', 'GRAD_STATS_BATCHES']
+__all__ = ['train', 'train_one_epoch', 'create_optimizer', 'NonFiniteLossError', 'GRAD_STATS_BATCHES']
 
 GRAD_STATS_BATCHES = 5
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'constant', 'none')
@@ -60,24 +61,6 @@ SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', '
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite."""
-
-
-# --- evaluation (shared with timm_gradattn.evaluate) --------------------------------------------------------
-def predict(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets of a whole prepared loader, gathered from every process.
-
-    ``gather_for_metrics`` drops the samples Accelerate repeats to give every process equal batches, so
-    each sample counts once however many processes run. Returns CPU tensors, the same on every process.
-    """
-    model.eval()
-    all_logits, all_targets = [], []
-    with torch.no_grad(), accelerator.autocast():
-        for images, targets in loader:
-            logits = model(images)
-            logits, targets = accelerator.gather_for_metrics((logits, targets))
-            all_logits.append(logits.float().cpu())
-            all_targets.append(targets.cpu())
-    return torch.cat(all_logits), torch.cat(all_targets)
 
 
 # --- one epoch of training ----------------------------------------------------------------------------------
@@ -94,7 +77,8 @@ def train_one_epoch(
         mixup_fn: Optional[Mixup] = None,
         ema: Optional[ModelEmaV3] = None,
 ) -> Tuple[Dict[str, float], int]:
-    """Returns ({'train_loss', 'train_top1'}, updated optimizer-step count)."""
+    """Returns ({'train_loss', 'train_top1'}, updated optimizer-step count). Stops early, after the update
+    that reaches ``args.max_updates``."""
     model.train()
     if args.freeze_backbone:
         _keep_frozen_layers_in_eval(_bare(accelerator, model))
@@ -114,16 +98,18 @@ def train_one_epoch(
                 accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        last_update = False
         if accelerator.sync_gradients:
             num_updates += 1
             if ema is not None:
                 ema.update(_bare(accelerator, model), step=num_updates)
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
+            last_update = _reached_max_updates(args, num_updates)
         totals += torch.stack([loss.detach().float() * len(targets), (logits.argmax(1) == targets).sum().float()])
         seen += len(targets)
         progress.update(1)
-        if (step + 1) % args.log_interval == 0 or step + 1 == len(loader):
+        if (step + 1) % args.log_interval == 0 or step + 1 == len(loader) or last_update:
             loss_sum, correct, total = _sum_over_processes(accelerator, totals, seen)
             if not math.isfinite(loss_sum):
                 progress.close()
@@ -134,6 +120,10 @@ def train_one_epoch(
                     f'continue with --resume or start again.')
             progress.set_postfix(loss=f'{loss_sum / total:.4f}', top1=f'{100 * correct / total:.2f}',
                                  lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
+        if last_update:
+            if hasattr(loader, 'end'):
+                loader.end()  # what Accelerate's loader does when exhausted: it is no longer the active one
+            break
     progress.close()
     loss_sum, correct, total = _sum_over_processes(accelerator, totals, seen)
     return {'train_loss': loss_sum / total, 'train_top1': 100 * correct / total}, num_updates
@@ -165,34 +155,36 @@ def _sum_over_processes(accelerator: Accelerator, totals: torch.Tensor, seen: in
     return accelerator.reduce(counts, reduction='sum').tolist()
 
 
-def _write_plots(run_dir: Path, summary_rows, test_logits, test_targets, label_names) -> None:
+def _write_plots(run_dir: Path, summary_rows, test: ClassificationResult, label_names) -> None:
     """PNGs next to results.json: curves from summary.csv, and calibration and confusion on the test split."""
-    from .analysis import read_grad_norms
-    from .metrics import confusion_matrix, reliability_bins
     from .plots import plot_confusion_matrix, plot_gradient_norms, plot_reliability_diagram, plot_training_curves
     plot_training_curves(summary_rows, run_dir / 'training_curves.png', title=run_dir.name)
-    bins = reliability_bins(test_logits.double().softmax(dim=1), test_targets)
-    plot_reliability_diagram(bins, run_dir / 'reliability.png', title=f'reliability (test): {run_dir.name}')
-    plot_confusion_matrix(confusion_matrix(test_logits, test_targets), run_dir / 'confusion_matrix.png', label_names,
+    plot_reliability_diagram(test.reliability, run_dir / 'reliability.png', title=f'reliability (test): {run_dir.name}')
+    plot_confusion_matrix(test.confusion, run_dir / 'confusion_matrix.png', label_names,
                           title=f'confusion (test): {run_dir.name}')
     if (run_dir / 'grad_norms.jsonl').exists():
         plot_gradient_norms(read_grad_norms(run_dir / 'grad_norms.jsonl'), run_dir / 'gradient_norms.png')
 
 
 # --- the whole run ------------------------------------------------------------------------------------------
-def train(args: argparse.Namespace) -> Dict[str, Any]:
+def train(args: argparse.Namespace, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Run the job described by ``args`` (see ``timm_gradattn.config.parse_args``); returns results.json's content.
+
+    ``on_epoch_end``, if given, is called on every process after each epoch's checkpoint with the epoch's
+    summary.csv row plus the training images and the seconds its training loop, validation pass and checkpoint
+    took (``train_images``, ``train_loop_s``, ``validate_s``, ``checkpoint_s``); the benchmarks time it so.
 
     Raises:
         UserError: a problem with the settings or the data, explained (most are found before training starts).
     """
     try:
-        return _train(args)
+        return _train(args, on_epoch_end)
     except UnreadableImageError as error:  # an image that passed the header check but cannot be decoded
         raise UserError(str(error)) from error
 
 
-def _train(args: argparse.Namespace) -> Dict[str, Any]:
+def _train(args: argparse.Namespace, on_epoch_end) -> Dict[str, Any]:
+    check_model_name(args.model)
     accelerator = _create_accelerator(args)
     if args.keep_freed_memory and accelerator.device.type == 'cpu':
         keep_freed_memory()
@@ -204,19 +196,23 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
 
     data = _load_data(args)
     info = data.info
-    args.batch_size = args.batch_size or info.batch_size
-    args.workers = (0 if info.name == 'digits' else 2) if args.workers is None else args.workers
+    args = with_dataset_defaults(args, info)
     per_process_batch = _check_batch_size(args, accelerator)
     model = _create_model(args, info)
-    optimizer = _create_optimizer(args, model, accelerator.device)
-    scheduler = _create_scheduler(args, optimizer)
+    _check_model_computes(model, args, info, len(data.train), per_process_batch, accelerator.num_processes)
+    optimizer = create_optimizer(args, model, accelerator.device)
+    train_loader, val_loader, test_loader = _create_loaders(args, data)
+    # Accelerate's accumulation also steps at the end of the loader, as timm's train.py counts.
+    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+    settings = args  # config.yaml keeps --epochs unset where --max-updates sets it, so a resume can raise the cap
+    args = _with_epochs(args, updates_per_epoch)
+    scheduler = _create_scheduler(args, optimizer, updates_per_epoch)
     if args.mixup > 0:
         mixup_fn = Mixup(mixup_alpha=args.mixup, label_smoothing=args.smoothing, num_classes=model.num_classes)
         train_loss_fn = SoftTargetCrossEntropy()
     else:
         mixup_fn = None
         train_loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
-    train_loader, val_loader, test_loader = _create_loaders(args, data)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader)
     ema = ModelEmaV3(_bare(accelerator, model), decay=args.model_ema_decay) if args.model_ema else None
@@ -227,7 +223,7 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
         state = _resume(resume_from, args, accelerator, model, optimizer, scheduler, ema)
     if accelerator.is_main_process:  # on resume too: flags such as --epochs may have changed
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / 'config.yaml', settings_to_yaml(args))
+        atomic_write_text(run_dir / 'config.yaml', settings_to_yaml(settings))
     accelerator.wait_for_everyone()
     accelerator.print(
         f'{args.model} on {info.name} ({len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test images, '
@@ -237,7 +233,7 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
 
     eval_model = ema.module if ema is not None else model
     for epoch in range(state['epochs_done'], args.epochs):
-        if state['stopped_early']:
+        if state['stopped_early'] or _reached_max_updates(args, state['num_updates']):
             break
         start = time.perf_counter()
         lr = optimizer.param_groups[0]['lr']
@@ -245,8 +241,10 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
         train_stats, state['num_updates'] = train_one_epoch(
             epoch, model, train_loader, optimizer, scheduler, train_loss_fn, accelerator, args,
             state['num_updates'], mixup_fn, ema)
+        trained = time.perf_counter()
         _stop_unless_finite(epoch, model, ema, accelerator, args)
-        val = classification_metrics(*predict(eval_model, val_loader, accelerator))
+        val = evaluate_logits(*predict(eval_model, val_loader, accelerator), info.num_classes).metrics
+        validated = time.perf_counter()
         row = dict(epoch=epoch + 1, **train_stats, val_loss=val['nll'], val_top1=val['top1'], val_top5=val['top5'],
                    val_f1_macro=val['f1_macro'], lr=lr, epoch_time_s=time.perf_counter() - start)
         state['summary_rows'].append(row)
@@ -270,18 +268,29 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
             f"{row['epoch_time_s']:.1f}s{'  *best' if state['best_epoch'] == epoch + 1 else ''}")
         if args.grad_stats_every and (epoch + 1) % args.grad_stats_every == 0:
             _record_grad_norms(epoch, model, data.train, args, accelerator, run_dir)
+        saved = time.perf_counter()
         save_training_state(run_dir, accelerator, _bare(accelerator, model), optimizer, state,
                             ema=ema.module if ema is not None else None)
+        if on_epoch_end is not None:
+            on_epoch_end(dict(row, train_images=len(data.train), train_loop_s=trained - start,
+                              validate_s=validated - trained, checkpoint_s=time.perf_counter() - saved))
         if state['stopped_early']:
             accelerator.print(f"Early stopping: no better val top-1 for {args.patience} epochs "
                               f"(best {state['best_top1']:.2f} at epoch {state['best_epoch']}).")
+        elif _reached_max_updates(args, state['num_updates']):
+            accelerator.print(f"Stopped after {state['num_updates']} updates (--max-updates), in epoch {epoch + 1}.")
 
-    # The test split sees the best validation epoch's weights, reloaded from their file.
+    # The test split sees the last epoch's weights (what both CNNtention and Attention Shortcuts report), then the
+    # best validation epoch's, reloaded from their file: the run's headline figures.
     accelerator.wait_for_everyone()
+    last_epoch = len(state['summary_rows'])
+    test_last = None
+    if state['best_epoch'] != last_epoch:
+        test_last = evaluate_logits(*predict(eval_model, test_loader, accelerator), info.num_classes).metrics
     load_weights(_bare(accelerator, model), run_dir / 'model_best.safetensors', what='Best weights')
-    test_logits, test_targets = predict(model, test_loader, accelerator)
-    test = classification_metrics(test_logits, test_targets)
-    results = _results(args, data, test, state, accelerator, model)
+    test = evaluate_logits(*predict(model, test_loader, accelerator), info.num_classes)
+    results = _results(args, data, test.metrics, state, accelerator, model)
+    results['test_last_epoch'] = dict(test_last or test.metrics, epoch=last_epoch)
     if accelerator.is_main_process:
         export_hub_folder(
             _bare(accelerator, model), run_dir / 'hub', label_names=info.label_names,
@@ -290,11 +299,12 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
                 f'Trained on {info.title} with timm-gradattn train.py (recipe {args.recipe}); '
                 f'best validation top-1 {state["best_top1"]:.2f} at epoch {state["best_epoch"]}.',)))
         atomic_write_text(run_dir / 'results.json', json.dumps(results, indent=2))
-        _write_plots(run_dir, state['summary_rows'], test_logits, test_targets, info.label_names)
+        _write_plots(run_dir, state['summary_rows'], test, info.label_names)
     accelerator.wait_for_everyone()
     accelerator.print(
-        f"Test top-1 {test['top1']:.2f}  top-5 {test['top5']:.2f}  F1 (macro) {test['f1_macro']:.4f}  "
-        f"ECE {test['ece']:.4f}  (weights of epoch {state['best_epoch']}, val top-1 {state['best_top1']:.2f})\n"
+        f"Test top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  F1 (macro) {results['f1_macro']:.4f}  "
+        f"ECE {results['ece']:.4f}  (weights of epoch {state['best_epoch']}, val top-1 {state['best_top1']:.2f}); "
+        f"last epoch {last_epoch}: top-1 {results['test_last_epoch']['top1']:.2f}\n"
         f'Run folder {run_dir}:\n'
         f'  results.json            test metrics and run facts\n'
         f'  summary.csv             one row per epoch\n'
@@ -377,7 +387,8 @@ def _choose_run_dir(args: argparse.Namespace) -> Tuple[str, Optional[str]]:
 def _load_data(args: argparse.Namespace) -> DataSplits:
     try:
         data = build_datasets(args.dataset, data_dir=args.data_dir, protocol=args.protocol, download=args.download,
-                              seed=args.seed, img_size=args.img_size, in_chans=args.in_chans)
+                              seed=args.seed, img_size=args.img_size, in_chans=args.in_chans, mean=args.mean,
+                              std=args.std, augment=args.train_augment, val_fraction=args.val_fraction)
     # The data pipeline's messages name the problem and the fix (ImportError: a missing reader package).
     except (ValueError, FileNotFoundError, ImportError) as error:
         raise UserError(f'Dataset {args.dataset!r}: {error}') from error
@@ -422,14 +433,7 @@ def _check_batch_size(args: argparse.Namespace, accelerator: Accelerator) -> int
 
 
 def _create_model(args: argparse.Namespace, info) -> nn.Module:
-    source, name = parse_model_name(args.model)
-    if source is None and not timm.is_model(split_model_name_tag(name)[0]):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise UserError(f'Unknown model {args.model!r}.' + (f' Did you mean {", ".join(close)}?' if close else '')
-                        + ' See timm.list_models() for names, or pass hf-hub:<repo id> / local-dir:<folder>.')
-    if source == 'local-dir' and not (Path(name) / 'config.json').is_file():
-        raise UserError(f'--model {args.model}: {Path(name) / "config.json"} does not exist. Point local-dir: at a '
-                        f'folder exported by timm.models.save_for_hf, e.g. a run\'s hub/ folder.')
+    source, name = parse_model_name(args.model)  # the name was checked by check_model_name
     num_classes = args.num_classes or info.num_classes
     if num_classes < info.num_classes:
         raise UserError(f'--num-classes {num_classes} is fewer than the {info.num_classes} classes of {info.name}.')
@@ -442,51 +446,74 @@ def _create_model(args: argparse.Namespace, info) -> nn.Module:
         model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     except (RuntimeError, OSError, ValueError) as error:  # missing weights, unreachable Hub, bad local export
         raise UserError(f'Cannot create {args.model!r}: {error}') from error
-    if args.initial_checkpoint:
-        _load_initial_checkpoint(model, args.initial_checkpoint, info.in_chans)
+    if args.initial_checkpoint:  # a classifier of another size stays freshly initialised (fine-tuning)
+        load_weights(model, args.initial_checkpoint, what='--initial-checkpoint', new_head=True)
     if args.freeze_backbone:
         model.requires_grad_(False)
         model.get_classifier().requires_grad_(True)
     return model
 
 
-def _load_initial_checkpoint(model: nn.Module, path: str, in_chans: int) -> None:
-    """Weights to start from; a classifier of another size stays freshly initialised (fine-tuning)."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f'--initial-checkpoint {path} does not exist.')
-    try:
-        # safetensors directly; .pth/.pt/.bin only with weights_only=True (never unpickles code)
-        state = load_state_dict(str(file), weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch and safetensors raise many types for an unreadable file
-        raise UserError(f'--initial-checkpoint {path} cannot be read as weights ({type(error).__name__}: {error}). '
-                        f'Use a .safetensors file, or a .pth holding only tensors.') from error
-    expected = model.state_dict()
-    classifier = model.get_classifier()
-    head_names = {name for name, module in model.named_modules() if module is classifier}
-    head_keys = {k for k in expected if any(k.startswith(f'{h}.') for h in head_names)}
-    mismatched = {k for k in set(state) & set(expected) if state[k].shape != expected[k].shape}
-    first_conv = f"{model.pretrained_cfg.get('first_conv')}.weight"
-    if first_conv in mismatched and state[first_conv].shape[1] != in_chans:
-        saved_chans = state[first_conv].shape[1]
-        raise UserError(f'--initial-checkpoint {path} was trained on {saved_chans}-channel images but this run '
-                        f'feeds {in_chans}. Pass --in-chans {saved_chans} (images are converted).')
-    for key in mismatched & head_keys:
-        del state[key]  # a new head for the new classes
-    problems = sorted(mismatched - head_keys) + sorted(set(expected) - set(state) - head_keys) + \
-        sorted(set(state) - set(expected))
-    if problems:
-        raise UserError(f'--initial-checkpoint {path} does not fit {type(model).__name__}: keys {problems[:5]} '
-                        f'differ. Pass the --model it was trained as.')
-    model.load_state_dict(state, strict=False)
+def _check_model_computes(model: nn.Module, args: argparse.Namespace, info, train_images: int, per_process_batch: int,
+                          processes: int) -> None:
+    """One forward pass in training mode, on CPU, on blank images of the run's size and smallest training batch,
+    so that what the model cannot compute (a kernel larger than its input, a BatchNorm that would see one value
+    per channel) is refused in one line now, not mid-epoch. Any model, no size rule: it computes or it does not.
+    Weights, normalisation statistics and random state are left as they were."""
+    # One process gets the epoch's last, partial batch as it is; several get full ones (Accelerate's even_batches).
+    last = train_images % per_process_batch if processes == 1 and not args.mixup > 0 else 0
+    smallest = min(per_process_batch, last or per_process_batch)
+
+    def fails(batch: int) -> Optional[str]:
+        buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+        was_training = model.training
+        model.train()
+        if args.freeze_backbone:
+            _keep_frozen_layers_in_eval(model)
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                model(torch.zeros(batch, *info.input_size))
+        except (RuntimeError, ValueError, AssertionError, IndexError) as error:
+            return ' '.join(str(error).split())[:300] or type(error).__name__
+        finally:
+            with torch.no_grad():
+                for name, buffer in model.named_buffers():
+                    buffer.copy_(buffers[name])
+            model.train(was_training)
+        return None
+
+    problem = fails(min(smallest, 2))
+    if problem is None:
+        return
+    size = 'x'.join(map(str, info.input_size))
+    if smallest == 1 and fails(2) is None:
+        why = (f'--batch-size {args.batch_size} over {processes} process(es) is 1 image each' if per_process_batch == 1
+               else f'the last batch of each epoch holds 1 image ({train_images} training images, --batch-size '
+                    f'{args.batch_size})')
+        batch = next(b for b in range(args.batch_size + 1, args.batch_size + 4 * processes + 4)
+                     if b % processes == 0 and b // processes > 1 and (processes > 1 or train_images % b != 1))
+        raise UserError(f'{args.model} cannot train on a batch of one {size} image ({problem}), and {why}. Pass '
+                        f'another --batch-size (e.g. {batch}) or a larger --img-size.')
+    raise UserError(f'{args.model} cannot compute on {size} images ({problem}). Pass a larger --img-size.')
 
 
-def _create_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def create_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """timm's optimizer for ``model`` as ``args`` set it, with a fused kernel where torch has one for ``device``.
+
+    ``--decay-norm-and-bias`` (the paper recipe) decays every parameter, as the reference's Adam does:
+    biases, norms and the model's ``no_weight_decay()`` names (e.g. ``pos_embed``) too; timm's factory would
+    still exempt those names, so the groups are built here with timm's own helpers.
+    """
     fused = dict(fused=True) if args.fused_opt and _has_fused_kernel(args.opt, device) else {}
+    exclude_1d = not args.decay_norm_and_bias
+    no_decay = model.no_weight_decay() if exclude_1d and hasattr(model, 'no_weight_decay') else ()
     try:
-        return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                   momentum=args.momentum, layer_decay=args.layer_decay,
-                                   filter_bias_and_bn=not args.decay_norm_and_bias, **fused)
+        if args.layer_decay is not None:
+            params = param_groups_layer_decay(model, args.weight_decay, no_decay, weight_decay_exclude_1d=exclude_1d,
+                                              layer_decay=args.layer_decay)
+        else:
+            params = param_groups_weight_decay(model, args.weight_decay, exclude_1d, no_decay)
+        return create_optimizer_v2(params, opt=args.opt, lr=args.lr, momentum=args.momentum, **fused)
     except (ValueError, AssertionError) as error:
         raise UserError(f'Cannot create optimizer --opt {args.opt!r}: {error}. See timm.optim.list_optimizers().') \
             from error
@@ -507,17 +534,49 @@ def _has_fused_kernel(opt: str, device: torch.device) -> bool:
     return opt_class.__module__.startswith('torch.optim.') and 'fused' in inspect.signature(opt_class).parameters
 
 
-def _create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer):
+def _with_epochs(args: argparse.Namespace, updates_per_epoch: int) -> argparse.Namespace:
+    """``args`` with the epoch count filled in where only ``--max-updates`` bounds the run."""
+    if args.max_updates is not None and args.max_updates < 1:
+        raise UserError(f'--max-updates must be at least 1, got {args.max_updates}.')
+    if args.epochs is not None:
+        return args
+    if args.max_updates is None:
+        raise UserError('Neither --epochs nor --max-updates is set, so the run has no length; pass one of them.')
+    return argparse.Namespace(**dict(vars(args), epochs=math.ceil(args.max_updates / updates_per_epoch)))
+
+
+def _reached_max_updates(args: argparse.Namespace, num_updates: int) -> bool:
+    return args.max_updates is not None and num_updates >= args.max_updates
+
+
+def _create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+    """timm's scheduler for ``args``; with ``--sched-on-updates`` it steps per update and its epoch counts are
+    scaled by ``updates_per_epoch`` by timm, except ``--decay-milestones``, which are given in updates."""
     if args.sched not in SCHEDULERS:
         raise UserError(f'Unknown --sched {args.sched!r}; choose one of {", ".join(SCHEDULERS)}.')
+    milestones = args.decay_milestones
+    unit = 'updates' if args.sched_on_updates else 'epochs'
+    if args.sched == 'multistep' and not milestones:
+        raise UserError(f'--sched multistep needs --decay-milestones: the {unit} (counted from 1) that start at a '
+                        f'rate multiplied by --decay-rate, e.g. --decay-milestones 92 137.')
+    if milestones and (min(milestones) < 1 or list(milestones) != sorted(set(milestones))):
+        raise UserError(f'--decay-milestones {" ".join(map(str, milestones))} must be increasing {unit}, each at '
+                        f'least 1.')
+    if args.sched_on_updates and args.sched == 'plateau':
+        raise UserError("--sched plateau follows the validation top-1 once per epoch; drop --sched-on-updates or "
+                        "choose a scheduler that steps per update (e.g. cosine, multistep).")
     with warnings.catch_warnings():
         # timm deprecates its plateau scheduler because timm's own checkpoints drop its counters;
         # timm_gradattn.checkpoint saves the complete state, so resumed runs continue it exactly.
         warnings.filterwarnings('ignore', message='PlateauLRScheduler is deprecated', category=FutureWarning)
         scheduler, _ = create_scheduler_v2(
             optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            decay_milestones=list(milestones or ()),
             decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
-            patience_epochs=args.patience_epochs, plateau_mode='max')
+            patience_epochs=args.patience_epochs, plateau_mode='max',
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
+    if scheduler is not None and args.sched_on_updates and milestones:
+        scheduler.decay_t = list(milestones)  # timm scaled them by updates_per_epoch; these are updates already
     return scheduler
 
 
@@ -537,14 +596,20 @@ def _resume(folder: Path, args, accelerator, model, optimizer, scheduler, ema) -
         raise UserError(f'--resume {folder.parent}: {error} Resume with the --model the run was trained with.') \
             from error
     load_scheduler_state_dict(scheduler, state.get('scheduler'))
-    if scheduler is not None:  # the learning rate of the next epoch, also when --epochs was raised
+    if scheduler is not None:  # the learning rate of the next epoch (update), also when --epochs was raised
         scheduler.step(state['epochs_done'])
+        scheduler.step_update(state['num_updates'])  # each call is a no-op unless the scheduler counts its unit
     if state.pop('rng_restored', True) is False:
         print(f'Process {accelerator.process_index}: no saved random state (the run had fewer processes); '
               f'the resumed run will not repeat an uninterrupted one exactly.')
-    if state['epochs_done'] >= args.epochs and (folder.parent / 'results.json').is_file():
-        raise UserError(f'--resume {folder.parent}: the run already finished {state["epochs_done"]} of '
-                        f'{args.epochs} epochs and has results.json. Pass a larger --epochs to train on.')
+    if (folder.parent / 'results.json').is_file():
+        if _reached_max_updates(args, state['num_updates']):
+            raise UserError(f'--resume {folder.parent}: the run already made {state["num_updates"]} of '
+                            f'{args.max_updates} updates and has results.json. Pass a larger --max-updates to '
+                            f'train on.')
+        if state['epochs_done'] >= args.epochs:
+            raise UserError(f'--resume {folder.parent}: the run already finished {state["epochs_done"]} of '
+                            f'{args.epochs} epochs and has results.json. Pass a larger --epochs to train on.')
     accelerator.print(f'Resuming {folder.parent} after epoch {state["epochs_done"]}.')
     return state
 
@@ -558,11 +623,6 @@ def _keep_frozen_layers_in_eval(model: nn.Module) -> None:
 
 def _record_grad_norms(epoch, model, train_set, args, accelerator, run_dir: Path) -> None:
     if not accelerator.is_main_process:
-        return
-    try:
-        from .analysis import gradient_norms
-    except ImportError:
-        print('--grad-stats-every: timm_gradattn.analysis is not available; skipping gradient norms.')
         return
     rng = capture_rng_state()  # drawing augmented batches must not shift the training's random stream
     loader = DataLoader(train_set, batch_size=args.batch_size // accelerator.num_processes, shuffle=False)
@@ -581,13 +641,16 @@ def _results(args, data: DataSplits, test: Dict[str, float], state: Dict[str, An
         test,
         model=args.model, dataset=info.name, protocol=args.protocol, seed=args.seed, recipe=args.recipe,
         num_classes=info.num_classes, label_names=list(info.label_names) if info.label_names else None,
-        split_sizes={'train': len(data.train), 'val': len(data.val), 'test': len(data.test)},
+        split_sizes=data.sizes(),
         best_epoch=state['best_epoch'], epochs_run=len(rows), stopped_early=state['stopped_early'],
+        num_updates=state['num_updates'], stopped_at_max_updates=_reached_max_updates(args, state['num_updates']),
         val_top1_best=state['best_top1'], train_top1_at_best=best['train_top1'],
         train_val_gap=abs(best['train_top1'] - best['val_top1']),
         seconds_per_epoch=sum(r['epoch_time_s'] for r in rows) / len(rows),
         num_params=sum(p.numel() for p in _bare(accelerator, model).parameters()),
-        machine=_describe_machine(accelerator),
+        machine=describe_machine(accelerator.device, num_processes=accelerator.num_processes,
+                                 mixed_precision=accelerator.mixed_precision,
+                                 torch_compile=_compile_backend(accelerator)),
         pretrained_from=(args.model if args.pretrained else args.initial_checkpoint),
     )
 
@@ -595,19 +658,3 @@ def _results(args, data: DataSplits, test: Dict[str, float], state: Dict[str, An
 def _compile_backend(accelerator: Accelerator) -> Optional[str]:
     backend = accelerator.state.dynamo_plugin.backend
     return None if backend == DynamoBackend.NO else backend.value.lower()
-
-
-def _describe_machine(accelerator: Accelerator) -> Dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return dict(
-        cpu=cpu, cpu_count=os.cpu_count(),
-        gpu=torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == 'cuda' else None,
-        device=str(accelerator.device), num_processes=accelerator.num_processes,
-        mixed_precision=accelerator.mixed_precision, torch_compile=_compile_backend(accelerator),
-        torch=torch.__version__, timm=timm.__version__,
-        accelerate=accelerate.__version__, python=platform.python_version())

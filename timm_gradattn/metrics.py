@@ -1,9 +1,9 @@
-"""Classification metrics of the GradAttn paper (sections 4.3-4.7).
+"""Predictions and classification metrics of the GradAttn paper (sections 4.3-4.7).
 
-``classification_metrics`` takes the logits and targets of a whole split (already gathered across
-processes, without padding: see ``accelerator.gather_for_metrics``) and returns the keys shared by
-training's ``results.json`` and the evaluation command: top-k accuracies in percent (as timm's
-validate.py prints them), precision / recall / F1 / ECE as fractions and NLL in nats.
+``predict`` gathers the logits and targets of a whole split across processes, without Accelerate's padding.
+``evaluate_logits`` measures them once: the keys shared by training's ``results.json`` and the evaluation
+command (top-k accuracies in percent, as timm's validate.py prints them; precision / recall / F1 / ECE as
+fractions; NLL in nats), with the confusion matrix and calibration bins both commands plot.
 
 Counting is done once, exactly, in integers (torchmetrics' confusion matrix); every ratio is then
 taken in float64. torchmetrics' own reductions return float32, which turns 57 of 200 correct into
@@ -19,17 +19,34 @@ Definitions (all match scikit-learn with ``zero_division=0``):
     * NLL: mean cross-entropy of the softmax of the logits, in nats.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-__all__ = ['METRIC_KEYS', 'ReliabilityBins', 'classification_metrics', 'confusion_matrix', 'per_class_metrics',
-           'reliability_bins', 'topk_accuracy']
+__all__ = ['METRIC_KEYS', 'ClassificationResult', 'ReliabilityBins', 'classification_metrics', 'confusion_matrix',
+           'evaluate_logits', 'per_class_metrics', 'predict', 'reliability_bins', 'topk_accuracy']
 
 METRIC_KEYS = ('top1', 'top3', 'top5', 'precision_macro', 'precision_weighted', 'recall_macro', 'recall_weighted',
                'f1_macro', 'f1_weighted', 'ece', 'nll')
+
+
+def predict(model: nn.Module, loader, accelerator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of a whole prepared loader, gathered from every process.
+
+    ``gather_for_metrics`` drops the samples Accelerate repeats to give every process equal batches, so
+    each sample counts once however many processes run. Returns CPU tensors, the same on every process.
+    """
+    model.eval()
+    all_logits, all_targets = [], []
+    with torch.no_grad(), accelerator.autocast():
+        for images, targets in loader:
+            logits, targets = accelerator.gather_for_metrics((model(images), targets))
+            all_logits.append(logits.float().cpu())
+            all_targets.append(targets.cpu())
+    return torch.cat(all_logits), torch.cat(all_targets)
 
 
 def _check_inputs(logits: torch.Tensor, targets: torch.Tensor):
@@ -73,10 +90,10 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
 
 
 def confusion_matrix(logits: torch.Tensor, targets: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:
-    """Counts (true class x predicted class), int64."""
+    """Counts (true class x predicted class), int64, for ``num_classes`` classes (at least the logits' width)."""
     logits, targets = _check_inputs(logits, targets)
-    num_classes = num_classes or logits.shape[1]
-    return multiclass_confusion_matrix(logits, targets, num_classes=num_classes).long()
+    num_classes = max(num_classes or 0, logits.shape[1])
+    return multiclass_confusion_matrix(logits.argmax(dim=1), targets, num_classes=num_classes).long()
 
 
 def _safe_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -130,22 +147,41 @@ def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 1
         accuracy=(correct_sum / nonempty).tolist(), confidence=(conf_sum / nonempty).tolist())
 
 
-def classification_metrics(
+@dataclass
+class ClassificationResult:
+    """One split measured once: the metrics, and the counts and bins the plots draw."""
+    metrics: Dict[str, float]               # METRIC_KEYS
+    confusion: torch.Tensor                 # counts, true class x predicted class (int64)
+    per_class: Dict[str, torch.Tensor]      # per_class_metrics(confusion)
+    reliability: ReliabilityBins
+
+
+def evaluate_logits(
         logits: torch.Tensor,
         targets: torch.Tensor,
+        num_classes: Optional[int] = None,
         topk: Sequence[int] = (1, 3, 5),
         ece_bins: int = 10,
-) -> Dict[str, float]:
-    """All paper metrics for one split; ``logits`` (N, C) and integer ``targets`` (N,)."""
+) -> ClassificationResult:
+    """All paper metrics for one split; ``logits`` (N, C), integer ``targets`` (N,) and the dataset's
+    ``num_classes`` (the side of the confusion matrix; at least C)."""
     logits, targets = _check_inputs(logits, targets)
-    out = {f'top{k}': topk_accuracy(logits, targets, k) for k in topk}
-    per_class = per_class_metrics(confusion_matrix(logits, targets))
+    metrics = {f'top{k}': topk_accuracy(logits, targets, k) for k in topk}
+    counts = confusion_matrix(logits, targets, num_classes)
+    per_class = per_class_metrics(counts)
     # Macro averages skip classes absent from both targets and predictions (scikit-learn's label set).
     present = (per_class['support'] + per_class['predicted']) > 0
     weights = per_class['support'] / per_class['support'].sum()
     for name in ('precision', 'recall', 'f1'):
-        out[f'{name}_macro'] = float(per_class[name][present].mean())
-        out[f'{name}_weighted'] = float((per_class[name] * weights).sum())
-    out['ece'] = reliability_bins(logits.softmax(dim=1), targets, ece_bins).ece
-    out['nll'] = float(F.cross_entropy(logits, targets))
-    return out
+        metrics[f'{name}_macro'] = float(per_class[name][present].mean())
+        metrics[f'{name}_weighted'] = float((per_class[name] * weights).sum())
+    bins = reliability_bins(logits.softmax(dim=1), targets, ece_bins)  # float64, as _check_inputs returns
+    metrics['ece'] = bins.ece
+    metrics['nll'] = float(F.cross_entropy(logits, targets))
+    return ClassificationResult(metrics=metrics, confusion=counts, per_class=per_class, reliability=bins)
+
+
+def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, topk: Sequence[int] = (1, 3, 5),
+                           ece_bins: int = 10) -> Dict[str, float]:
+    """``evaluate_logits(...).metrics``: the metrics alone."""
+    return evaluate_logits(logits, targets, topk=topk, ece_bins=ece_bins).metrics

@@ -1,12 +1,12 @@
 """PNG figures for runs and evaluations: training curves, reliability diagram, confusion matrix,
-per-layer gradient norms across training and attention routing over the extraction points.
+per-layer gradient norms across training, attention routing over the extraction points (GradAttn) or
+over earlier outputs (Attention Shortcuts), and spatial attention drawn over images (CNNtention).
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects and rendered by the Agg canvas, never through
 pyplot, so nothing here touches a user's interactive backend or leaks open figures. Every function
 takes plain data (lists, tensors or the records the analysis returns) and a path, writes one PNG and
 returns the path.
 """
-import csv
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -15,14 +15,15 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
+from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .analysis import REFERENCE_BAND, RoutingSummary
+from .analysis import REFERENCE_BAND, DepthRoutingSummary, RoutingSummary, SpatialAttention
 from .metrics import ReliabilityBins
+from .reporting import read_summary_csv
 
-__all__ = ['plot_confusion_matrix', 'plot_gradient_norms', 'plot_reliability_diagram', 'plot_routing',
-           'plot_training_curves', 'read_summary_csv']
+__all__ = ['plot_confusion_matrix', 'plot_depth_routing', 'plot_gradient_norms', 'plot_reliability_diagram',
+           'plot_routing', 'plot_spatial_attention', 'plot_training_curves', 'read_summary_csv']
 
 PathLike = Union[str, Path]
 _DPI = 120
@@ -47,17 +48,6 @@ def _short(label: str, width: int = 18) -> str:
 
 
 # --- training curves -----------------------------------------------------------------------------------------
-
-def read_summary_csv(path: PathLike) -> List[Dict[str, float]]:
-    """Rows of a run's ``summary.csv`` with every field as a float (missing values as NaN)."""
-    rows = []
-    with open(path, newline='') as f:
-        for row in csv.DictReader(f):
-            rows.append({key: float(value) if value not in ('', None) else math.nan for key, value in row.items()})
-    if not rows:
-        raise ValueError(f'{path} has no rows: was the run stopped before its first epoch ended?')
-    return rows
-
 
 def plot_training_curves(
         summary: Union[PathLike, Sequence[Dict[str, float]]],
@@ -310,4 +300,116 @@ def plot_routing(
         ax.set_title(f'per true class: {summary.method}')
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_depth_routing(summary: DepthRoutingSummary, path: PathLike, title: Optional[str] = None) -> Path:
+    """Which earlier outputs each block reads: a (reader x stored output) heatmap of mean softmax weights.
+
+    Row l covers the outputs stored when step l attends (the lower triangle, diagonal included: the
+    diagonal is the newest output, the one a residual connection would pass on); cells beyond are blank.
+    Cells are annotated with the weight and coloured by the weight over the uniform one (1 / outputs read),
+    so rows of different lengths compare: red reads more than an even share, blue less.
+    """
+    readers, memory = summary.readers, summary.memory
+    if not readers:
+        raise ValueError('No attention steps to plot.')
+    table = np.full((len(readers), len(memory)), np.nan)
+    for row, weights in enumerate(summary.weights):
+        table[row, :len(weights)] = np.asarray(weights, dtype=float) * len(weights)
+    side = min(max(4.5, 0.42 * len(memory) + 2.5), 16)
+    fig = _new_figure(side + 1.4, side)
+    ax = fig.subplots()
+    image = ax.imshow(table, cmap='RdBu_r', norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(np.nanmax(table), 2.0)))
+    fig.colorbar(image, ax=ax, shrink=0.8, label='mean weight / uniform weight (1 = an even share)')
+    ax.set_xticks(np.arange(len(memory)), memory, rotation=45, ha='right', fontsize=8)
+    ax.set_yticks(np.arange(len(readers)), readers, fontsize=8)
+    if len(readers) <= 20:
+        for row, weights in enumerate(summary.weights):
+            for col, value in enumerate(weights):
+                extreme = not 0.4 < table[row, col] < 2.5
+                ax.text(col, row, f'{value:.2f}', ha='center', va='center', fontsize=6 if len(readers) > 8 else 8,
+                        color='white' if extreme else 'black')
+    ax.set_xlabel('stored output read (oldest first)')
+    ax.set_ylabel('attention forming the input of')
+    ax.set_title(title or f'depth-attention routing (n = {summary.num_samples} images)')
+    return _save(fig, path)
+
+
+def _displayable(image: Any, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> np.ndarray:
+    """A (C, H, W) normalised tensor as an (H, W[, 3]) array in [0, 1] for imshow."""
+    image = np.asarray(image, dtype=float)
+    if mean is not None and std is not None:
+        image = image * np.asarray(std, dtype=float)[:, None, None] + np.asarray(mean, dtype=float)[:, None, None]
+    image = np.clip(image, 0, 1)
+    return image[0] if image.shape[0] == 1 else image[:3].transpose(1, 2, 0)
+
+
+def _overlay(shown: np.ndarray, values: np.ndarray, alpha: float = 0.65) -> np.ndarray:
+    """``values`` (h, w) coloured from 0 to their maximum, stretched over ``shown`` (H, W[, 3]) and blended, RGB."""
+    height, width = shown.shape[:2]
+    rows = np.arange(height) * values.shape[0] // height
+    cols = np.arange(width) * values.shape[1] // width
+    heat = colormaps['inferno'](values / max(values.max(), 1e-12))[..., :3][rows][:, cols]
+    base = np.repeat(shown[..., None], 3, axis=-1) if shown.ndim == 2 else shown
+    return (1 - alpha) * base + alpha * heat
+
+
+def plot_spatial_attention(
+        attention: SpatialAttention,
+        images: Any,
+        path: PathLike,
+        labels: Optional[Sequence[str]] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        title: Optional[str] = None,
+) -> Path:
+    """Each stage's attention drawn over each image: from the centre position (marked +), and received.
+
+    One row per image; each map is stretched over the whole image (one cell per stage position) and
+    coloured from 0 to its own maximum, so the pattern shows at every stage; the column title gives the
+    stage's grid. ``mean``/``std`` undo the input normalisation for display.
+    """
+    images = np.asarray(images, dtype=float)
+    num_images, num_stages = images.shape[0], len(attention.centre)
+    maps_of = attention.centre[0].shape[0] if num_stages else 0
+    if num_stages == 0 or maps_of != num_images:
+        raise ValueError(f'{num_images} images for the attention maps of {maps_of}: '
+                         f'pass the images they were read from.')
+    labels = list(labels) if labels is not None else [''] * num_images
+    height, width = images.shape[-2:]
+    gap = max(1, height // 16)
+    shown = [np.repeat(im[..., None], 3, axis=-1) if im.ndim == 2 else im
+             for im in (_displayable(image, mean, std) for image in images)]
+
+    def strip(panels: List[np.ndarray]) -> np.ndarray:
+        # Panels stacked top to bottom with a white gap: one image per column instead of one axes per panel.
+        white = np.ones((gap, width, 3))
+        return np.concatenate([part for panel in panels for part in (panel, white)][:-1])
+
+    columns = [('image', strip(shown), None)]
+    for what, maps in (('centre', attention.centre), ('received', attention.received)):
+        for stage, stage_maps in enumerate(maps):
+            values = [np.asarray(m, dtype=float) for m in stage_maps]
+            grid = values[0].shape
+            columns.append((f'stage {stage + 1} {what}\n{grid[0]}x{grid[1]}',
+                            strip([_overlay(base, v) for base, v in zip(shown, values)]),
+                            attention.centre_positions[stage] + grid if what == 'centre' else None))
+    panel_width = 1.35  # inches per column; the height follows the images' aspect
+    fig = _new_figure(panel_width * len(columns) + 0.4,
+                      panel_width * (num_images * (height + gap) - gap) / width + 0.8)
+    axes = fig.subplots(1, len(columns))
+    offsets = np.arange(num_images) * (height + gap)
+    for ax, (name, picture, centre) in zip(axes, columns):
+        ax.imshow(np.clip(picture, 0, 1), interpolation='nearest')
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if centre is not None:
+            grid_row, grid_col, grid_h, grid_w = centre
+            ax.plot(np.full(num_images, (grid_col + 0.5) * width / grid_w - 0.5),
+                    offsets + (grid_row + 0.5) * height / grid_h - 0.5, '+', ms=7, mew=1.5, color='#00e5ff')
+    axes[0].set_yticks(offsets + (height - 1) / 2, [_short(label, 12) for label in labels], fontsize=8)
+    fig.suptitle(title or 'spatial attention (mean over heads): from the centre (+) and received on average',
+                 fontsize=10)
     return _save(fig, path)

@@ -138,7 +138,7 @@ def register_adapter(name: str):
     return wrap
 
 
-# Datasets whose official splits the paper pooled and re-split (SPEC section 4). MedMNIST and PCam keep
+# Datasets whose official splits the paper pooled and re-split. MedMNIST and PCam keep
 # their official splits in the paper too; datasets without official splits are always split here.
 _POOLED_IN_PAPER = {'digits', 'tiny_imagenet', 'cifar10', 'svhn', 'fashion_mnist', 'pad_ufes_20'}
 
@@ -155,6 +155,7 @@ def build_datasets(
         std: Optional[Sequence[float]] = None,
         augment: Optional[str] = None,
         split: Optional[Sequence[float]] = None,
+        val_fraction: Optional[float] = None,
 ) -> DataSplits:
     """Train / val / test datasets for a known dataset name (see ``timm_gradattn.data.info.DATASETS``).
 
@@ -168,12 +169,17 @@ def build_datasets(
         img_size, in_chans, mean, std, augment: Overrides of the dataset's facts; the returned
             ``info`` states what was used.
         split: Override of the (train, val, test) fractions.
+        val_fraction: Share of the official training split carved out as validation when the dataset has no
+            validation split of its own (default: the validation fraction of ``split``).
 
     Raises:
         DatasetNotFoundError: The files are missing (the message gives the expected layout and how to get them).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f'Unknown protocol {protocol!r}; choose one of {PROTOCOLS}.')
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise ValueError(f'val_fraction (--val-fraction) {val_fraction} must be a share of the training images '
+                         f'between 0 and 1, e.g. 0.1.')
     key = name.strip().lower().replace('-', '_')
     info = None if key == 'folder' else get_dataset_info(key)
     if key not in ADAPTERS:
@@ -191,7 +197,8 @@ def build_datasets(
     elif val is None or test is None:
         # Carve the missing split(s) from train, keeping the paper's proportions between them.
         missing = [s for s, d in (('val', val), ('test', test)) if d is None]
-        shares = [fractions[1] if s == 'val' else fractions[2] for s in missing]
+        val_share = fractions[1] if val_fraction is None else val_fraction
+        shares = [val_share if s == 'val' else fractions[2] for s in missing]
         parts = paper_split(len(train), [1 - sum(shares)] + shares, seed)
         train_idx = parts[0]
         for part_name, idx in zip(missing, parts[1:]):
@@ -208,8 +215,9 @@ def build_datasets(
     for split_name, size in splits.sizes().items():
         if size == 0:
             raise ValueError(
-                f'The {split_name} split of {info.name} is empty. Add more images, or change the split '
-                f'fractions (--split) so every split gets at least one image.')
+                f'The {split_name} split of {info.name} is empty: it gets {info.split} of the images as '
+                f'(train, val, test). Add more images, give an image folder its own train/, val/ and test/ '
+                f'sub-folders, or pass build_datasets(split=...) fractions that leave every split an image.')
     return splits
 
 

@@ -56,13 +56,6 @@ class ImageFileDataset(Dataset):
         path, target = self.samples[index]
         return load_image(path), target
 
-    @property
-    def targets(self) -> List[int]:
-        return [target for _, target in self.samples]
-
-    def filename(self, index: int) -> str:
-        return self.samples[index][0]
-
 
 @dataclass
 class FolderSummary:

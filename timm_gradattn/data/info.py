@@ -6,7 +6,7 @@ normalisation are stated exactly once. Figures follow the GradAttn paper (arXiv:
 section 4.2, Table 2) and its reference implementation.
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from timm.data import ImageNetInfo
@@ -31,7 +31,6 @@ class DatasetInfo:
     train_augment: str = 'none'         # a recipe name understood by timm_gradattn.data
     hf_dataset: Optional[str] = None    # Hub dataset id, for timm's ``hfds/`` reader
     citation: str = ''
-    extra: Dict[str, str] = field(default_factory=dict)
 
     @property
     def in_chans(self) -> int:

@@ -15,7 +15,7 @@ from torchvision import transforms as T
 
 from .info import DatasetInfo
 
-AUGMENTATIONS = ('none', 'digits', 'cifar', 'fashion', 'medmnist', 'pad_ufes', 'folder')
+AUGMENTATIONS = ('none', 'digits', 'cifar', 'fashion', 'medmnist', 'pad_ufes', 'folder', 'cnntention_mnist')
 
 
 def _augmentation(name: str, img_size: int) -> list:
@@ -36,6 +36,10 @@ def _augmentation(name: str, img_size: int) -> list:
             T.RandomRotation(10), T.ColorJitter(0.2, 0.2, 0.2, 0.1)]
     if name == 'folder':
         return [T.RandomResizedCrop(img_size, scale=(0.8, 1.0)), T.RandomHorizontalFlip()]
+    if name == 'cnntention_mnist':
+        # The CNNtention authors' MNIST training images: flipped, padded by 4, cropped to 32 px from 28 px digits,
+        # so training sees larger images than the test (fully convolutional models with a global pool only).
+        return [T.RandomHorizontalFlip(), T.RandomCrop(img_size + 4, padding=4)]
     raise ValueError(f'Unknown augmentation {name!r}; choose one of {AUGMENTATIONS}.')
 
 
@@ -69,8 +73,8 @@ def resolve_info(
             std_values = (sum(std_values) / len(std_values),)
         else:
             raise ValueError(
-                f'mean/std have {len(mean_values)} values but the model takes {in_chans} channels; '
-                f'pass --mean/--std with {in_chans} values.')
+                f'mean/std have {len(mean_values)} values but the model takes {in_chans} channels; give '
+                f'mean= and std= {in_chans} values each (for an exported model: the mean and std in its config.json).')
     augment = augment or info.train_augment
     if augment not in AUGMENTATIONS:
         raise ValueError(f'Unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}.')
