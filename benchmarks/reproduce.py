@@ -1,16 +1,28 @@
 #!/usr/bin/env python3
-"""Reproduce the GradAttn paper's tables: models x datasets x seeds, trained under the paper's protocol.
+"""Reproduce the tables of the zoo's papers: models x datasets x seeds, each trained under its paper's recipe.
 
-Every cell is one ``train.py --recipe paper`` run (Adam 1e-3, plateau decay and early stopping on
-validation top-1, at most 100 epochs, best weights restored for the test). After training, the
-gradient norms of the best weights are measured on 20 shuffled test batches in train mode (both
-``timm_gradattn.analysis`` modes) for the Gradient Health Score. The results are written as Markdown
-and JSON tables shaped like the paper's Tables 3-9, each figure next to the paper's published one
-(``benchmarks/paper_results.py``):
+Three families, chosen with ``--family`` (default ``gradattn``, as before families existed):
 
-    python benchmarks/reproduce.py --data-dir data                  # 6 models x 8 datasets, seed 42
+- ``gradattn``: the GradAttn paper's Tables 3-9. Every cell is one ``train.py --recipe paper`` run (Adam 1e-3,
+  plateau decay and early stopping on validation top-1, at most 100 epochs, best weights restored for the test).
+  After training, the gradient norms of the best weights are measured on 20 shuffled test batches in train mode
+  (both ``timm_gradattn.analysis`` modes) for the Gradient Health Score.
+- ``cnntention``: CNNtention's four ResNet-20 models on CIFAR-10 and MNIST under ``--recipe cnntention`` (the
+  authors' per-model recipe; ``--recipe cnntention-sgd``: their baseline's SGD for all four), test top-1 of the
+  last epoch (the authors' measure) and of the best validation epoch, beside the authors' figures.
+- ``attention-shortcuts``: the Attention Shortcuts paper's Table 2, six ResNet-50-sized models on CIFAR-10 and
+  CIFAR-100 under ``--recipe attention-shortcuts`` (64k updates), test error of the last update (the paper's
+  measure) and of the best validation epoch, mean ± SD over ``--seeds``.
+
+``all`` runs the three one after the other. Each figure sits next to the paper's published one
+(``benchmarks/paper_results.py``, ``benchmarks/paper_results_families.py``):
+
+    python benchmarks/reproduce.py --data-dir data                  # GradAttn: 6 models x 8 datasets, seed 42
     python benchmarks/reproduce.py --data-dir data --datasets cifar10 svhn --seeds 42 43 44
-    python benchmarks/reproduce.py --quick                          # digits, 6 models, a few CPU minutes
+    python benchmarks/reproduce.py --quick                          # GradAttn on digits, 6 models, CPU minutes
+    python benchmarks/reproduce.py --family cnntention --data-dir data -- --download
+    python benchmarks/reproduce.py --family attention-shortcuts --data-dir data --seeds 1 2 3 4 5
+    python benchmarks/reproduce.py --family all --quick             # every family on digits, few epochs
     python benchmarks/reproduce.py --data-dir data -- --mixed-precision bf16 --workers 8
     python benchmarks/reproduce.py --data-dir data --launcher "accelerate launch --multi_gpu --num_processes 4"
 
@@ -30,10 +42,13 @@ instead, and the dataset files are looked for here before the first launch.
 
 Output (``--output``, light, meant to be committed): ``table<N>_*.md`` / ``.json`` for each table,
 ``tables.md`` (all of them), ``cells.json`` (every cell's results.json, epoch rows and gradient health)
-and ``run.json`` (command, machine, grid, skipped datasets, wall time). The run folders (weights and
-resumable checkpoints, ~200 MB per cell) go to ``--runs-dir``, under the git-ignored ``output/``.
+and ``run.json`` (command, machine, grid, skipped datasets, wall time). GradAttn's go to ``--output`` itself,
+the other families' to a folder named after their recipe inside it (``<output>/cnntention/``,
+``<output>/attention-shortcuts/``). The run folders (weights and resumable checkpoints, ~200 MB per GradAttn
+cell) go to ``--runs-dir`` (the same way per recipe), under the git-ignored ``output/``.
 """
 import argparse
+import dataclasses
 import datetime
 import functools
 import gc
@@ -54,11 +69,13 @@ from torch.utils.data import DataLoader
 import timm
 import timm_gradattn  # noqa: F401  (registers the models)
 from timm_gradattn.checkpoint import atomic_write_text
+from timm_gradattn.config import ATTENTION_SHORTCUTS_MODELS, CNNTENTION_MODELS, RECIPES
 from timm_gradattn.data import PAPER_TAGS, DatasetNotFoundError, build_datasets, get_dataset_info
 from timm_gradattn.reporting import describe_machine, load_average, machine_line, markdown_table, read_summary_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_results import PAPER_CITATION, PAPER_MODEL_NAMES, PAPER_NOTES, paper_figure  # noqa: E402
+import paper_results_families as families_paper  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
@@ -72,6 +89,37 @@ GHS_BATCHES = 20  # as the reference implementation measured it
 GHS_FILE = 'gradient_health.json'
 TIMING_FILE = 'reproduce_timing.json'
 LOAD_KEY = 'load_average_5_min_after_training'
+# results.json's test metrics of the last epoch's weights (the top level holds the best validation epoch's).
+LAST_EPOCH_KEY = 'test_last_epoch'
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One paper's grid: its models, datasets and recipes (the first is the default), and how it is reported."""
+    name: str  # --family
+    title: str
+    models: Tuple[str, ...]
+    datasets: Tuple[str, ...]
+    recipes: Tuple[str, ...]
+    quick_epochs: int
+    length: str  # the paper's training length, named when --epochs caps it
+    citation: str
+    gradient_health: bool = False  # the GradAttn paper's Table 7 needs it; the others report none
+
+
+FAMILIES = {
+    'gradattn': Family('gradattn', 'GradAttn', MODELS, PAPER_TAGS, ('paper',), QUICK_EPOCHS,
+                       'up to 100 epochs with early stopping', PAPER_CITATION, gradient_health=True),
+    # SelfAtt and MHA attend over 1,024 positions at 32 px: an epoch of digits took resnet20_mha 850 s on 2 cores
+    # shared with other jobs (load about 10), so the quick grid trains 5.
+    'cnntention': Family('cnntention', 'CNNtention', CNNTENTION_MODELS, ('cifar10', 'mnist'),
+                         ('cnntention', 'cnntention-sgd'), 5, '182 epochs', families_paper.CNNTENTION_CITATION),
+    # ResNet-50-sized (up to 2.5 G MACs an image): about a minute an epoch of digits each on 2 idle cores, so 3.
+    'attention-shortcuts': Family('attention-shortcuts', 'Attention Shortcuts', ATTENTION_SHORTCUTS_MODELS,
+                                  ('cifar10', 'cifar100'), ('attention-shortcuts',), 3,
+                                  '64k updates (182 epochs of the 45k training images)',
+                                  families_paper.ATTENTION_SHORTCUTS_CITATION),
+}
 
 
 # --- the grid --------------------------------------------------------------------------------------------
@@ -93,7 +141,7 @@ def cell_state(run_dir: Path) -> str:
 def train_argv(model: str, dataset: str, seed: int, run_dir: Path, options: argparse.Namespace,
                resume: bool) -> List[str]:
     """The train.py command line of one cell."""
-    argv = ['--model', model, '--dataset', dataset, '--recipe', 'paper', '--seed', str(seed)]
+    argv = ['--model', model, '--dataset', dataset, '--recipe', options.recipe, '--seed', str(seed)]
     if options.data_dir:
         argv += ['--data-dir', options.data_dir]
     if options.epochs:
@@ -160,7 +208,7 @@ def run_grid(options: argparse.Namespace) -> Dict[str, Any]:
             continue
         if state == 'done':
             print(f'{name}: finished earlier, reusing {run_dir / "results.json"}', flush=True)
-            _warn_other_epochs(name, run_dir, options.epochs)
+            _warn_other_epochs(name, run_dir, options)
         else:
             print(f'{name}: ' + (f'resuming the partial run in {run_dir}' if state == 'partial'
                                  else f'training into {run_dir}'), flush=True)
@@ -187,7 +235,7 @@ def run_grid(options: argparse.Namespace) -> Dict[str, Any]:
                 _record_time(run_dir, 'train_s', time.perf_counter() - start)
                 _release_memory()
             _record_load(run_dir)
-        if not (run_dir / GHS_FILE).is_file():
+        if options.family.gradient_health and not (run_dir / GHS_FILE).is_file():
             print(f'{name}: measuring gradient health on up to {options.ghs_batches} test batches', flush=True)
             start = time.perf_counter()
             measure_gradient_health(run_dir, options.ghs_batches)
@@ -197,12 +245,12 @@ def run_grid(options: argparse.Namespace) -> Dict[str, Any]:
     return dict(skipped=skipped, failed=failed)
 
 
-def _warn_other_epochs(name: str, run_dir: Path, epochs: Optional[int]) -> None:
-    from timm_gradattn.config import RECIPES
-    epochs = epochs or RECIPES['paper']['epochs']
+def _warn_other_epochs(name: str, run_dir: Path, options: argparse.Namespace) -> None:
+    epochs = options.epochs or RECIPES[options.recipe].get('epochs')  # None: the recipe counts updates
     trained_for = yaml.safe_load((run_dir / 'config.yaml').read_text()).get('epochs')
     if trained_for != epochs:
-        print(f'{name}: note: this run was trained with --epochs {trained_for}, not the {epochs} asked now; '
+        asked = f'the {epochs} asked now' if epochs else "the recipe's own length asked now"
+        print(f'{name}: note: this run was trained with --epochs {trained_for}, not {asked}; '
               f'delete {run_dir} to train it again.', flush=True)
 
 
@@ -392,7 +440,11 @@ def _band_label(band: Sequence[float]) -> str:
 
 
 def build_tables(found, options) -> List[Dict[str, Any]]:
-    """Every table as a dict: number, name, title, records (long format), Markdown layout and notes."""
+    """Every table of the grid's family as a dict: number, name, title, records (long format), Markdown layout."""
+    if options.family.name == 'cnntention':
+        return [cnntention_table(found, options)]
+    if options.family.name == 'attention-shortcuts':
+        return [attention_shortcuts_table(found, options)]
     datasets = list(options.datasets)
     main = [m for m in MAIN_MODELS if m in options.models]
     baselines = [m for m in BASELINE_MODELS if m in options.models]
@@ -422,6 +474,99 @@ def build_tables(found, options) -> List[Dict[str, Any]]:
     ]
 
 
+# --- the other families: the last epoch's figure (the papers' measure) beside the best validation epoch's ----
+def _last_epoch_top1(results: Dict[str, Any]) -> Optional[float]:
+    """Test top-1 of the last epoch's weights; for a run from before results.json recorded them, known only when
+    its best epoch was its last."""
+    if LAST_EPOCH_KEY in results:
+        return results[LAST_EPOCH_KEY]['top1']
+    return results['top1'] if results.get('best_epoch') == results.get('epochs_run') else None
+
+
+def last_and_best_records(found, datasets, models, metric: str, paper_lookup) -> List[Dict[str, Any]]:
+    """One record per (dataset, model): our figure of the last epoch ('ours') and of the best validation epoch
+    ('ours_best_val'), mean ± std over seeds, with the paper's figure ('paper', and 'paper_sd' where it gives one).
+    ``metric`` is 'top1' (accuracy, %) or 'error' (100 - top-1)."""
+    def measure(top1: float) -> float:
+        return 100.0 - top1 if metric == 'error' else top1
+
+    records = []
+    for dataset in datasets:
+        for model in models:
+            cells = found.get((dataset, model), {})
+            last = {s: _last_epoch_top1(cells[s]['results']) for s in sorted(cells)}
+            last_seeds = [s for s, top1 in last.items() if top1 is not None]
+            seeds = sorted(cells)
+            paper = paper_lookup(dataset, model)
+            paper_mean, paper_sd = paper if isinstance(paper, tuple) else (paper, None)
+            records.append(dict(
+                dataset=dataset, model=model, metric=metric,
+                ours=stats([measure(last[s]) for s in last_seeds], last_seeds),
+                ours_best_val=stats([measure(cells[s]['results']['top1']) for s in seeds], seeds),
+                best_epoch=stats([cells[s]['results']['best_epoch'] for s in seeds], seeds),
+                epochs_run=stats([cells[s]['results']['epochs_run'] for s in seeds], seeds),
+                num_updates=stats([cells[s]['results']['num_updates'] for s in seeds], seeds),
+                paper=paper_mean, paper_sd=paper_sd))
+    return records
+
+
+SELECTION_NOTE = ('Validation split (--protocol official): 10 % of the official training images, never the test set; '
+                  'digits, which has no official split, is split 70/15/15 as in the GradAttn grid.')
+
+
+def cnntention_table(found, options) -> Dict[str, Any]:
+    models = [m for m in CNNTENTION_MODELS if m in options.models]
+    return dict(
+        number=None, name='cnntention_top1', title='CNNtention: test top-1 accuracy (%)', layout='last_and_best',
+        digits=2, paper_label='authors', last_label='last epoch', model_names=families_paper.CNNTENTION_MODEL_NAMES,
+        source=families_paper.CNNTENTION_CITATION,
+        records=last_and_best_records(found, options.datasets, models, 'top1', families_paper.cnntention_figure),
+        notes=[f'Ours: test top-1 of the last epoch\'s weights (the authors\' measure) and of the best validation '
+               f'epoch\'s ("epoch": which one), train.py --recipe {options.recipe}. {SELECTION_NOTE}',
+               f'Authors: {families_paper.CNNTENTION_CITATION}; n/a where they published none. '
+               + ' '.join(families_paper.CNNTENTION_NOTES)])
+
+
+def attention_shortcuts_table(found, options) -> Dict[str, Any]:
+    models = [m for m in ATTENTION_SHORTCUTS_MODELS if m in options.models]
+    return dict(
+        number=2, name='table2_test_error', title='Test classification error (%), mean ± SD',
+        layout='last_and_best', digits=2, paper_label='paper', last_label='last update',
+        model_names=families_paper.ATTENTION_SHORTCUTS_MODEL_NAMES, source=families_paper.ATTENTION_SHORTCUTS_CITATION,
+        records=last_and_best_records(found, options.datasets, models, 'error',
+                                      families_paper.attention_shortcuts_figure),
+        notes=[f'Ours: test error (100 - top-1) of the last update\'s weights (the paper\'s measure) and of the best '
+               f'validation epoch\'s ("epoch": which one), train.py --recipe {options.recipe}. {SELECTION_NOTE}',
+               f'Paper: {families_paper.ATTENTION_SHORTCUTS_CITATION}; n/a where it publishes no figure. '
+               + ' '.join(families_paper.ATTENTION_SHORTCUTS_NOTES)])
+
+
+def _render_last_and_best(table: Dict[str, Any], num_seeds: int) -> Tuple[List[str], List[List[str]]]:
+    """One row per model; for each dataset our last-epoch figure with the paper's beside it, then our
+    best-validation figure with its epoch."""
+    records, digits, label, last = table['records'], table['digits'], table['paper_label'], table['last_label']
+    datasets = list(dict.fromkeys(r['dataset'] for r in records))
+    models = list(dict.fromkeys(r['model'] for r in records))
+    by_key = {(r['dataset'], r['model']): r for r in records}
+    header = ['model']
+    for dataset in datasets:
+        header += [f'{dataset}: {last} ({label})', f'{dataset}: best validation (epoch)']
+    rows = []
+    for model in models:
+        row = [table['model_names'].get(model, model)]
+        for dataset in datasets:
+            record = by_key[dataset, model]
+            paper = format_paper(record['paper'], digits)
+            if record['paper_sd'] is not None:
+                paper += f' ± {_format_number(record["paper_sd"], digits)}'
+            best = format_ours(dict(ours=record['ours_best_val']), digits, num_seeds)
+            if record['best_epoch'] is not None:
+                best += f' (epoch {_count(record["best_epoch"])})'
+            row += [f'{format_ours(record, digits, num_seeds)} ({label} {paper})', best]
+        rows.append(row)
+    return header, rows
+
+
 METRIC_LABELS = {
     'top3': 'top-3', 'top5': 'top-5', 'f1': 'F1 (macro)', 'ece': 'ECE',
     'precision_macro': 'precision (macro)', 'recall_macro': 'recall (macro)', 'f1_macro': 'F1 (macro)',
@@ -449,10 +594,14 @@ def render_markdown(table: Dict[str, Any], context: Dict[str, Any], with_grid_no
     records, num_seeds, layout = table['records'], len(context['seeds']), table['layout']
     datasets = list(dict.fromkeys(r['dataset'] for r in records))
     models = list(dict.fromkeys(r['model'] for r in records))
-    lines = [f'### Table {table["number"]}: {table["title"]}', '']
+    heading = f'Table {table["number"]}: {table["title"]}' if table['number'] is not None else table['title']
+    lines = [f'### {heading}', '']
     rows: List[List[str]] = []
     if not records:
         lines.append('No model of this table is in the grid.')
+    elif layout == 'last_and_best':
+        header, rows = _render_last_and_best(table, num_seeds)
+        lines.append(markdown_table(header, rows))
     elif layout == 'pivot':
         by_key = {(r['dataset'], r['model']): r for r in records}
         rows = [[d] + [_cell_text(by_key[d, m], table['digits'], num_seeds, True) for m in models] for d in datasets]
@@ -514,6 +663,8 @@ OURS_NOTES = {
 
 def table_notes(table: Dict[str, Any], context: Dict[str, Any], with_grid_notes: bool = True) -> List[str]:
     """The notes under a table: what our figures are, the paper's caveats and, optionally, the grid's."""
+    if 'notes' in table:  # the other families' tables carry their own
+        return list(table['notes']) + (grid_notes(context) if with_grid_notes else [])
     number = table['number']
     notes = [OURS_NOTES[number],
              f"Paper: {PAPER_CITATION}, Table {number}; n/a where the paper publishes no figure. {PAPER_NOTES[number]}"]
@@ -550,8 +701,8 @@ def grid_notes(context: Dict[str, Any]) -> List[str]:
     notes = [(f'Mean ± sample standard deviation over seeds {", ".join(map(str, seeds))}' if len(seeds) > 1
               else f'One run per cell (seed {seeds[0]})') + '; "—": no finished run.']
     if context['epochs_override']:
-        notes.append(f'Epochs capped at {context["epochs_override"]} (--epochs): NOT the paper\'s protocol of up '
-                     f'to 100 epochs with early stopping.')
+        notes.append(f'Epochs capped at {context["epochs_override"]} (--epochs): NOT the paper\'s protocol of '
+                     f'{context["paper_length"]}.')
     for dataset, reason in context['skipped'].items():
         notes.append(f'Skipped {dataset}: {_first_sentence(reason)}')
     for cell, reason in context['failed'].items():
@@ -570,6 +721,7 @@ def table_context(options, found, skipped: Dict[str, str], failed: Dict[str, str
     finished = [c for seeds in found.values() for c in seeds.values()]
     return dict(
         seeds=options.seeds, skipped=skipped, failed=failed, epochs_override=options.epochs,
+        paper_length=options.family.length,
         cell_machines=[c['results']['machine'] for c in finished],
         cell_loads=[c['wall_time_s'][LOAD_KEY] for c in finished if c['wall_time_s'] and LOAD_KEY in c['wall_time_s']],
         run_load=machine.get('load_average_1_5_15_min'), cores=machine['cpu_count'],
@@ -590,22 +742,22 @@ def write_outputs(options: argparse.Namespace, skipped: Dict[str, str], failed: 
         command=options.command, date=recorded.get('date', now), machine=machine,
         tables_written=now, models=list(options.models), datasets=list(options.datasets),
         seeds=list(options.seeds), epochs_override=options.epochs, train_args=list(options.train_args),
-        launcher=options.launcher,
-        recipe='paper', runs_dir=str(options.runs_dir), skipped_datasets=skipped, failed_cells=failed,
+        launcher=options.launcher, family=options.family.name,
+        recipe=options.recipe, runs_dir=str(options.runs_dir), skipped_datasets=skipped, failed_cells=failed,
         finished_cells=sum(len(seeds) for seeds in found.values()),
         cells_wall_time_s=sum(seconds for seeds in found.values() for c in seeds.values()
                               for key, seconds in (c['wall_time_s'] or {}).items() if key.endswith('_s')),
         planned_cells=len(options.models) * len(options.datasets) * len(options.seeds),
-        wall_time_s=wall_time_s, paper=PAPER_CITATION)
+        wall_time_s=wall_time_s, paper=options.family.citation)
     context = table_context(options, found, skipped, failed, run_info['machine'])
     header = _header(run_info) + '\n' + '\n'.join(f'- {note}' for note in grid_notes(context))
-    written, markdown = [], [f'# GradAttn reproduction: tables\n\n{header}\n']
+    written, markdown = [], [f'# {options.family.title} reproduction: tables\n\n{header}\n']
     for table in build_tables(found, options):
         markdown.append(render_markdown(table, context, with_grid_notes=False))
         base = output / table['name']
         atomic_write_text(base.with_suffix('.md'), f'{render_markdown(table, context)}\n{_header(run_info)}\n')
         atomic_write_text(base.with_suffix('.json'), json.dumps(dict(
-            table=table['number'], title=table['title'], paper_source=PAPER_CITATION,
+            table=table['number'], title=table['title'], paper_source=table.get('source', PAPER_CITATION),
             notes=table_notes(table, context), records=table['records']), indent=2))
         written += [base.with_suffix('.md'), base.with_suffix('.json')]
     atomic_write_text(output / 'tables.md', '\n'.join(markdown))
@@ -633,7 +785,7 @@ def _header(run_info: Dict[str, Any]) -> str:
         f"- Cells run " + (f"by `{run_info['launcher']} train.py`" if run_info['launcher'] else
                            'in one process through timm_gradattn.engine.train') + '.',
         f"- Grid: {len(run_info['models'])} model(s) x {len(run_info['datasets'])} dataset(s) x "
-        f"{len(run_info['seeds'])} seed(s), recipe paper"
+        f"{len(run_info['seeds'])} seed(s), recipe {run_info.get('recipe', 'paper')}"
         + (f", epochs capped at {run_info['epochs_override']}" if run_info['epochs_override'] else '')
         + f"; {run_info['finished_cells']} of {run_info['planned_cells']} cells finished",
         f"- Wall time: {wall}",
@@ -643,32 +795,45 @@ def _header(run_info: Dict[str, Any]) -> str:
 # --- command line ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train a grid of models x datasets under the GradAttn paper's protocol and write its tables "
-                    "next to the paper's figures. Flags after a bare `--` are passed to train.py for every cell.")
+        description="Train a grid of models x datasets under a paper's protocol and write its tables next to the "
+                    "paper's figures. Flags after a bare `--` are passed to train.py for every cell.")
+    parser.add_argument('--family', default='gradattn', choices=(*FAMILIES, 'all'),
+                        help="Whose tables: the GradAttn paper's Tables 3-9 (gradattn, the default), CNNtention's "
+                             "results (cnntention), Attention Shortcuts' Table 2 (attention-shortcuts), or all three "
+                             "one after the other.")
+    parser.add_argument('--recipe', default=None, choices=[r for f in FAMILIES.values() for r in f.recipes],
+                        help='The train.py recipe of the family that has it (default: each family\'s own: paper, '
+                             'cnntention, attention-shortcuts). cnntention-sgd: the CNNtention baseline\'s SGD '
+                             'recipe for all four CNNtention models.')
     parser.add_argument('--models', nargs='+', default=None, metavar='MODEL',
-                        help=f'timm model names (default: {" ".join(MODELS)}).')
+                        help=f'timm model names (default: the family\'s; gradattn: {" ".join(MODELS)}, which also '
+                             'takes any other timm model).')
     parser.add_argument('--datasets', nargs='+', default=None, metavar='DATASET',
-                        help=f'Dataset names (default: the paper\'s {" ".join(PAPER_TAGS)}; --quick: digits).')
+                        help=f'Dataset names (default: the paper\'s; gradattn {" ".join(PAPER_TAGS)}, cnntention '
+                             'cifar10 mnist, attention-shortcuts cifar10 cifar100; --quick: digits).')
     parser.add_argument('--seeds', nargs='+', type=int, default=None, metavar='SEED',
-                        help='One run per seed for every cell, reported as mean ± std (default: 42, the paper\'s).')
+                        help='One run per seed for every cell, reported as mean ± std (default: 42; Attention '
+                             'Shortcuts reports 5 runs).')
     parser.add_argument('--data-dir', default=None, metavar='DIR', help="Passed to train.py's --data-dir.")
     parser.add_argument('--output', default=None, metavar='DIR',
                         help='Where the tables go (default: benchmarks/results/reproduce, '
-                             'with --quick benchmarks/results/reproduce_quick).')
+                             'with --quick benchmarks/results/reproduce_quick); the families other than gradattn '
+                             'write to a folder named after their recipe inside it.')
     parser.add_argument('--runs-dir', default=None, metavar='DIR',
                         help='Parent of the training run folders, ~200 MB each (default: output/reproduce, '
-                             'with --quick output/reproduce_quick).')
+                             'with --quick output/reproduce_quick; per recipe as for --output).')
     parser.add_argument('--epochs', type=int, default=None,
-                        help='Cap every run at this many epochs (the paper: up to 100 with early stopping). '
-                             f'Default: the recipe\'s; with --quick {QUICK_EPOCHS}.')
+                        help="Cap every run at this many epochs (default: the recipe's; with --quick "
+                             + ', '.join(f'{f.name} {f.quick_epochs}' for f in FAMILIES.values()) + ').')
     parser.add_argument('--ghs-batches', type=int, default=GHS_BATCHES, metavar='N',
                         help='Test batches for the gradient health score (default: %(default)s, as the paper).')
     parser.add_argument('--launcher', default=None, metavar='COMMAND',
                         help='Run each cell as `COMMAND train.py ...` in its own processes, e.g. "accelerate launch '
                              '--multi_gpu --num_processes 4" (default: in this process, one device).')
     parser.add_argument('--quick', action='store_true',
-                        help=f'Smoke-level grid: all six models on digits, {QUICK_EPOCHS} epochs, into '
-                             'benchmarks/results/reproduce_quick (a few minutes on a laptop CPU).')
+                        help='Smoke-level grid: the family\'s models on digits for a few epochs, into '
+                             'benchmarks/results/reproduce_quick (GradAttn: a few minutes on a laptop CPU; Attention '
+                             'Shortcuts: tens of minutes).')
     parser.add_argument('--tables-only', action='store_true',
                         help='Train nothing: rewrite the tables from the finished runs in --runs-dir (the grid, '
                              'command and machine of the last training invocation are kept from run.json).')
@@ -676,6 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line; ``options.grids`` holds one namespace per family to run, each what ``run_grid`` and
+    ``write_outputs`` take (its family, recipe, models, datasets, seeds, epochs, output and runs folders)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     own, train_args = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
     parser = build_parser()
@@ -687,19 +854,16 @@ def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         # run a second cell inside a launch; each cell gets a launch of its own instead.
         parser.error('run reproduce.py as a single process and let it launch every cell: python '
                      'benchmarks/reproduce.py --launcher "accelerate launch --multi_gpu --num_processes N" ...')
-    name = 'reproduce_quick' if options.quick else 'reproduce'
     options.given = {k for k in ('models', 'datasets', 'seeds', 'epochs') if getattr(options, k) is not None}
     options.seeds = options.seeds or [42]
-    options.models = options.models or list(MODELS)
-    options.datasets = options.datasets or list(QUICK_DATASETS if options.quick else PAPER_TAGS)
-    options.epochs = options.epochs or (QUICK_EPOCHS if options.quick else None)
-    options.output = Path(options.output or RESULTS_DIR / name)
-    options.runs_dir = Path(options.runs_dir or REPO / 'output' / name)
-    for model in options.models:
-        if not timm.is_model(model):
-            parser.error(f'--models: {model!r} is not a timm model name; this grid uses {", ".join(MODELS)}.')
+    chosen = list(FAMILIES.values()) if options.family == 'all' else [FAMILIES[options.family]]
+    if options.recipe and not any(options.recipe in f.recipes for f in chosen):
+        owner = next(f for f in FAMILIES.values() if options.recipe in f.recipes)
+        parser.error(f'--recipe {options.recipe} is a recipe of the {owner.name} family, not of --family '
+                     f'{options.family}; add --family {owner.name}.')
+    models = _models_by_family(parser, options.models, chosen)
     try:
-        options.datasets = [get_dataset_info(d).name for d in options.datasets]
+        datasets = [get_dataset_info(d).name for d in options.datasets or []]
     except ValueError as error:
         parser.error(f'--datasets: {error}')
     for flag, value in (('--epochs', options.epochs), ('--ghs-batches', options.ghs_batches)):
@@ -708,12 +872,59 @@ def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for flag in ('--model', '--dataset', '--seed', '--epochs', '--output', '--experiment', '--resume', '--recipe'):
         if flag in train_args:
             parser.error(f'{flag} after `--` would change what the grid itself sets per cell; use --models, '
-                         f'--datasets, --seeds, --epochs, --output of reproduce.py instead.')
+                         f'--datasets, --seeds, --epochs, --output, --recipe of reproduce.py instead.')
+    name = 'reproduce_quick' if options.quick else 'reproduce'
+    output = Path(options.output or RESULTS_DIR / name)
+    runs_dir = Path(options.runs_dir or REPO / 'output' / name)
+    options.grids = []
+    for family in chosen:
+        if not models[family.name]:
+            continue  # --models named none of this family's
+        recipe = options.recipe if options.recipe in family.recipes else family.recipes[0]
+        # GradAttn's folders stay where they were before families existed; the others' are named by recipe.
+        subfolder = '' if family.name == 'gradattn' else recipe
+        per_family = ('grids', 'family', 'recipe', 'models', 'datasets', 'epochs', 'output', 'runs_dir')
+        options.grids.append(argparse.Namespace(
+            **{k: v for k, v in vars(options).items() if k not in per_family},
+            family=family, recipe=recipe, models=models[family.name],
+            datasets=datasets or list(QUICK_DATASETS if options.quick else family.datasets),
+            epochs=options.epochs or (family.quick_epochs if options.quick else None),
+            output=output / subfolder, runs_dir=runs_dir / subfolder))
     return options
+
+
+def _models_by_family(parser: argparse.ArgumentParser, names: Optional[Sequence[str]],
+                      chosen: Sequence[Family]) -> Dict[str, List[str]]:
+    """--models split among the chosen families: a model goes to the family that lists it; GradAttn's grid takes
+    any other timm model, the other families' recipes only theirs."""
+    if names is None:
+        return {f.name: list(f.models) for f in chosen}
+    split: Dict[str, List[str]] = {f.name: [] for f in chosen}
+    for model in names:
+        if not timm.is_model(model):
+            parser.error(f'--models: {model!r} is not a timm model name; the chosen families train '
+                         f'{", ".join(m for f in chosen for m in f.models)}.')
+        family = next((f for f in chosen if model in f.models), None)
+        if family is None and 'gradattn' in split:
+            family = FAMILIES['gradattn']
+        if family is None:
+            owner = next((f.name for f in FAMILIES.values() if model in f.models), 'gradattn')
+            parser.error(f'--models: {model} is not a model of --family {" / ".join(f.name for f in chosen)} '
+                         f'(their recipes train only their own models); add --family {owner}.')
+        split[family.name].append(model)
+    return split
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = parse_options(argv)
+    failed = False
+    for grid in options.grids:
+        failed |= run_family(grid)
+    return 1 if failed else 0
+
+
+def run_family(options: argparse.Namespace) -> bool:
+    """Train (or reuse) one family's grid and write its tables; True when a cell failed."""
     start = time.perf_counter()
     if options.tables_only:
         outcome = dict(skipped={}, failed={}, wall_time_s=None)
@@ -729,12 +940,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             outcome = dict(skipped=recorded['skipped_datasets'], failed=recorded['failed_cells'],
                            wall_time_s=recorded['wall_time_s'])
     else:
+        print(f'{options.family.title}: {len(options.models)} model(s) x {len(options.datasets)} dataset(s) x '
+              f'{len(options.seeds)} seed(s), train.py --recipe {options.recipe}', flush=True)
         outcome = run_grid(options)
         outcome['wall_time_s'] = time.perf_counter() - start
     written = write_outputs(options, outcome['skipped'], outcome['failed'], wall_time_s=outcome['wall_time_s'])
     print(f'Wrote {len(written)} table files, tables.md, cells.json and run.json to {options.output} '
           f'(wall time {time.perf_counter() - start:.0f} s).')
-    return 1 if outcome['failed'] else 0
+    return bool(outcome['failed'])
 
 
 if __name__ == '__main__':

@@ -1,8 +1,10 @@
-"""benchmarks/reproduce.py: the paper-table grid, its skipping and resuming, and the tables it writes.
+"""benchmarks/reproduce.py: the paper-table grids of the three families, their skipping and resuming, and the
+tables they write.
 
-The end-to-end runs train resnet18 and a GradAttn model for one epoch on 64 digits images at 16 px,
-enough to exercise every path (training, test, gradient health, tables) in seconds; the aggregation
-and formatting are also checked on synthetic cells, without training.
+The end-to-end runs train resnet18 and a GradAttn model (and, for CNNtention, resnet20) for one epoch on 64
+digits images at 16 px, enough to exercise every path (training, test, gradient health, tables) in seconds; the
+aggregation and formatting are also checked on synthetic cells and hand-written run folders, without training.
+The ResNet-50-sized Attention Shortcuts models are never trained here.
 """
 import json
 import os
@@ -135,8 +137,8 @@ def _fake_cell(top1: float, seed: int) -> dict:
 
 
 def _options(**overrides):
-    options = reproduce.parse_options(['--datasets', 'tiny_imagenet', 'digits', '--seeds', '42', '43', '44',
-                                       '--output', '/nonexistent'])
+    options, = reproduce.parse_options(['--datasets', 'tiny_imagenet', 'digits', '--seeds', '42', '43', '44',
+                                        '--output', '/nonexistent']).grids
     for key, value in overrides.items():
         setattr(options, key, value)
     return options
@@ -188,7 +190,8 @@ def test_options_reject_what_the_grid_sets_itself(monkeypatch):
     with monkeypatch.context() as patch, pytest.raises(SystemExit):  # each cell needs a launch of its own
         patch.setenv('WORLD_SIZE', '2')
         reproduce.parse_options(['--quick'])
-    quick = reproduce.parse_options(['--quick'])
+    quick, = reproduce.parse_options(['--quick']).grids
+    assert quick.family.name == 'gradattn' and quick.recipe == 'paper'
     assert quick.datasets == ['digits'] and quick.models == list(reproduce.MODELS)
     assert quick.epochs == reproduce.QUICK_EPOCHS and quick.output.name == 'reproduce_quick'
     assert 'output' in quick.runs_dir.parts  # weights stay out of the committed results
@@ -203,3 +206,122 @@ def test_paper_figures_are_looked_up_by_table():
     with pytest.raises(KeyError):
         paper_results.paper_figure(2, 'top1', 'cifar10', 'resnet18')
     assert set(paper_results.PAPER_NOTES) == set(paper_results.PAPER_TABLES)
+
+
+# --- the CNNtention and Attention Shortcuts families -----------------------------------------------------
+def _write_run(run_dir: Path, best_top1: float, last_top1: float, seed: int, best_epoch: int = 3,
+               epochs: int = 4) -> None:
+    """A finished run folder as train.py leaves it, written by hand: results.json and summary.csv."""
+    run_dir.mkdir(parents=True)
+    results = dict(top1=best_top1, best_epoch=best_epoch, epochs_run=epochs, num_updates=10 * epochs, seed=seed,
+                   test_last_epoch=dict(top1=last_top1, epoch=epochs),
+                   machine=dict(cpu='test cpu', cpu_count=2, gpu=None, num_processes=1, torch='x'))
+    (run_dir / 'results.json').write_text(json.dumps(results))
+    (run_dir / 'summary.csv').write_text('epoch,epoch_time_s\n' + ''.join(f'{e},1.5\n' for e in range(1, epochs + 1)))
+
+
+def test_cnntention_table_puts_the_authors_figure_beside_our_last_epoch(tmp_path):
+    grid, = reproduce.parse_options(['--family', 'cnntention', '--seeds', '42', '43', '--output', str(tmp_path / 't'),
+                                     '--runs-dir', str(tmp_path / 'runs')]).grids
+    assert grid.datasets == ['cifar10', 'mnist'] and grid.runs_dir == tmp_path / 'runs' / 'cnntention'
+    for seed, best, last in ((42, 91.0, 90.0), (43, 92.0, 91.0)):
+        _write_run(reproduce.cell_dir(grid.runs_dir, 'cifar10', 'resnet20_selfatt', seed), best, last, seed)
+    _write_run(reproduce.cell_dir(grid.runs_dir, 'mnist', 'resnet20', 42), 99.0, 98.9, 42, best_epoch=4)
+    reproduce.write_outputs(grid, {}, {})
+    markdown = (tmp_path / 't' / 'cnntention' / 'cnntention_top1.md').read_text()
+    lines = {line.split(' | ')[0].lstrip('| '): line for line in markdown.splitlines() if line.startswith('| ResNet')}
+    # Last epoch beside the authors' 91.44; best validation (mean epoch 3) beside it; MNIST baseline one seed of 2.
+    assert '| 90.50 ± 0.71 (authors 91.44) | 91.50 ± 0.71 (epoch 3) |' in lines['ResNet-20 + SelfAtt']
+    assert '| 98.90 [1 of 2 seeds] (authors 98.52) | 99.00 [1 of 2 seeds] (epoch 4) |' in lines['ResNet-20']
+    assert '— (authors 91.32) | — |' in lines['ResNet-20 + CBAM']
+    assert 'cifar10: last epoch (authors)' in markdown and '98.86-99.04%' in markdown  # the MNIST disagreement
+    record = next(r for r in json.loads((tmp_path / 't' / 'cnntention' / 'cnntention_top1.json').read_text())['records']
+                  if r['dataset'] == 'cifar10' and r['model'] == 'resnet20_selfatt')
+    assert record['ours']['values'] == [90.0, 91.0] and record['ours_best_val']['values'] == [91.0, 92.0]
+    assert record['paper'] == 91.44 and record['paper_sd'] is None
+    run = json.loads((tmp_path / 't' / 'cnntention' / 'run.json').read_text())
+    assert run['family'] == 'cnntention' and run['recipe'] == 'cnntention' and run['finished_cells'] == 3
+
+
+def test_attention_shortcuts_table2_is_test_error_mean_and_sd_over_seeds():
+    grid, = reproduce.parse_options(['--family', 'attention-shortcuts', '--seeds', '1', '2', '3']).grids
+    def cell(best_top1: float, last_top1: float) -> dict:
+        return dict(results=dict(top1=best_top1, best_epoch=150, epochs_run=182, num_updates=64000,
+                                 test_last_epoch=dict(top1=last_top1, epoch=182)))
+
+    found = {('cifar10', 'asnet50_out'): {1: cell(95.0, 94.0), 2: cell(95.0, 95.0), 3: cell(95.0, 96.0)}}
+    table, = reproduce.build_tables(found, grid)
+    context = dict(seeds=[1, 2, 3], skipped={}, failed={}, epochs_override=None, paper_length=grid.family.length)
+    markdown = reproduce.render_markdown(table, context)
+    assert markdown.startswith('### Table 2: Test classification error (%), mean ± SD')
+    assert 'cifar10: last update (paper)' in markdown and 'cifar100: best validation (epoch)' in markdown
+    # Errors 6, 5, 4: sample SD 1; the best-validation weights all scored 95.0.
+    assert '| AS_out-Net-50 | 5.00 ± 1.00 (paper 5.63 ± 0.13) | 5.00 ± 0.00 (epoch 150) |' in markdown
+    assert '| plain-ResNet-50 | — (paper 8.41 ± 0.20) | — | — (paper 40.02 ± 2.15) | — |' in markdown
+    assert [r['model'] for r in table['records'][:6]] == list(reproduce.ATTENTION_SHORTCUTS_MODELS)
+
+
+def test_paper_figures_of_the_other_families():
+    import paper_results_families as families
+    assert families.cnntention_figure('cifar10', 'resnet20_mha') == 91.06
+    assert families.cnntention_figure('mnist', 'resnet20_cbam') == 98.00
+    assert families.cnntention_figure('digits', 'resnet20') is None
+    assert families.attention_shortcuts_figure('cifar100', 'as_resnet50_stages') == (22.47, 0.34)
+    assert families.attention_shortcuts_figure('cifar10', 'resnet50_cifar_050') == (5.74, 0.14)
+    for dataset in ('cifar10', 'mnist'):
+        assert set(families.CNNTENTION_TOP1[dataset]) == set(reproduce.CNNTENTION_MODELS)
+    for dataset in ('cifar10', 'cifar100'):
+        assert set(families.ATTENTION_SHORTCUTS_ERROR[dataset]) == set(reproduce.ATTENTION_SHORTCUTS_MODELS)
+
+
+def test_family_selection_and_where_each_writes():
+    default, = reproduce.parse_options([]).grids
+    assert default.family.name == 'gradattn' and default.output == reproduce.RESULTS_DIR / 'reproduce'
+    grids = reproduce.parse_options(['--family', 'all', '--quick']).grids
+    assert [(g.family.name, g.recipe, g.epochs, g.datasets) for g in grids] == [
+        ('gradattn', 'paper', 5, ['digits']), ('cnntention', 'cnntention', 5, ['digits']),
+        ('attention-shortcuts', 'attention-shortcuts', 3, ['digits'])]
+    quick = reproduce.RESULTS_DIR / 'reproduce_quick'
+    assert [g.output for g in grids] == [quick, quick / 'cnntention', quick / 'attention-shortcuts']
+    assert grids[2].runs_dir.parts[-3:] == ('output', 'reproduce_quick', 'attention-shortcuts')
+    sgd, = reproduce.parse_options(['--family', 'cnntention', '--recipe', 'cnntention-sgd', '--epochs', '2']).grids
+    assert sgd.recipe == 'cnntention-sgd' and sgd.output.name == 'cnntention-sgd' and sgd.epochs == 2
+    assert sgd.models == list(reproduce.CNNTENTION_MODELS) and sgd.datasets == ['cifar10', 'mnist']
+    # --models picks the families: each model goes to the family that lists it.
+    picked = reproduce.parse_options(['--family', 'all', '--models', 'resnet20', 'asnet50_out', 'resnet18']).grids
+    assert [(g.family.name, g.models) for g in picked] == [
+        ('gradattn', ['resnet18']), ('cnntention', ['resnet20']), ('attention-shortcuts', ['asnet50_out'])]
+    mixed = reproduce.parse_options(['--family', 'all', '--recipe', 'cnntention-sgd']).grids
+    assert [g.recipe for g in mixed] == ['paper', 'cnntention-sgd', 'attention-shortcuts']
+
+
+@pytest.mark.parametrize('argv, hint', [
+    (['--recipe', 'cnntention-sgd'], 'add --family cnntention'),
+    (['--family', 'cnntention', '--recipe', 'attention-shortcuts'], 'add --family attention-shortcuts'),
+    (['--family', 'cnntention', '--models', 'resnet18'], 'add --family gradattn'),
+    (['--family', 'attention-shortcuts', '--models', 'resnet20'], 'add --family cnntention'),
+    (['--family', 'gradattn_typo'], "invalid choice: 'gradattn_typo'"),
+    (['--family', 'cnntention', '--', '--recipe', 'cnntention-sgd'], 'use --models, --datasets'),
+])
+def test_family_argument_errors_are_one_line(argv, hint, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_options(argv)
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ': error: ' in message and hint in message, message
+
+
+@pytest.mark.slow
+def test_cnntention_quick_cell_trains_and_reports_its_last_epoch(tmp_path):
+    """One real resnet20 cell on 64 digits images at 16 px, through --family cnntention --quick."""
+    run_reproduce(['--family', 'cnntention', '--quick', '--models', 'resnet20', '--epochs', '1',
+                   '--output', str(tmp_path / 'tables'), '--runs-dir', str(tmp_path / 'runs'),
+                   '--', '--train-subset', '64', '--img-size', '16'])
+    run_dir = tmp_path / 'runs' / 'cnntention' / 'digits' / 'resnet20' / 'seed42'
+    results = json.loads((run_dir / 'results.json').read_text())
+    assert results['recipe'] == 'cnntention' and results['epochs_run'] == 1
+    assert not (run_dir / reproduce.GHS_FILE).exists()  # only the GradAttn tables use gradient health
+    record, = json.loads((tmp_path / 'tables' / 'cnntention' / 'cnntention_top1.json').read_text())['records']
+    assert record['ours']['values'] == [results['test_last_epoch']['top1']] and record['paper'] is None
+    markdown = (tmp_path / 'tables' / 'cnntention' / 'tables.md').read_text()
+    assert markdown.startswith('# CNNtention reproduction: tables') and 'recipe cnntention' in markdown
+    assert "NOT the paper's protocol of 182 epochs" in markdown
