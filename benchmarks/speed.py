@@ -3,12 +3,21 @@
 One run measures timm's ``resnet18`` and ``seresnet18``, the SE/CBAM baselines and the three GradAttn
 variants at 28, 32, 64, 96 and 224 px in four execution modes (eager, ``torch.compile``, channels-last,
 bf16 autocast): training-step and inference throughput (images/s, median of timed steps after warm-up),
-parameters, FLOPs and the peak memory of a training step. Results go to JSON, a Markdown report of ratios
-against ``resnet18`` and a plot, with the machine description and its load average before and after.
+ONNX Runtime inference throughput beside eager on CPU (when onnxruntime is installed), parameters, FLOPs
+and the peak memory of a training step. Results go to JSON, a Markdown report of ratios against
+``resnet18`` and a plot, with the machine description and its load average before and after.
 
     python benchmarks/speed.py                   # full grid: about 8 minutes on a 2-core CPU
     python benchmarks/speed.py --quick           # about a minute: resnet18 and GradAttn-RoPE, 32 px, eager
     python benchmarks/speed.py --max-load 1.3    # first wait (up to --wait-minutes) for a quiet machine
+    python benchmarks/speed.py --family cnntention            # speed_cnntention.json/.md
+    python benchmarks/speed.py --family attention_shortcuts   # speed_attention_shortcuts.json/.md
+
+``--family`` measures one model family at its own input size and batch size against its own baseline (see
+``FAMILIES``), eager only unless ``--modes`` says otherwise, and reports the family's targets beside the
+measurements. A model name followed by ``:materialised`` (``resnet20_mha:materialised``) is that model with
+every attention module that has a ``fused_attn`` flag switched to its explicit path (scores, softmax, weighted
+sum: the formulation that materialises the score matrix), the reference the fused kernels are measured against.
 
 Efficiency = (time ratio) / (FLOP ratio) against ``resnet18``: 1.0 means a model pays exactly for its extra
 arithmetic. FLOPs are torch's ``FlopCounterMode`` count of the forward pass. A direct convolution skips the
@@ -19,13 +28,15 @@ against them.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -34,11 +45,15 @@ import torch._dynamo
 import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import timm
 import timm_gradattn  # noqa: F401  (registers the zoo)
 from timm_gradattn.cpu import keep_freed_memory
+from timm_gradattn.reporting import describe_machine, load_average, machine_line, markdown_table
+
+# Names other benchmark scripts import from here.
+machine_description = describe_machine
 
 MODELS = ('resnet18', 'seresnet18', 'resnet18_se', 'resnet18_cbam',
           'gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope')
@@ -52,26 +67,70 @@ TARGET_SIZES = (32, 64, 224)
 TARGET_EFFICIENCY = 1.05
 NUM_CLASSES = 10
 RESULTS_DIR = Path(__file__).parent / 'results'
+MATERIALISED = 'materialised'
 
 
-def machine_description() -> Dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'
-    return dict(cpu=cpu, cores=str(os.cpu_count()), threads=str(torch.get_num_threads()), device=device,
-                torch=torch.__version__, timm=timm.__version__, python=platform.python_version())
+@dataclass(frozen=True)
+class Family:
+    """A model family's benchmark: its models, baseline, input size and batch size, and the targets its issue
+    sets. A target ``(model, reference, measure, limit)`` is reported, never asserted: ``measure`` is
+    'train_time' (training-step time per image / the reference's), 'train_time_per_mac' (that time ratio / the
+    MAC ratio) or 'peak_memory' (peak training memory / the reference's), each at most ``limit``."""
+    models: Tuple[str, ...]
+    baseline: str
+    batch_size: int
+    sizes: Tuple[int, ...] = (32,)
+    targets: Tuple[Tuple[str, str, str, float], ...] = ()
 
 
-def load_average() -> Optional[List[float]]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # not available on this platform
-        return None
+FAMILIES = {
+    # Batch 128 as the authors trained. The materialised formulations hold a (B, heads, 1024, 1024) score matrix
+    # after stage 1: about 17 GB for MHA at batch 128. A model whose step does not fit in the memory available
+    # is reported as such and left out of the timing; rerun it with --batch-size 64 (see the report).
+    'cnntention': Family(
+        models=('resnet20', 'resnet20_selfatt', 'resnet20_mha', 'resnet20_cbam',
+                f'resnet20_selfatt:{MATERIALISED}', f'resnet20_mha:{MATERIALISED}'),
+        baseline='resnet20', batch_size=128,
+        targets=tuple((name, f'{name}:{MATERIALISED}', measure, limit)
+                      for name in ('resnet20_selfatt', 'resnet20_mha')
+                      for measure, limit in (('peak_memory', 1 / 3), ('train_time', 1.0)))),
+    # Batch 64: the memory target is set at batch 64.
+    'attention_shortcuts': Family(
+        models=('resnet50_cifar', 'asnet50_out', 'asnet50_kv', 'as_resnet50_stages', 'resnet50_cifar_050',
+                'resnet50_cifar_plain'),
+        baseline='resnet50_cifar', batch_size=64,
+        targets=tuple((name, 'resnet50_cifar', measure, limit)
+                      for name in ('asnet50_out', 'asnet50_kv')
+                      for measure, limit in (('train_time_per_mac', 1.10), ('peak_memory', 1.2)))),
+}
+
+
+def create_model(spec: str) -> nn.Module:
+    """The timm model ``spec`` names, with NUM_CLASSES outputs; ``name:materialised`` switches every module with a
+    ``fused_attn`` flag (timm's attention, the zoo's spatial self-attention) to its explicit path."""
+    name, _, variant = spec.partition(':')
+    model = timm.create_model(name, num_classes=NUM_CLASSES)
+    if variant:
+        switched = [module for module in model.modules() if hasattr(module, 'fused_attn')]
+        if variant != MATERIALISED or not switched:
+            raise ValueError(f'{spec!r}: the only variant is {name}:{MATERIALISED}, for a model with attention '
+                             f'modules that have a fused_attn flag ({name} has {len(switched)}).')
+        for module in switched:
+            module.fused_attn = False
+    return model
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode, also counting the CPU flash-attention kernel, for which torch has no formula
+    (it counts the CUDA kernels): the fused and materialised formulations of an attention count the same."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(
+                grad_out, query, key, value),
+    })
 
 
 def wait_for_quiet(max_load: float, wait_minutes: float) -> Tuple[bool, float]:
@@ -96,7 +155,7 @@ def _taps_inside(in_size: int, out_size: int, kernel: int, stride: int, padding:
 
 def forward_flops(name: str, size: int) -> Tuple[int, int]:
     """(counted, executed) forward FLOPs per image: FlopCounterMode's, and the same without padding taps."""
-    model = timm.create_model(name, num_classes=NUM_CLASSES).eval()
+    model = create_model(name).eval()
     padding_flops = [0]
 
     def count_padding_taps(module: nn.Conv2d, inputs, output):
@@ -110,7 +169,7 @@ def forward_flops(name: str, size: int) -> Tuple[int, int]:
         padding_flops[0] += 2 * macs_per_tap * (all_taps - inside)
 
     hooks = [m.register_forward_hook(count_padding_taps) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter, torch.no_grad():
         model(torch.randn(1, 3, size, size))
     for hook in hooks:
@@ -120,24 +179,59 @@ def forward_flops(name: str, size: int) -> Tuple[int, int]:
 
 
 _MEMORY_SCRIPT = '''
-import resource, sys, torch, timm, timm_gradattn, torch.nn.functional as F
-name, size, batch_size, num_classes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-model = timm.create_model(name, num_classes=num_classes)
+import resource, sys
+name, size, batch_size, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+if limit:  # a step that would not fit fails in torch's allocator rather than calling the kernel's OOM killer
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+sys.path.insert(0, sys.argv[5])
+import torch, torch.nn.functional as F
+from speed import create_model
+
+
+def peak_kb():
+    # VmHWM is this program's own peak. ru_maxrss also holds the RSS of the parent it was spawned from
+    # (vfork + exec), which hides the step whenever the parent is the larger of the two.
+    try:
+        with open('/proc/self/status') as status:
+            return next(int(line.split()[1]) for line in status if line.startswith('VmHWM:'))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+model = create_model(name)
 x, y = torch.randn(batch_size, 3, size, size), torch.zeros(batch_size, dtype=torch.long)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-F.cross_entropy(model(x), y).backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+base = peak_kb()
+try:
+    F.cross_entropy(model(x), y).backward()
+except RuntimeError as error:
+    if "can't allocate memory" not in str(error) and 'not enough memory' not in str(error):
+        raise
+    print('did not fit')
+else:
+    print((peak_kb() - base) / 1024)
 '''
 
 
-def peak_train_memory_mb(name: str, size: int, batch_size: int) -> float:
-    """Peak resident memory added by one eager training step, in a fresh process so earlier runs don't mask it."""
+def available_memory_bytes() -> int:
+    """MemAvailable of /proc/meminfo: what a process can take without swapping or the OOM killer; 0 if unknown."""
+    try:
+        with open('/proc/meminfo') as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration):
+        return 0
+
+
+def peak_train_memory_mb(name: str, size: int, batch_size: int) -> Optional[float]:
+    """Peak resident memory added by one eager training step, in a fresh process so earlier runs don't mask it;
+    None when the step does not fit in the memory available."""
     env = dict(os.environ, OMP_NUM_THREADS='1')  # two of these run side by side; memory does not depend on it
-    out = subprocess.run([sys.executable, '-c', _MEMORY_SCRIPT, name, str(size), str(batch_size), str(NUM_CLASSES)],
+    out = subprocess.run([sys.executable, '-c', _MEMORY_SCRIPT, name, str(size), str(batch_size),
+                          str(available_memory_bytes()), str(Path(__file__).resolve().parent)],
                          capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f'Memory measurement of {name} at {size} px failed:\n{out.stderr[-2000:]}')
-    return float(out.stdout.strip().splitlines()[-1])
+    result = out.stdout.strip().splitlines()[-1]
+    return None if result == 'did not fit' else float(result)
 
 
 # --- timing -------------------------------------------------------------------------------------------------
@@ -180,6 +274,35 @@ def make_steps(model: nn.Module, mode: str, device: torch.device) -> Tuple[Calla
     return infer, train
 
 
+def make_onnxruntime_steps(models: List[nn.Module], x: torch.Tensor) -> List[Callable[[], None]]:
+    """One ONNX Runtime inference step per model, or none without onnxruntime.
+
+    Each model goes through timm's ``onnx_export`` (TorchScript exporter, dynamic batch axis) at ``x``'s size
+    and runs on onnxruntime's CPU provider with torch's thread count, so both libraries get the same cores.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    from timm.utils.onnx import onnx_export
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    # onnxruntime's idle threads otherwise spin for a while after each run, taking cores from the eager
+    # step timed next.
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    inputs = x.cpu().numpy()
+    steps = []
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the TorchScript exporter's tracer warnings
+        for index, model in enumerate(models):
+            path = os.path.join(folder, f'{index}.onnx')
+            onnx_export(model.eval(), path, example_input=x[:2].cpu(), check=False)
+            session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+            feed = {session.get_inputs()[0].name: inputs}
+            steps.append(lambda session=session, feed=feed: session.run(None, feed))
+    return steps
+
+
 def interleaved_medians(steps: List[Callable[[], None]], warmup: int, repeats: int,
                         device: torch.device) -> Tuple[List[float], List[float]]:
     """Median seconds of each step, timed in rotating round-robin order, and the duration of each first call.
@@ -213,14 +336,16 @@ def repeats_at(size: int, repeats: int) -> int:
     return max(3, repeats // 2) if size >= 224 else repeats
 
 
-def measure(models, sizes, modes, warmup, repeats, memory, device) -> List[Dict]:
+def measure(models, sizes, modes, warmup, repeats, memory, device, batch_sizes=BATCH_SIZES,
+            onnxruntime=True) -> List[Dict]:
     """Every mode builds all models once; at each size the models' steps are timed interleaved.
 
     The compile pass also times each model eagerly, interleaved with its compiled steps, so that compile
-    and eager are compared under the same conditions rather than minutes apart.
+    and eager are compared under the same conditions rather than minutes apart. On CPU the eager pass times
+    ONNX Runtime inference the same way (with ``onnxruntime``), interleaved with eager inference. A model whose
+    training step did not fit in memory (``memory`` holds None for it) is left out at that size.
     """
-    params = {name: sum(p.numel() for p in timm.create_model(name, num_classes=NUM_CLASSES).parameters())
-              for name in models}
+    params = {name: sum(p.numel() for p in create_model(name).parameters()) for name in models}
     flops = {(name, size): forward_flops(name, size) for name in models for size in sizes}
     rows = []
     for mode in modes:
@@ -228,19 +353,23 @@ def measure(models, sizes, modes, warmup, repeats, memory, device) -> List[Dict]
         built = []
         for name in models:
             torch.manual_seed(0)
-            model = timm.create_model(name, num_classes=NUM_CLASSES).to(device)
+            model = create_model(name).to(device)
             if mode == 'channels_last':
                 model = model.to(memory_format=torch.channels_last)
             built.append((model, *make_steps(model, mode, device)))
         if mode == 'compile':
             built += [(model, *make_steps(model, 'eager', device)) for model, _, _ in built]
         for size in sizes:
-            batch_size = BATCH_SIZES[size]
+            batch_size = batch_sizes[size]
+            fits = [i for i, name in enumerate(models) if (name, size) not in memory or memory[name, size] is not None]
+            fitting = [built[i] for i in fits] + ([built[len(models) + i] for i in fits] if mode == 'compile' else [])
             x = torch.randn(batch_size, 3, size, size, device=device)
             if mode == 'channels_last':
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
             steps = repeats_at(size, repeats)
+            onnx_steps = make_onnxruntime_steps([b[0] for b in fitting], x) if (
+                onnxruntime and mode == 'eager' and device.type == 'cpu') else []
             results = {}
             for kind in ('infer', 'train'):
                 def step_of(model, step):
@@ -249,8 +378,9 @@ def measure(models, sizes, modes, warmup, repeats, memory, device) -> List[Dict]
                         step(x, y)
                     return run
                 index = 1 if kind == 'infer' else 2
-                results[kind] = interleaved_medians([step_of(b[0], b[index]) for b in built], warmup, steps, device)
-            for i, name in enumerate(models):
+                results[kind] = interleaved_medians([step_of(b[0], b[index]) for b in fitting]
+                                                    + (onnx_steps if kind == 'infer' else []), warmup, steps, device)
+            for i, name in enumerate(models[j] for j in fits):
                 row = dict(model=name, size=size, batch_size=batch_size, mode=mode, repeats=steps, params=params[name],
                            gflops_per_image=flops[name, size][0] / 1e9,
                            executed_gflops_per_image=flops[name, size][1] / 1e9,
@@ -258,11 +388,13 @@ def measure(models, sizes, modes, warmup, repeats, memory, device) -> List[Dict]
                            infer_img_s=batch_size / results['infer'][0][i],
                            train_img_s=batch_size / results['train'][0][i])
                 if mode == 'compile':
-                    eager = len(models) + i
+                    eager = len(fits) + i
                     row.update(infer_first_call_s=round(results['infer'][1][i], 2),
                                train_first_call_s=round(results['train'][1][i], 2),
                                eager_infer_img_s_same_pass=batch_size / results['infer'][0][eager],
                                eager_train_img_s_same_pass=batch_size / results['train'][0][eager])
+                if onnx_steps:
+                    row['onnxruntime_infer_img_s'] = batch_size / results['infer'][0][len(fitting) + i]
                 rows.append(row)
                 print(f"{name:24s} {size:4d}px b{batch_size:<3d} {mode:14s} infer {row['infer_img_s']:9.1f} img/s  "
                       f"train {row['train_img_s']:8.1f} img/s  {row['gflops_per_image']:.3f} GFLOP", flush=True)
@@ -270,11 +402,16 @@ def measure(models, sizes, modes, warmup, repeats, memory, device) -> List[Dict]
     return rows
 
 
-def measure_memory(models, sizes) -> Dict[Tuple[str, int], float]:
+def measure_memory(models, sizes, batch_sizes=BATCH_SIZES) -> Dict[Tuple[str, int], Optional[float]]:
+    """Peak training-step memory of each model and size (None: did not fit). Materialised attention runs last,
+    alone: it can take most of the machine's memory."""
     jobs = [(name, size) for name in models for size in sizes]
+    alone = [job for job in jobs if job[0].endswith(f':{MATERIALISED}')]
+    together = [job for job in jobs if job not in alone]
     with ThreadPoolExecutor(max_workers=2) as pool:  # separate processes; nothing is being timed meanwhile
-        peaks = list(pool.map(lambda job: peak_train_memory_mb(job[0], job[1], BATCH_SIZES[job[1]]), jobs))
-    return dict(zip(jobs, peaks))
+        peaks = dict(zip(together, pool.map(lambda job: peak_train_memory_mb(*job, batch_sizes[job[1]]), together)))
+    peaks.update({job: peak_train_memory_mb(*job, batch_sizes[job[1]]) for job in alone})
+    return {job: peaks[job] for job in jobs}
 
 
 # --- report -------------------------------------------------------------------------------------------------
@@ -297,92 +434,92 @@ def _find(rows, model, size, mode) -> Optional[Dict]:
     return next((r for r in rows if (r['model'], r['size'], r['mode']) == (model, size, mode)), None)
 
 
+def _size_header(rows: List[Dict], *first: str) -> List[str]:
+    return [*first, *(f'{s} px' for s in sorted({r['size'] for r in rows}))]
+
+
 def efficiency_table(rows: List[Dict], key: str) -> str:
     """GradAttn rows: '<inference> / <training>' efficiency per size, one line per model and mode."""
     sizes = sorted({r['size'] for r in rows})
     modes = [m for m in MODES if any(r['mode'] == m for r in rows)]
     names = [n for n in dict.fromkeys(r['model'] for r in rows) if n.startswith('gradattn')]
-    lines = ['| model | mode | ' + ' | '.join(f'{s} px' for s in sizes) + ' |', '|---|---|' + '---|' * len(sizes)]
-    for name in names:
-        for mode in modes:
-            cells = []
-            for size in sizes:
-                r = _find(rows, name, size, mode)
-                if r is None or f'infer_{key}' not in r:
-                    cells.append('')
-                    continue
-                flag = ('' if size not in TARGET_SIZES else ' ok' if max(r[f'infer_{key}'], r[f'train_{key}'])
-                        <= TARGET_EFFICIENCY else ' **over**')
-                cells.append(f"{r[f'infer_{key}']:.2f} / {r[f'train_{key}']:.2f}{flag}")
-            lines.append(f'| {name} | {mode} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+
+    def cell(r: Optional[Dict], size: int) -> str:
+        if r is None or f'infer_{key}' not in r:
+            return ''
+        flag = ('' if size not in TARGET_SIZES else ' ok' if max(r[f'infer_{key}'], r[f'train_{key}'])
+                <= TARGET_EFFICIENCY else ' **over**')
+        return f"{r[f'infer_{key}']:.2f} / {r[f'train_{key}']:.2f}{flag}"
+    return markdown_table(_size_header(rows, 'model', 'mode'), [
+        [name, mode, *(cell(_find(rows, name, size, mode), size) for size in sizes)]
+        for name in names for mode in modes])
 
 
 def flop_ratio_table(rows: List[Dict]) -> str:
     sizes = sorted({r['size'] for r in rows})
     names = [n for n in dict.fromkeys(r['model'] for r in rows) if n != BASELINE]
-    lines = ['| model | ' + ' | '.join(f'{s} px' for s in sizes) + ' |', '|---|' + '---|' * len(sizes)]
-    for name in names:
-        cells = []
-        for size in sizes:
-            r = next((r for r in rows if r['model'] == name and r['size'] == size and 'flop_ratio' in r), None)
-            cells.append(f"{r['flop_ratio']:.3f} / {r['executed_flop_ratio']:.3f}" if r else '')
-        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+
+    def cell(name: str, size: int) -> str:
+        r = next((r for r in rows if r['model'] == name and r['size'] == size and 'flop_ratio' in r), None)
+        return f"{r['flop_ratio']:.3f} / {r['executed_flop_ratio']:.3f}" if r else ''
+    return markdown_table(_size_header(rows, 'model'), [[name, *(cell(name, s) for s in sizes)] for name in names])
 
 
 def relative_table(rows: List[Dict], reference: Callable[[Dict], Optional[Dict]], names: List[str],
                    modes: List[str]) -> str:
     """'<inference> / <training>' speed-up of each row over the row ``reference`` picks for it."""
     sizes = sorted({r['size'] for r in rows})
-    lines = ['| model | mode | ' + ' | '.join(f'{s} px' for s in sizes) + ' |', '|---|---|' + '---|' * len(sizes)]
-    for name in names:
-        for mode in modes:
-            cells = []
-            for size in sizes:
-                r, other = _find(rows, name, size, mode), None
-                if r is not None:
-                    other = reference(r)
-                cells.append(f"{r['infer_img_s'] / other['infer_img_s']:.2f} / "
-                             f"{r['train_img_s'] / other['train_img_s']:.2f}" if r and other else '')
-            lines.append(f'| {name} | {mode} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+
+    def cell(r: Optional[Dict]) -> str:
+        other = reference(r) if r is not None else None
+        return (f"{r['infer_img_s'] / other['infer_img_s']:.2f} / {r['train_img_s'] / other['train_img_s']:.2f}"
+                if r and other else '')
+    return markdown_table(_size_header(rows, 'model', 'mode'), [
+        [name, mode, *(cell(_find(rows, name, size, mode)) for size in sizes)] for name in names for mode in modes])
 
 
 def full_table(rows: List[Dict]) -> str:
-    lines = [
-        '| model | size | batch | mode | params | GFLOP/img | executed GFLOP/img | peak train MB | infer img/s | '
-        'train img/s | FLOP ratio | infer time ratio | train time ratio | infer eff. | train eff. |',
-        '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
-    ]
-    for r in rows:
-        if 'flop_ratio' not in r:
-            continue
-        mem = f"{r['peak_train_mem_mb']:.0f}" if r.get('peak_train_mem_mb') is not None else ''
-        lines.append(
-            f"| {r['model']} | {r['size']} | {r['batch_size']} | {r['mode']} | {r['params'] / 1e6:.2f} M | "
-            f"{r['gflops_per_image']:.3f} | {r['executed_gflops_per_image']:.3f} | {mem} | {r['infer_img_s']:.1f} | "
-            f"{r['train_img_s']:.1f} | {r['flop_ratio']:.3f} | {r['infer_time_ratio']:.3f} | "
-            f"{r['train_time_ratio']:.3f} | {r['infer_efficiency']:.3f} | {r['train_efficiency']:.3f} |")
-    return '\n'.join(lines)
+    header = ['model', 'size', 'batch', 'mode', 'params', 'GFLOP/img', 'executed GFLOP/img', 'peak train MB',
+              'infer img/s', 'ONNX Runtime infer img/s', 'train img/s', 'FLOP ratio', 'infer time ratio',
+              'train time ratio', 'infer eff.', 'train eff.']
+    return markdown_table(header, [
+        [r['model'], r['size'], r['batch_size'], r['mode'], f"{r['params'] / 1e6:.2f} M",
+         f"{r['gflops_per_image']:.3f}", f"{r['executed_gflops_per_image']:.3f}",
+         f"{r['peak_train_mem_mb']:.0f}" if r.get('peak_train_mem_mb') is not None else '',
+         f"{r['infer_img_s']:.1f}",
+         f"{r['onnxruntime_infer_img_s']:.1f}" if r.get('onnxruntime_infer_img_s') is not None else '',
+         f"{r['train_img_s']:.1f}", f"{r['flop_ratio']:.3f}",
+         f"{r['infer_time_ratio']:.3f}", f"{r['train_time_ratio']:.3f}", f"{r['infer_efficiency']:.3f}",
+         f"{r['train_efficiency']:.3f}"] for r in rows if 'flop_ratio' in r])
+
+
+def _run_description(result: Dict) -> str:
+    at_224 = '' if result.get('family') else f"({repeats_at(224, result['repeats'])} at 224 px) "
+    malloc = 'keeps freed memory (no trimming)' if result['malloc_keeps_freed_memory'] else 'with its default trimming'
+    return (
+        f"Machine: {machine_line(result['machine'])}.  \n"
+        f"Load average (1, 5, 15 min) before: {result['load_before']}, after: "
+        f"{result['load_after']}{'' if result['quiet'] else ' (the machine did not get quiet; timings are noisy)'}."
+        f"  \nWall time of this run: {result['seconds'] / 60:.1f} min. Median of {result['repeats']} timed steps "
+        f"{at_224}after {result['warmup']} warm-up steps; batch sizes "
+        f"{result['batch_sizes']}. Training step: forward, cross-entropy, backward, SGD update. glibc malloc "
+        f"{malloc}.")
 
 
 def report(result: Dict) -> str:
+    if result.get('family'):
+        return family_report(result)
     rows = result['rows']
     names = list(dict.fromkeys(r['model'] for r in rows))
     modes = [m for m in MODES if any(r['mode'] == m for r in rows)]
     parts = [
         '# Speed against resnet18',
-        f"Machine: {result['machine']}.  \nLoad average (1, 5, 15 min) before: {result['load_before']}, after: "
-        f"{result['load_after']}{'' if result['quiet'] else ' (the machine did not get quiet; timings are noisy)'}."
-        f"  \nWall time of this run: {result['seconds'] / 60:.1f} min. Median of {result['repeats']} timed steps "
-        f"({repeats_at(224, result['repeats'])} at 224 px) after {result['warmup']} warm-up steps; batch sizes "
-        f"{result['batch_sizes']}. Training step: forward, cross-entropy, backward, SGD update. glibc malloc "
-        f"{'keeps freed memory (no trimming)' if result['malloc_keeps_freed_memory'] else 'with its default trimming'}.",
+        _run_description(result),
         'Modes: eager fp32 NCHW; compile = `torch.compile(fullgraph=True, dynamic=False)`, one graph per size '
         '(on CPU without inductor\'s layout pass and with aten\'s random numbers); channels_last = eager with '
         'channels-last model and input; '
-        'bf16 = eager under `torch.autocast(bfloat16)`.',
+        'bf16 = eager under `torch.autocast(bfloat16)`. ONNX Runtime (CPU, eager pass): timm\'s `onnx_export` '
+        '(TorchScript exporter, dynamic batch) run by onnxruntime\'s CPU provider with torch\'s thread count.',
         '## FLOP ratio against resnet18 (counted / executed)',
         'Counted: `FlopCounterMode`. Executed: the same without the convolution taps that fall on zero padding, '
         'which a direct convolution does not compute.',
@@ -402,12 +539,95 @@ def report(result: Dict) -> str:
                   relative_table(rows, lambda r: dict(infer_img_s=r['eager_infer_img_s_same_pass'],
                                                       train_img_s=r['eager_train_img_s_same_pass']),
                                  names, ['compile'])]
+    onnx_rows = [r for r in rows if r.get('onnxruntime_infer_img_s') is not None]
+    if onnx_rows:
+        sizes = sorted({r['size'] for r in onnx_rows})
+        parts += ['## ONNX Runtime against eager: inference speed-up (above 1 = ONNX Runtime is faster)',
+                  'Timed in the eager pass, interleaved with eager inference.',
+                  markdown_table(_size_header(onnx_rows, 'model'), [
+                      [name, *(f"{r['onnxruntime_infer_img_s'] / r['infer_img_s']:.2f}" if r else ''
+                               for r in (_find(onnx_rows, name, size, 'eager') for size in sizes))]
+                      for name in dict.fromkeys(r['model'] for r in onnx_rows)])]
     attention_baselines = [n for n in ('resnet18_se', 'resnet18_cbam') if n in names]
     if attention_baselines and 'seresnet18' in names:
         parts += ["## SE / CBAM baselines against timm's seresnet18: speed-up (inference / training; "
                   'at least 1 = no slower)',
                   relative_table(rows, lambda r: _find(rows, 'seresnet18', r['size'], r['mode']),
                                  attention_baselines, modes)]
+    parts += ['## All measurements', full_table(rows)]
+    return '\n\n'.join(parts) + '\n'
+
+
+def _target_value(rows: List[Dict], model: str, reference: str, measure: str, size: int, mode: str
+                  ) -> Optional[float]:
+    row, other = _find(rows, model, size, mode), _find(rows, reference, size, mode)
+    if row is None or other is None:
+        return None
+    if measure == 'peak_memory':
+        mine, theirs = row.get('peak_train_mem_mb'), other.get('peak_train_mem_mb')
+        return mine / theirs if mine and theirs else None
+    time_ratio = other['train_img_s'] / row['train_img_s']
+    if measure == 'train_time':
+        return time_ratio
+    return time_ratio / (row['gflops_per_image'] / other['gflops_per_image'])  # train_time_per_mac
+
+
+_TARGET_WORDING = {'peak_memory': 'peak training memory / {reference}\'s',
+                   'train_time': 'training-step time / {reference}\'s',
+                   'train_time_per_mac': 'training-step time ratio to {reference} / MAC ratio'}
+
+
+def family_report(result: Dict) -> str:
+    """One family against its baseline: MAC, time and memory ratios per model, and the family's targets."""
+    rows, family, baseline = result['rows'], FAMILIES[result['family']], result['baseline']
+    sizes = sorted({r['size'] for r in rows})
+    modes = [m for m in MODES if any(r['mode'] == m for r in rows)]
+    names = list(dict.fromkeys(r['model'] for r in rows))
+    parts = [f"# Speed of the {result['family']} family against {baseline}", _run_description(result),
+             'MACs: `FlopCounterMode` count of the forward pass / 2, with the attention products of torch\'s CPU '
+             'flash kernel counted as for its other attention kernels (so a fused and a materialised formulation '
+             'count the same). Neither counts softmax, normalisation or element-wise work. Peak memory: the resident '
+             'memory one eager training step adds, in a fresh single-threaded process. '
+             f'`:{MATERIALISED}` = the same model with its attention on the explicit path (scores, softmax, '
+             'weighted sum as batched products), which holds the whole score matrix.']
+    for miss in result.get('did_not_fit', []):
+        smaller = max(1, miss['batch_size'] // 2)
+        parts.append(f"**Did not fit**: {miss['model']} at {miss['size']} px, batch {miss['batch_size']} (its "
+                     f"training step needs more than the {result['available_memory_gb']:.1f} GB available; left out "
+                     f"of the timing). Measure it at a smaller batch: `python benchmarks/speed.py --family "
+                     f"{result['family']} --batch-size {smaller} --models {baseline} <its fused counterpart> "
+                     f"{miss['model']} --name speed_{result['family']}_b{smaller}`.")
+    for size in sizes:
+        for mode in modes:
+            base = _find(rows, baseline, size, mode)
+            table = []
+            for name in names:
+                r = _find(rows, name, size, mode)
+                if r is None or base is None:
+                    continue
+                memory, base_memory = r.get('peak_train_mem_mb'), base.get('peak_train_mem_mb')
+                table.append([
+                    name, f"{r['params'] / 1e6:.2f} M", f"{r['gflops_per_image'] / 2:.4f}", f"{r['flop_ratio']:.2f}",
+                    f"{r['infer_img_s']:.0f}", f"{r['train_img_s']:.0f}", f"{r['infer_time_ratio']:.2f}",
+                    f"{r['train_time_ratio']:.2f}", f"{r['train_efficiency']:.2f}",
+                    f'{memory:.0f}' if memory else '', f'{memory / base_memory:.2f}' if memory and base_memory else ''])
+            parts += [f"## {size} px, batch {base['batch_size'] if base else ''}, {mode}: against {baseline}",
+                      'Time ratio = time per image / the baseline\'s; time / MACs = training time ratio / MAC ratio '
+                      '(1.0: the model pays for its multiply-adds and nothing more).',
+                      markdown_table(['model', 'params', 'GMAC/img', 'MAC ratio', 'infer img/s', 'train img/s',
+                                      'infer time ratio', 'train time ratio', 'train time / MACs', 'peak train MB',
+                                      'memory ratio'], table)]
+    if family.targets:
+        table = []
+        for model, reference, measure, limit in family.targets:
+            for size in sizes:
+                for mode in modes:
+                    value = _target_value(rows, model, reference, measure, size, mode)
+                    verdict = '' if value is None else 'ok' if value <= limit else '**over**'
+                    table.append([model, _TARGET_WORDING[measure].format(reference=reference), f'{size} px, {mode}',
+                                  '' if value is None else f'{value:.2f}', f'<= {limit:.2f}', verdict])
+        parts += ['## Targets (reported, not asserted; timing noise on a shared machine exceeds 10 %)',
+                  markdown_table(['model', 'measure', 'at', 'value', 'target', ''], table)]
     parts += ['## All measurements', full_table(rows)]
     return '\n\n'.join(parts) + '\n'
 
@@ -453,7 +673,14 @@ def plot(rows: List[Dict], path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--quick', action='store_true', help='resnet18 and GradAttn-RoPE, 32 px, eager: about a minute')
-    parser.add_argument('--models', nargs='+', default=None, help=f'default: {" ".join(MODELS)}')
+    parser.add_argument('--family', choices=sorted(FAMILIES), default=None,
+                        help='one family at its own sizes and batch size against its baseline, eager, without '
+                             'ONNX Runtime; writes speed_<family>.json/.md')
+    parser.add_argument('--batch-size', type=int, default=None,
+                        help='one batch size for every size (default: the family\'s, or per size: '
+                             f'{BATCH_SIZES})')
+    parser.add_argument('--models', nargs='+', default=None,
+                        help=f'default: {" ".join(MODELS)}; name:{MATERIALISED} = explicit attention path')
     parser.add_argument('--sizes', nargs='+', type=int, default=None, help=f'default: {" ".join(map(str, SIZES))}')
     parser.add_argument('--modes', nargs='+', default=None, choices=MODES)
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per size and mode (the first compiles)')
@@ -468,19 +695,39 @@ def main(argv=None) -> None:
     parser.add_argument('--out', type=Path, default=RESULTS_DIR, help='folder for <name>.json/.md/.png')
     parser.add_argument('--name', default=None, help='file stem (default speed, or speed_quick with --quick)')
     args = parser.parse_args(argv)
+    if args.quick and args.family:
+        parser.error('--quick and --family are two different grids; choose one')
+    family = FAMILIES[args.family] if args.family else None
+    baseline = family.baseline if family else BASELINE
     if args.quick:
         models = args.models or [BASELINE, 'gradattn_resnet18_rope']
         sizes, modes, repeats, memory = args.sizes or [32], args.modes or ['eager'], 9, False
+    elif family:
+        models, sizes, modes = args.models or family.models, args.sizes or family.sizes, args.modes or ['eager']
+        repeats, memory = args.repeats, not args.no_memory
     else:
         models, sizes, modes = args.models or MODELS, args.sizes or SIZES, args.modes or MODES
         repeats, memory = args.repeats, not args.no_memory
-    unknown = [s for s in sizes if s not in BATCH_SIZES]
-    if unknown:
-        parser.error(f'no batch size defined for sizes {unknown}; choose from {sorted(BATCH_SIZES)}')
+    if args.batch_size is not None or family:
+        if (args.batch_size or 1) < 1:
+            parser.error(f'--batch-size {args.batch_size}: at least 1')
+        batch_sizes = {size: args.batch_size or family.batch_size for size in sizes}
+    else:
+        unknown = [s for s in sizes if s not in BATCH_SIZES]
+        if unknown:
+            parser.error(f'no batch size defined for sizes {unknown}; choose from {sorted(BATCH_SIZES)} '
+                         f'or give --batch-size')
+        batch_sizes = BATCH_SIZES
     if args.warmup < 1:
         parser.error(f'--warmup {args.warmup}: at least one warm-up step is needed (the first call compiles)')
-    if BASELINE not in models:
-        print(f'note: {BASELINE} is not among --models, so no ratios can be computed')
+    try:
+        for name in models:
+            if ':' in name:
+                create_model(name)
+    except ValueError as error:
+        parser.error(str(error))
+    if baseline not in models:
+        print(f'note: {baseline} is not among --models, so no ratios can be computed')
     device = torch.device(args.device)
     configure_compile(device)
     malloc_tuned = False if args.default_malloc else keep_freed_memory()
@@ -488,29 +735,35 @@ def main(argv=None) -> None:
     quiet, waited = True, 0.
     if args.max_load is not None:
         quiet, waited = wait_for_quiet(args.max_load, args.wait_minutes)
-    machine = machine_description()
+    machine = describe_machine(device)
     load_before = load_average()
     print('machine:', json.dumps(machine), '| load average:', load_before, flush=True)
     started = time.time()
-    memory_mb = measure_memory(models, sizes) if memory and device.type == 'cpu' else {}
+    memory_mb = measure_memory(models, sizes, batch_sizes) if memory and device.type == 'cpu' else {}
     memory_s = time.time() - started
-    rows = measure(models, sizes, modes, args.warmup, repeats, memory_mb, device)
-    add_ratios(rows)
+    rows = measure(models, sizes, modes, args.warmup, repeats, memory_mb, device, batch_sizes,
+                   onnxruntime=family is None)
+    add_ratios(rows, baseline)
     load_after = load_average()
     result = dict(machine=machine, load_before=load_before, load_after=load_after, quiet=quiet,
                   waited_for_quiet_s=round(waited), malloc_keeps_freed_memory=malloc_tuned,
                   seconds=round(time.time() - started, 1),
                   memory_seconds=round(memory_s, 1), warmup=args.warmup, repeats=repeats,
-                  batch_sizes=BATCH_SIZES, command=' '.join(['python', 'benchmarks/speed.py'] + (argv or sys.argv[1:])),
+                  batch_sizes=batch_sizes, command=' '.join(['python', 'benchmarks/speed.py'] + (argv or sys.argv[1:])),
                   rows=rows)
-    stem = args.name or ('speed_quick' if args.quick else 'speed')
+    if family:
+        result.update(family=args.family, baseline=baseline, available_memory_gb=available_memory_bytes() / 2 ** 30,
+                      did_not_fit=[dict(model=name, size=size, batch_size=batch_sizes[size])
+                                   for (name, size), mb in memory_mb.items() if mb is None])
+    stem = args.name or ('speed_quick' if args.quick else f'speed_{args.family}' if family else 'speed')
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f'{stem}.json').write_text(json.dumps(result, indent=2))
     text = report(result)
     (args.out / f'{stem}.md').write_text(text)
-    plot(rows, args.out / f'{stem}.png')
+    if not family:  # the plot draws ratios across sizes; a family runs at one
+        plot(rows, args.out / f'{stem}.png')
     print(text)
-    print(f'wrote {args.out / stem}.json/.md/.png in {time.time() - started:.0f} s')
+    print(f"wrote {args.out / stem}.json/.md{'' if family else '/.png'} in {time.time() - started:.0f} s")
 
 
 if __name__ == '__main__':

@@ -84,3 +84,113 @@ def test_every_profiled_operator_has_a_kind():
     assert op_profile.kind_of('aten::addmm') == 'matrix products (linear layers)'
     assert op_profile.kind_of('aten::bernoulli_') == 'dropout random numbers'
     assert op_profile.kind_of('aten::as_strided') == op_profile.OTHER
+
+
+# --- families (speed.py --family, op_profile.py --family) ---------------------------------------------------
+def test_materialised_variant_switches_every_fused_attention_and_counts_the_same_macs():
+    fused, materialised = speed.create_model('resnet20_mha'), speed.create_model('resnet20_mha:materialised')
+    assert all(m.fused_attn for m in fused.modules() if hasattr(m, 'fused_attn'))
+    assert [m.fused_attn for m in materialised.modules() if hasattr(m, 'fused_attn')] == [False] * 3
+    # torch has no FLOP formula for its CPU flash kernel; flop_counter supplies one, so both paths count the
+    # attention products, which at 32 px double ResNet-20's arithmetic (the issue's "MAC ratio about 2.0").
+    base = speed.forward_flops('resnet20', 32)[0]
+    for name in ('resnet20_selfatt', 'resnet20_mha'):
+        assert speed.forward_flops(name, 32) == speed.forward_flops(f'{name}:materialised', 32)
+        assert 1.9 < speed.forward_flops(name, 32)[0] / base < 2.1
+    with pytest.raises(ValueError, match='resnet20 has 0'):
+        speed.create_model('resnet20:materialised')
+    with pytest.raises(ValueError, match='the only variant'):
+        speed.create_model('resnet20_mha:fused')
+
+
+def test_attention_shortcut_mac_ratios_against_the_cifar_resnet50():
+    base = speed.forward_flops('resnet50_cifar', 32)[0]
+    assert speed.forward_flops('asnet50_out', 32)[0] / base == pytest.approx(0.85, abs=0.01)
+    assert speed.forward_flops('asnet50_kv', 32)[0] / base == pytest.approx(0.87, abs=0.01)
+
+
+def test_speed_family_reports_its_targets_against_the_materialised_formulation(tmp_path):
+    speed.main(['--family', 'cnntention', '--models', 'resnet20', 'resnet20_mha', 'resnet20_mha:materialised',
+                '--sizes', '16', '--batch-size', '4', '--warmup', '1', '--repeats', '1', '--out', str(tmp_path)])
+    result = json.loads((tmp_path / 'speed_cnntention.json').read_text())
+    assert not (tmp_path / 'speed_cnntention.png').exists()
+    assert result['family'] == 'cnntention' and result['baseline'] == 'resnet20' and result['did_not_fit'] == []
+    rows = {r['model']: r for r in result['rows']}
+    assert set(rows) == {'resnet20', 'resnet20_mha', 'resnet20_mha:materialised'}
+    assert all(r['batch_size'] == 4 and r['mode'] == 'eager' and 'onnxruntime_infer_img_s' not in r
+               for r in rows.values())
+    fused, materialised = rows['resnet20_mha'], rows['resnet20_mha:materialised']
+    assert fused['flop_ratio'] == materialised['flop_ratio'] > 1
+    # The materialised step holds the (4, 8, 256, 256) stage-1 scores and their gradients.
+    assert materialised['peak_train_mem_mb'] > fused['peak_train_mem_mb'] > 0
+    memory_ratio = fused['peak_train_mem_mb'] / materialised['peak_train_mem_mb']
+    time_ratio = materialised['train_img_s'] / fused['train_img_s']
+    assert speed._target_value(result['rows'], 'resnet20_mha', 'resnet20_mha:materialised', 'peak_memory', 16,
+                               'eager') == pytest.approx(memory_ratio)
+    assert speed._target_value(result['rows'], 'resnet20_mha', 'resnet20_mha:materialised', 'train_time', 16,
+                               'eager') == pytest.approx(time_ratio)
+    report = (tmp_path / 'speed_cnntention.md').read_text()
+    assert '# Speed of the cnntention family against resnet20' in report
+    memory_target = "| peak training memory / resnet20_{0}:materialised's | 16 px, eager | {1} | <= 0.33 |"
+    assert '| resnet20_mha ' + memory_target.format('mha', f'{memory_ratio:.2f}') in report
+    # Targets of models left out of --models stay in the table, without a value.
+    assert '| resnet20_selfatt ' + memory_target.format('selfatt', '') + '  |' in report
+
+
+def test_speed_family_leaves_out_a_model_that_does_not_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, 'peak_train_memory_mb', lambda name, size, batch_size: (
+        None if name.endswith(':materialised') else 10.))
+    speed.main(['--family', 'cnntention', '--models', 'resnet20', 'resnet20_selfatt', 'resnet20_selfatt:materialised',
+                '--sizes', '16', '--batch-size', '2', '--warmup', '1', '--repeats', '1', '--out', str(tmp_path),
+                '--name', 'nofit'])
+    result = json.loads((tmp_path / 'nofit.json').read_text())
+    assert [r['model'] for r in result['rows']] == ['resnet20', 'resnet20_selfatt']
+    assert result['did_not_fit'] == [dict(model='resnet20_selfatt:materialised', size=16, batch_size=2)]
+    report = (tmp_path / 'nofit.md').read_text()
+    assert '**Did not fit**: resnet20_selfatt:materialised at 16 px, batch 2' in report
+    assert '--batch-size 1 --models resnet20 <its fused counterpart> resnet20_selfatt:materialised' in report
+
+
+def test_peak_memory_reports_a_step_larger_than_the_memory_available(monkeypatch):
+    # The subprocess runs under RLIMIT_DATA = the memory available, so a step too large for the machine fails in
+    # torch's allocator instead of waking the OOM killer. Materialised MHA at 32 px, batch 32: about 3 GB.
+    monkeypatch.setattr(speed, 'available_memory_bytes', lambda: 2 << 30)
+    assert speed.peak_train_memory_mb('resnet20_mha:materialised', 32, 32) is None
+    assert speed.peak_train_memory_mb('resnet20', 16, 2) > 0
+
+
+def test_speed_family_rejects_an_unknown_variant_and_quick(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        speed.main(['--family', 'cnntention', '--models', 'resnet20', 'resnet20:materialised', '--out', str(tmp_path)])
+    assert 'resnet20 has 0' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        speed.main(['--family', 'cnntention', '--quick', '--out', str(tmp_path)])
+    assert 'choose one' in capsys.readouterr().err
+
+
+def test_op_profile_family_splits_out_the_depth_attention(tmp_path):
+    op_profile.main(['--family', 'attention_shortcuts', '--models', 'resnet50_cifar', 'asnet50_out', '--sizes', '16',
+                     '--batch-size', '2', '--warmup', '1', '--steps', '1', '--out', str(tmp_path)])
+    result = json.loads((tmp_path / 'op_profile_attention_shortcuts.json').read_text())
+    assert result['baseline'] == 'resnet50_cifar' and result['kinds'] == 'depth_attention'
+    rows = {r['model']: r for r in result['rows']}
+    base, asnet = rows['resnet50_cifar'], rows['asnet50_out']
+    assert base['batch_size'] == asnet['batch_size'] == 2
+    for kind in ('layer norm', op_profile._DEPTH_ATTENTION, 'softmax'):
+        assert asnet['profiled_ms'][kind] > 0
+    assert base['profiled_ms'].get('layer norm', 0.) == 0.
+    # The baseline's only sum there is the classifier's bias gradient.
+    depth_attention = op_profile._DEPTH_ATTENTION
+    assert base['profiled_ms'].get(depth_attention, 0.) < asnet['profiled_ms'][depth_attention] / 5
+    assert 0.8 < sum(asnet['flops'].values()) / sum(base['flops'].values()) < 0.9
+    report = (tmp_path / 'op_profile_attention_shortcuts.md').read_text()
+    assert 'step FLOP ratio against resnet50_cifar' in report and 'K/V cache' in report
+
+
+def test_depth_attention_kinds():
+    kinds = op_profile.DEPTH_ATTENTION_KINDS
+    assert op_profile.kind_of('aten::addcmul', kinds) == op_profile._DEPTH_ATTENTION
+    assert op_profile.kind_of('aten::_softmax_backward_data', kinds) == 'softmax'
+    assert op_profile.kind_of('aten::stack', kinds).startswith('K/V cache')
+    assert op_profile.kind_of('aten::native_layer_norm_backward', kinds) == 'layer norm'
+    assert op_profile.kind_of('aten::addcmul') == 'element-wise and copies', 'the default kinds are unchanged'
