@@ -359,8 +359,10 @@ def test_dynamo_captures_one_graph(name):
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
+    # One block per stage: the same code paths (cache, subsampling, shared set) as the full 16 blocks, and an
+    # inductor compile of minutes less on a CPU.
     torch._dynamo.reset()
-    model = _create('asnet50_out')
+    model = _create('asnet50_out', layers=(1, 1, 1, 1))
     x = _images()
     with torch.no_grad():
         assert torch.allclose(torch.compile(model, fullgraph=True)(x), model(x), atol=1e-4)
