@@ -318,43 +318,7 @@ def test_attention_maps_are_softmax_weights_over_earlier_outputs(name):
     assert full[0].shape[:3] == (1, 4, 1) and torch.allclose(full[-1].mean(dim=(1, 3, 4)), maps[-1])
 
 
-@pytest.mark.parametrize('name', AS_NAMES + ('as_resnet50_stages',))
-def test_grad_checkpointing_gives_same_outputs_and_gradients(name):
-    model = _create(name)  # eval: fixed BN statistics, so the two runs are comparable
-    x = _images(batch=1, size=8)
-
-    def run():
-        model.zero_grad()
-        out = model(x)
-        out.sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    out_plain, grads_plain = run()
-    model.set_grad_checkpointing(True)
-    out_ckpt, grads_ckpt = run()
-    assert torch.allclose(out_plain, out_ckpt, atol=1e-5)
-    for param_name, grad in grads_plain.items():
-        assert torch.allclose(grad, grads_ckpt[param_name], atol=1e-5, rtol=1e-4), param_name
-
-
-@pytest.mark.parametrize('name', ALL_NAMES)
-def test_torchscript_and_fx_match_eager(name):
-    model = _create(name)
-    x = _images()
-    with torch.no_grad():
-        expected = model(x)
-        assert torch.allclose(torch.jit.script(model)(x), expected, atol=1e-5)
-        assert torch.allclose(torch.fx.symbolic_trace(model)(x), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize('name', ('asnet50_kv', 'as_resnet50_stages'))  # asnet50_out: the slow test below
-def test_dynamo_captures_one_graph(name):
-    torch._dynamo.reset()
-    model = _create(name)
-    compiled = torch.compile(model, fullgraph=True, backend='eager')  # capture only: no code generation on CPU
-    x = _images()
-    with torch.no_grad():
-        assert torch.allclose(compiled(x), model(x), atol=1e-5)
+# Grad checkpointing, TorchScript, FX and dynamo capture of every model: tests/test_models.py.
 
 
 @pytest.mark.slow
