@@ -1,7 +1,7 @@
 """Build every model of the zoo for one dataset tag and run a forward pass on random images.
 
     python examples/demo_models.py                 # CIFAR-10 configuration: 3 x 32 x 32, 10 classes
-    python examples/demo_models.py --tag pcam      # any tag: tiny_imagenet, fashion_mnist, pad_ufes_20, ...
+    python examples/demo_models.py --tag pcam      # any dataset: tiny_imagenet, mnist, cifar100, pad_ufes_20, ...
 
 Random initialisation (no weights are downloaded); prints each model's parameter count and output shapes.
 """
@@ -12,6 +12,7 @@ import torch
 import timm
 import timm_gradattn
 from timm_gradattn import DATASETS
+from timm_gradattn.models import model_tags
 
 
 def main() -> None:
@@ -25,7 +26,10 @@ def main() -> None:
     print(f'{info.title}: input {tuple(images.shape)}, {info.num_classes} classes')
     print(f'{"model":<24} {"params":>12}  {"logits":<12} {"features (forward_features)"}')
     for name in timm_gradattn.MODEL_NAMES:
-        model = timm.create_model(f'{name}.{args.tag}').eval()
+        if args.tag in model_tags(name):
+            model = timm.create_model(f'{name}.{args.tag}').eval()
+        else:  # each family has its own papers' tags; any model still builds for any dataset's shape
+            model = timm.create_model(name, num_classes=info.num_classes, in_chans=info.in_chans).eval()
         with torch.no_grad():
             features = model.forward_features(images)
             logits = model.forward_head(features)
