@@ -28,6 +28,7 @@ import timm
 from timm.models import get_arch_name, is_model
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_weights
+from .hub import client_config
 from .model_card import HUB_CARDS_DIR, CardTemplateError, build_card, card_metrics
 from .models import DEFAULT_HUB_NAMESPACE, HUB_NAMESPACE_ENV, MODEL_NAMES, hub_namespace, model_tags
 from .reporting import markdown_table
@@ -173,7 +174,8 @@ def stage_upload_folder(run: Run, repo_id: str, out: Optional[PathLike] = None, 
     if unexpected:
         raise PublishError(f'{out} holds files that are not part of an upload ({", ".join(unexpected)}); publishing '
                            f'only overwrites {", ".join(UPLOAD_FILES)}. Choose another --out or move those files away.')
-    config = json.loads(json.dumps(run.hub_config))  # completed with the class names the run recorded
+    # A run exported before exports were written for transformers too still uploads a config it loads.
+    config = client_config(run.hub_config)  # a copy, completed with the class names the run recorded
     if not config.get('label_names') and run.results.get('label_names'):
         config['label_names'] = list(run.results['label_names'])
     card = build_card(run, repo_id, config, template=template, license=license)
