@@ -489,6 +489,9 @@ def test_weights_table_without_published_weights(tmp_path):
     assert table.count('python -m timm_gradattn.publish output/train/') == cells
     assert (f'python train.py --model {MODEL} --dataset digits --recipe paper --experiment {MODEL}.digits && '
             f'python -m timm_gradattn.publish output/train/{MODEL}.digits --repo-id timm-gradattn/{MODEL}.digits') in table
+    # Each family's models are trained with their own paper's recipe.
+    assert '--model resnet20_selfatt --dataset mnist --data-dir data/mnist --download --recipe cnntention ' in table
+    assert '--model asnet50_kv --dataset cifar100 --data-dir data/cifar100 --download --recipe attention-shortcuts ' in table
 
 
 def test_weights_table_from_registry(tmp_path):

@@ -23,7 +23,7 @@ import yaml
 from timm.models import parse_model_name, split_model_name_tag
 from timm.utils import ParseKwargs
 
-__all__ = ['UserError', 'RECIPES', 'recipe_settings', 'IDENTITY_KEYS', 'NOT_SAVED_KEYS', 'build_parser',
+__all__ = ['UserError', 'RECIPES', 'recipe_settings', 'paper_recipe', 'IDENTITY_KEYS', 'NOT_SAVED_KEYS', 'build_parser',
            'parse_args', 'load_yaml', 'settings_to_yaml', 'with_dataset_defaults', 'CommandLineParser',
            'TIMM_FLAG_HINTS', 'expand_input_size', 'check_model_name', 'check_output_folder']
 
@@ -438,6 +438,17 @@ def expand_input_size(settings: Dict[str, Any], what: str = '--input-size') -> D
         if settings.get(key) is not None and settings[key] != value:
             raise UserError(f'{shown} and --{key.replace("_", "-")} {settings[key]} disagree; pass only one of them.')
     return dict(settings, in_chans=chans, img_size=height)
+
+
+def paper_recipe(model: str) -> str:
+    """The recipe of the paper ``model`` comes from: 'cnntention', 'attention-shortcuts', or GradAttn's 'paper'
+    (which also trains any other timm model)."""
+    architecture = _architecture(model)
+    if architecture in CNNTENTION_MODELS:
+        return 'cnntention'
+    if architecture in ATTENTION_SHORTCUTS_MODELS:
+        return 'attention-shortcuts'
+    return 'paper'
 
 
 def recipe_settings(recipe: str, model: str, dataset: str) -> Dict[str, Any]:

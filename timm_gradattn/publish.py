@@ -312,11 +312,11 @@ def record_published(path: PathLike, entry: Dict[str, Any]) -> None:
 
 
 def train_and_publish_command(model: str, tag: str, namespace: str) -> str:
-    """The command line that trains ``model`` on ``tag`` with the paper's recipe and publishes the result."""
-    from .config import build_parser
+    """The command line that trains ``model`` on ``tag`` with its paper's recipe and publishes the result."""
+    from .config import build_parser, paper_recipe
     output, experiment = build_parser().get_default('output'), f'{model}.{tag}'
     data = '' if tag == 'digits' else f' --data-dir data/{tag} --download'  # digits ships with scikit-learn
-    return (f'python train.py --model {model} --dataset {tag}{data} --recipe paper --experiment {experiment} && '
+    return (f'python train.py --model {model} --dataset {tag}{data} --recipe {paper_recipe(model)} --experiment {experiment} && '
             f'python -m timm_gradattn.publish {output}/{experiment} --repo-id {namespace}/{experiment}')
 
 
