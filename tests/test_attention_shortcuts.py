@@ -181,11 +181,11 @@ def test_every_block_projects_only_its_newest_output(name):
             conv.register_forward_hook(lambda m, i, o, s=stage_idx: adapter_calls.append(s))
     with torch.no_grad():
         model(_images(batch=1))
-    # One projection per block (16), each of one output: (1, H, W, C) at that output's size and width.
+    # One projection per block (16), each of one output: (1, C, H, W) at that output's size and width.
     sizes = [16] * 4 + [8] * 4 + [4] * 6 + [2] * 2  # the first block of a stage reads at the old size
     widths = [info['num_chs'] for info in model.feature_info]
     query_widths = [widths[0]] * 4 + [widths[2]] * 4 + [widths[3]] * 6 + [widths[4]] * 2
-    assert calls == [(1, s, s, w) for s, w in zip(sizes, query_widths)]
+    assert calls == [(1, w, s, s) for s, w in zip(sizes, query_widths)]
     if name == 'asnet50_kv':
         # One key and one value convolution per stored output at each transition: 4, 8 and 14 outputs,
         # the earliest adapted three times (chained), never re-projected.
@@ -356,3 +356,40 @@ def test_bad_options_raise_one_line_errors(name, kwargs, message):
     with pytest.raises(ValueError, match=message) as error:
         timm.create_model(name, **kwargs)
     assert '\n' not in str(error.value)
+
+
+def test_depth_scores_backward_is_the_gradient():
+    from timm_gradattn.models.attention_shortcuts import _DepthScores
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 3, 3, 2, 4, dtype=torch.double, generator=gen, requires_grad=True)
+    full = torch.randn(2, 6, 6, 2, 4, dtype=torch.double, generator=gen, requires_grad=True)
+    key = torch.randn(2, 3, 3, 2, 4, dtype=torch.double, generator=gen, requires_grad=True)
+    # The second key is a subsampled cache entry: a strided view.
+    assert torch.autograd.gradcheck(lambda q, k, f: _DepthScores.apply(q, k, f[:, ::2, ::2]), (query, key, full))
+
+
+def test_depth_mix_backward_is_the_gradient():
+    from timm_gradattn.models.attention_shortcuts import _DepthMix
+    gen = torch.Generator().manual_seed(0)
+    attn = torch.randn(2, 3, 3, 2, 2, dtype=torch.double, generator=gen).softmax(-1).requires_grad_()
+    value = torch.randn(2, 3, 3, 2, 4, dtype=torch.double, generator=gen, requires_grad=True)
+    full = torch.randn(2, 6, 6, 2, 4, dtype=torch.double, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, v, f: _DepthMix.apply(a, v, f[:, ::2, ::2]), (attn, value, full))
+
+
+@pytest.mark.parametrize('name', ['asnet50_out', 'asnet50_kv'])
+def test_training_gradients_equal_the_plain_formulation(name, monkeypatch):
+    from timm_gradattn.models import attention_shortcuts
+    model = _create(name).train()
+    images, targets = _images(), torch.tensor([1, 3])
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), targets).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    custom = gradients()
+    monkeypatch.setattr(attention_shortcuts, '_needs_grad', lambda x, cache: False)
+    plain = gradients()
+    for n in plain:
+        torch.testing.assert_close(custom[n], plain[n], rtol=1e-4, atol=1e-5, msg=n)

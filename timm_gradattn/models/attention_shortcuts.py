@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from timm.layers import LayerNorm2d, create_classifier, get_act_layer, get_norm_layer, trunc_normal_
 from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
@@ -37,6 +38,11 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import Bottleneck, ResNet, make_blocks
 
 from ._pretrained import build_with_weights_hint, dataset_cfgs
+
+try:  # newer torch; the older name also answers True under torch.export, and warns about it
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
+except ImportError:
+    from torch.fx._symbolic_trace import is_fx_tracing
 
 __all__ = ['CifarStemResNet', 'PlainBottleneck', 'AttentionShortcutNet', 'AttentionShortcutResNet', 'DepthAttention',
            'ShortcutFreeBottleneck']
@@ -138,17 +144,114 @@ class Stem(nn.Module):
         return self.norm(self.act(self.bn(self.conv(x))))
 
 
+class _DepthScores(torch.autograd.Function):
+    """Per-head dot products of each pixel's query with each stored key: (B, H, W, heads, n).
+
+    The forward is one batched product per key (a length-``head_dim`` reduction that writes only the scores);
+    the backward is element-wise: ``dq = sum_i ds_i k_i`` accumulated in place and ``dk_i = ds_i q``. Autograd's
+    own backward of that batched product runs ``B*H*W*heads`` tiny matrix products and is slower than the
+    element-wise formulation, whose forward would write a full-size product per key. Nothing is saved beyond
+    references to the query and the cached keys.
+    """
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(query, *keys)
+        return _batched_scores(query, list(keys))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        query, *keys = ctx.saved_tensors
+        grads = grad.unsqueeze(-1).unbind(-2)
+        grad_query = grads[0] * keys[0]
+        for g, key in zip(grads[1:], keys[1:]):
+            grad_query.addcmul_(g, key)
+        return (grad_query, *[g * query for g in grads])
+
+
+class _DepthMix(torch.autograd.Function):
+    """Each pixel's weighted sum of the stored values, ``out = sum_i attn_i v_i``: (B, H, W, heads, head_dim).
+
+    The forward accumulates in place, one read of each value; the backward writes ``dv_i = attn_i dout`` and
+    takes ``dattn_i = <dout, v_i>`` as one batched product per value, where autograd's backward of ``addcmul``
+    would write and then sum a full-size product per value.
+    """
+
+    @staticmethod
+    def forward(ctx, attn: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(attn, *values)
+        return _weighted_sum(attn, list(values))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        attn, *values = ctx.saved_tensors
+        weights = attn.unsqueeze(-1).unbind(-2)
+        return (_batched_scores(grad, values), *[w * grad for w in weights])
+
+
+def _weighted_sum(attn: torch.Tensor, values: List[torch.Tensor]) -> torch.Tensor:
+    # unbind, not slicing: each slice's backward would fill a zero tensor of the weights' full size.
+    weights = attn.unsqueeze(-1).unbind(-2)
+    out = weights[0] * values[0]
+    for i in range(1, len(values)):
+        out = torch.addcmul(out, weights[i], values[i])
+    return out
+
+
+def _depth_mix(attn: torch.Tensor, values: List[torch.Tensor]) -> torch.Tensor:
+    """``sum_i attn[..., i] * values[i]`` for weights (B, H, W, heads, n) and n values (B, H, W, heads, head_dim)."""
+    if not torch.jit.is_scripting():
+        if _needs_grad(attn, values):
+            return _DepthMix.apply(attn, *values)
+    return _weighted_sum(attn, values)
+
+
+def _batched_scores(query: torch.Tensor, keys: List[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([torch.matmul(query.unsqueeze(-2), key.unsqueeze(-1)).squeeze(-1) for key in keys], -1)
+
+
+def _depth_scores(query: torch.Tensor, keys: List[torch.Tensor]) -> torch.Tensor:
+    """Scores (B, H, W, heads, n) of ``query`` against each of ``keys`` (all (B, H, W, heads, head_dim))."""
+    if not torch.jit.is_scripting():
+        if _needs_grad(query, keys):
+            return _DepthScores.apply(query, *keys)
+    return _batched_scores(query, keys)
+
+
+@torch.jit.unused
+def _needs_grad(x: torch.Tensor, cache: List[torch.Tensor]) -> bool:
+    """Eager autograd: take the custom backwards. Tracing, FX, compile and export see the plain formulations."""
+    if torch.jit.is_tracing() or is_fx_tracing() or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(t.requires_grad for t in cache)
+
+
+class PixelLinear(nn.Linear):
+    """``nn.Linear`` applied at every pixel of a (B, in, H, W) map, as a 1x1 convolution: (B, out, H, W).
+
+    The maps read here are LayerNorm2d's outputs, channels-last in memory: a 1x1 convolution runs on them as one
+    matrix product (forward and backward about a quarter faster than ``nn.Linear`` on the permuted view) and
+    returns channels-last, so ``.permute(0, 2, 3, 1)`` of the result is a contiguous (B, H, W, out) tensor.
+    Parameters and their names are nn.Linear's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight.unsqueeze(-1).unsqueeze(-1), self.bias)
+
+
 class DepthAttention(nn.Module):
     """One projection set {W^Q, W^K, W^V, W^O} (Eq. 3.2): per-pixel multi-head attention over stored outputs.
 
     Cached keys and values are (B, H, W, heads, head_dim) tensors, one per stored output. ``forward`` projects
     only the newest output ``x`` and returns its key and value for the caller to cache.
 
-    Scores are a per-head dot product and the output a weighted sum, one elementwise product per stored output,
-    rather than ``F.scaled_dot_product_attention`` over a stacked cache: with a query length of 1 and at most 16
-    keys, stacking would copy the whole cache at every block for a kernel with almost no work to amortise it
-    over, and autograd would keep that copy. Here nothing is copied and backward keeps only references to the
-    cached tensors. ``tests/test_attention_shortcuts.py`` checks the result equals the SDPA formulation.
+    Scores and the weighted sum take one product per stored output (``_depth_scores``, ``_depth_mix``) rather than
+    ``F.scaled_dot_product_attention`` over a stacked cache: with a query length of 1 and at most 16 keys,
+    stacking would copy the whole cache at every block for a kernel with almost no work to amortise it over,
+    and autograd would keep that copy. Here nothing is copied and backward keeps only references to the cached
+    tensors. ``tests/test_attention_shortcuts.py`` checks the result equals the SDPA formulation.
     """
 
     def __init__(self, dim: int, num_heads: int = 4):
@@ -159,22 +262,23 @@ class DepthAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.qkv = PixelLinear(dim, dim * 3, bias=False)
+        self.proj = PixelLinear(dim, dim, bias=False)
 
     @torch.jit.export
     def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query, key and value of one output (B, C, H, W), each (B, H, W, heads, head_dim)."""
         B, _, H, W = x.shape
-        qkv = self.qkv(x.permute(0, 2, 3, 1)).reshape(B, H, W, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(3)
-        return q, k, v
+        qkv = self.qkv(x).permute(0, 2, 3, 1)
+        q, k, v = qkv.reshape(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
+        # One copy each, now: the batched products that read them need contiguous heads, and would otherwise
+        # copy a cached key or value again at every later block.
+        return q.contiguous(), k.contiguous(), v.contiguous()
 
     @torch.jit.export
     def softmax_weights(self, query: torch.Tensor, keys: List[torch.Tensor]) -> torch.Tensor:
         """Attention weights (B, H, W, heads, n) of each pixel's query over the n stored keys, oldest first."""
-        query = query * self.scale
-        return torch.stack([(query * key).sum(-1) for key in keys], dim=-1).softmax(dim=-1)
+        return (_depth_scores(query, keys) * self.scale).softmax(dim=-1)
 
     @torch.jit.export
     def weights(self, x: torch.Tensor, keys: List[torch.Tensor]) -> torch.Tensor:
@@ -192,12 +296,8 @@ class DepthAttention(nn.Module):
         query, key, value = self.project(x)
         keys = keys + [key]
         values = values + [value]
-        # unbind, not slicing: each slice's backward would fill a zero tensor of the weights' full size.
-        attn = self.softmax_weights(query, keys).unsqueeze(-1).unbind(-2)
-        out = attn[0] * values[0]
-        for i in range(1, len(values)):
-            out = torch.addcmul(out, attn[i], values[i])
-        g = self.proj(out.flatten(3)).permute(0, 3, 1, 2)
+        out = _depth_mix(self.softmax_weights(query, keys), values)
+        g = self.proj(out.flatten(3).permute(0, 3, 1, 2))
         return g, key, value
 
 
