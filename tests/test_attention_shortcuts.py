@@ -359,13 +359,20 @@ def test_bad_options_raise_one_line_errors(name, kwargs, message):
 
 
 def test_depth_scores_backward_is_the_gradient():
-    from timm_gradattn.models.attention_shortcuts import _DepthScores
+    # The backward recomputes the query from the projected output x and W^Q instead of keeping it.
+    from timm_gradattn.models.attention_shortcuts import PixelLinear, _DepthScores
     gen = torch.Generator().manual_seed(0)
-    query = torch.randn(2, 3, 3, 2, 4, dtype=torch.double, generator=gen, requires_grad=True)
+    x = torch.randn(2, 8, 3, 3, dtype=torch.double, generator=gen).to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = torch.randn(8, 8, dtype=torch.double, generator=gen, requires_grad=True)
     full = torch.randn(2, 6, 6, 2, 4, dtype=torch.double, generator=gen, requires_grad=True)
     key = torch.randn(2, 3, 3, 2, 4, dtype=torch.double, generator=gen, requires_grad=True)
-    # The second key is a subsampled cache entry: a strided view.
-    assert torch.autograd.gradcheck(lambda q, k, f: _DepthScores.apply(q, k, f[:, ::2, ::2]), (query, key, full))
+
+    def scores(x, weight, key, full):
+        query = PixelLinear.apply_weight(x, weight).permute(0, 2, 3, 1).reshape(2, 3, 3, 2, 4)
+        return _DepthScores.apply(query, x, weight, key, full[:, ::2, ::2])  # a subsampled entry: a strided view
+
+    assert torch.autograd.gradcheck(scores, (x, weight, key, full))
 
 
 def test_depth_mix_backward_is_the_gradient():

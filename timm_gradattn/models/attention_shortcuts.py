@@ -150,24 +150,29 @@ class _DepthScores(torch.autograd.Function):
     The forward is one batched product per key (a length-``head_dim`` reduction that writes only the scores);
     the backward is element-wise: ``dq = sum_i ds_i k_i`` accumulated in place and ``dk_i = ds_i q``. Autograd's
     own backward of that batched product runs ``B*H*W*heads`` tiny matrix products and is slower than the
-    element-wise formulation, whose forward would write a full-size product per key. Nothing is saved beyond
-    references to the query and the cached keys.
+    element-wise formulation, whose forward would write a full-size product per key.
+
+    The query is not kept for the backward: it is recomputed there from the projected output ``x``, which the
+    projection keeps anyway, and W^Q (one 1x1 convolution). Keeping it would hold a full-size map per block
+    until the backward: at 32 px about 200 MB of AS_out's peak training memory at batch 64.
     """
 
     @staticmethod
-    def forward(ctx, query: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(query, *keys)
+    def forward(ctx, query: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, *keys)
+        ctx.query_shape = query.shape
         return _batched_scores(query, list(keys))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        query, *keys = ctx.saved_tensors
+        x, weight, *keys = ctx.saved_tensors
+        query = PixelLinear.apply_weight(x, weight).permute(0, 2, 3, 1).reshape(ctx.query_shape)
         grads = grad.unsqueeze(-1).unbind(-2)
         grad_query = grads[0] * keys[0]
         for g, key in zip(grads[1:], keys[1:]):
             grad_query.addcmul_(g, key)
-        return (grad_query, *[g * query for g in grads])
+        return (grad_query, None, None, *[g * query for g in grads])
 
 
 class _DepthMix(torch.autograd.Function):
@@ -212,11 +217,17 @@ def _batched_scores(query: torch.Tensor, keys: List[torch.Tensor]) -> torch.Tens
     return torch.cat([torch.matmul(query.unsqueeze(-2), key.unsqueeze(-1)).squeeze(-1) for key in keys], -1)
 
 
-def _depth_scores(query: torch.Tensor, keys: List[torch.Tensor]) -> torch.Tensor:
-    """Scores (B, H, W, heads, n) of ``query`` against each of ``keys`` (all (B, H, W, heads, head_dim))."""
+def _depth_scores(
+        query: torch.Tensor,
+        keys: List[torch.Tensor],
+        x: Optional[torch.Tensor] = None,
+        weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Scores (B, H, W, heads, n) of ``query`` against each of ``keys`` (all (B, H, W, heads, head_dim)); with
+    the projected output ``x`` and W^Q (``weight``), eager autograd recomputes the query in the backward."""
     if not torch.jit.is_scripting():
-        if _needs_grad(query, keys):
-            return _DepthScores.apply(query, *keys)
+        if x is not None and weight is not None and _needs_grad(query, keys):
+            return _DepthScores.apply(query, x, weight, *keys)
     return _batched_scores(query, keys)
 
 
@@ -239,6 +250,10 @@ class PixelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight.unsqueeze(-1).unsqueeze(-1), self.bias)
+
+    @staticmethod
+    def apply_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight.unsqueeze(-1).unsqueeze(-1))
 
 
 class DepthAttention(nn.Module):
@@ -276,9 +291,16 @@ class DepthAttention(nn.Module):
         return q.contiguous(), k.contiguous(), v.contiguous()
 
     @torch.jit.export
-    def softmax_weights(self, query: torch.Tensor, keys: List[torch.Tensor]) -> torch.Tensor:
-        """Attention weights (B, H, W, heads, n) of each pixel's query over the n stored keys, oldest first."""
-        return (_depth_scores(query, keys) * self.scale).softmax(dim=-1)
+    def softmax_weights(
+            self,
+            query: torch.Tensor,
+            keys: List[torch.Tensor],
+            x: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Attention weights (B, H, W, heads, n) of each pixel's query over the n stored keys, oldest first.
+        ``x``, the output the query was projected from, lets training recompute the query instead of keeping it."""
+        weight = None if x is None else self.qkv.weight[:self.num_heads * self.head_dim]
+        return (_depth_scores(query, keys, x, weight) * self.scale).softmax(dim=-1)
 
     @torch.jit.export
     def weights(self, x: torch.Tensor, keys: List[torch.Tensor]) -> torch.Tensor:
@@ -296,7 +318,7 @@ class DepthAttention(nn.Module):
         query, key, value = self.project(x)
         keys = keys + [key]
         values = values + [value]
-        out = _depth_mix(self.softmax_weights(query, keys), values)
+        out = _depth_mix(self.softmax_weights(query, keys, x), values)
         g = self.proj(out.flatten(3).permute(0, 3, 1, 2))
         return g, key, value
 
