@@ -306,7 +306,7 @@ class DepthAttention(nn.Module):
     def weights(self, x: torch.Tensor, keys: List[torch.Tensor]) -> torch.Tensor:
         """``softmax_weights`` for the newest output ``x`` over the cache plus ``x`` itself."""
         query, key, _ = self.project(x)
-        return self.softmax_weights(query, keys + [key])
+        return self.softmax_weights(query, keys + [key], None)
 
     def forward(
             self,
