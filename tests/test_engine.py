@@ -24,7 +24,8 @@ from timm_gradattn.checkpoint import (
 from timm_gradattn.config import RECIPES, UserError, parse_args, settings_to_yaml, with_dataset_defaults
 from timm_gradattn.cpu import keep_freed_memory
 from timm_gradattn.data import get_dataset_info
-from timm_gradattn.engine import NonFiniteLossError, _has_fused_kernel, _stop_unless_finite, create_optimizer
+from timm_gradattn.engine import (
+    NonFiniteLossError, _create_ema, _has_fused_kernel, _stop_unless_finite, create_optimizer)
 from timm_gradattn.metrics import predict
 
 
@@ -256,6 +257,21 @@ def test_help_lists_every_flag_with_its_default(capsys):
     text = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
     assert text.startswith('usage: train.py') and '--fused-opt, --no-fused-opt' in text
     assert "'official': the dataset's own splits (default: paper)" in text, '--protocol shows its default'
+
+
+def test_model_ema_warmup_lets_the_average_follow_the_first_updates():
+    model = nn.Linear(4, 2)
+    assert _create_ema(parse_args([]), model) is None
+    plain = _create_ema(parse_args(['--model-ema', '--model-ema-decay', '0.998']), model)
+    warm = _create_ema(parse_args(['--model-ema', '--model-ema-decay', '0.998', '--model-ema-warmup']), model)
+    assert plain.get_decay(2) == 0.998
+    assert warm.get_decay(2) == pytest.approx(1 - 2 ** (-2 / 3)) and warm.get_decay(10 ** 9) == 0.998
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    plain.update(model, step=2)
+    warm.update(model, step=2)
+    moved = [(ema.module.weight - model.weight).abs().max().item() for ema in (plain, warm)]
+    assert moved[1] < 0.4 < moved[0] < 1.0, moved
 
 
 def test_an_epoch_with_non_finite_weights_is_neither_validated_nor_saved(accelerator):

@@ -68,7 +68,7 @@ _TRAIN_FLAG_HINTS: Dict[str, str] = {
                     'pass it to the model: --model-kwargs drop_path_rate=RATE (for models that take it)'),
     **dict.fromkeys(('--opt-eps', '--opt-betas', '--opt-kwargs', '--warmup-lr', '--warmup-prefix', '--lr-noise',
                      '--lr-noise-pct', '--lr-noise-std', '--lr-cycle-mul', '--lr-cycle-decay', '--lr-cycle-limit',
-                     '--lr-k-decay', '--bn-momentum', '--bn-eps', '--model-ema-warmup', '--model-ema-force-cpu',
+                     '--lr-k-decay', '--bn-momentum', '--bn-eps', '--model-ema-force-cpu',
                      '--clip-mode'), _TIMM_DEFAULT),
     **dict.fromkeys(('--lr-base', '--lr-base-size', '--lr-base-scale'),
                     'give the learning rate itself with --lr (it is not scaled by the batch size)'),
@@ -299,6 +299,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help='Keep an exponential moving average of the weights (timm ModelEmaV3); it is the model '
                             'validated, kept as best and tested.')
     group.add_argument('--model-ema-decay', type=float, default=0.998, help='EMA decay.')
+    group.add_argument('--model-ema-warmup', action='store_true',
+                       help="Warm the EMA decay up from 0 (timm's 1 - (1 + update)^(-2/3), capped at "
+                            '--model-ema-decay), so the average follows the early weights on short runs.')
     group.add_argument('--seed', type=int, default=None, help='Seed of the split, the data order and the init (recipe).')
 
     group = parser.add_argument_group('Devices (Hugging Face Accelerate)')

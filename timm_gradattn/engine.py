@@ -215,7 +215,7 @@ def _train(args: argparse.Namespace, on_epoch_end) -> Dict[str, Any]:
         train_loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader)
-    ema = ModelEmaV3(_bare(accelerator, model), decay=args.model_ema_decay) if args.model_ema else None
+    ema = _create_ema(args, _bare(accelerator, model))
 
     state: Dict[str, Any] = dict(model=args.model, epochs_done=0, num_updates=0, best_top1=-1.0, best_epoch=0,
                                  bad_epochs=0, stopped_early=False, summary_rows=[])
@@ -578,6 +578,13 @@ def _create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer
     if scheduler is not None and args.sched_on_updates and milestones:
         scheduler.decay_t = list(milestones)  # timm scaled them by updates_per_epoch; these are updates already
     return scheduler
+
+
+def _create_ema(args: argparse.Namespace, model: nn.Module) -> Optional[ModelEmaV3]:
+    """timm's weight average for ``--model-ema`` (``--model-ema-warmup``: its decay rises from 0 to the cap)."""
+    if not args.model_ema:
+        return None
+    return ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
 
 
 def _create_loaders(args: argparse.Namespace, data: DataSplits) -> Tuple[DataLoader, DataLoader, DataLoader]:
