@@ -360,7 +360,7 @@ def test_bad_options_raise_one_line_errors(name, kwargs, message):
 
 def test_depth_scores_backward_is_the_gradient():
     # The backward recomputes the query from the projected output x and W^Q instead of keeping it.
-    from timm_gradattn.models.attention_shortcuts import PixelLinear, _DepthScores
+    from timm_gradattn.models.attention_shortcuts import _DepthScores, pixel_linear
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 3, 3, dtype=torch.double, generator=gen).to(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -369,7 +369,7 @@ def test_depth_scores_backward_is_the_gradient():
     key = torch.randn(2, 3, 3, 2, 4, dtype=torch.double, generator=gen, requires_grad=True)
 
     def scores(x, weight, key, full):
-        query = PixelLinear.apply_weight(x, weight).permute(0, 2, 3, 1).reshape(2, 3, 3, 2, 4)
+        query = pixel_linear(x, weight).permute(0, 2, 3, 1).reshape(2, 3, 3, 2, 4)
         return _DepthScores.apply(query, x, weight, key, full[:, ::2, ::2])  # a subsampled entry: a strided view
 
     assert torch.autograd.gradcheck(scores, (x, weight, key, full))

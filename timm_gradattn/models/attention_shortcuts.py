@@ -167,7 +167,7 @@ class _DepthScores(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight, *keys = ctx.saved_tensors
-        query = PixelLinear.apply_weight(x, weight).permute(0, 2, 3, 1).reshape(ctx.query_shape)
+        query = pixel_linear(x, weight).permute(0, 2, 3, 1).reshape(ctx.query_shape)
         grads = grad.unsqueeze(-1).unbind(-2)
         grad_query = grads[0] * keys[0]
         for g, key in zip(grads[1:], keys[1:]):
@@ -239,6 +239,11 @@ def _needs_grad(x: torch.Tensor, cache: List[torch.Tensor]) -> bool:
     return x.requires_grad or any(t.requires_grad for t in cache)
 
 
+def pixel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The (out, in) matrix ``weight`` applied at every pixel of a (B, in, H, W) map, as a 1x1 convolution."""
+    return F.conv2d(x, weight.unsqueeze(-1).unsqueeze(-1), bias)
+
+
 class PixelLinear(nn.Linear):
     """``nn.Linear`` applied at every pixel of a (B, in, H, W) map, as a 1x1 convolution: (B, out, H, W).
 
@@ -249,11 +254,7 @@ class PixelLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight.unsqueeze(-1).unsqueeze(-1), self.bias)
-
-    @staticmethod
-    def apply_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, weight.unsqueeze(-1).unsqueeze(-1))
+        return pixel_linear(x, self.weight, self.bias)
 
 
 class DepthAttention(nn.Module):
