@@ -112,3 +112,12 @@ def test_two_processes_count_every_sample_once(tmp_path):
     for key in METRIC_KEYS:
         assert double[key] == pytest.approx(single[key], abs=1e-9), key
     assert double['routing']['rollout']['class_counts'] == single['routing']['rollout']['class_counts']
+
+
+def test_a_head_narrower_than_the_dataset_is_refused(tmp_path):
+    model_args = dict(in_chans=1, num_classes=5)
+    save_for_hf(timm.create_model('resnet20', **model_args), tmp_path / 'export', model_args=model_args,
+                safe_serialization=True)
+    with pytest.raises(UserError, match=r'predicts 5 classes but .* has 10\. Evaluate it on the dataset it was'):
+        main(['--model', f'local-dir:{tmp_path / "export"}', '--dataset', 'digits', '--workers', '0',
+              '--output', str(tmp_path / 'eval')])

@@ -236,6 +236,21 @@ def test_fine_tune_saved_model_on_image_folder(output, reference_run, tmp_path):
     assert (tuned['stem.conv.weight'] - original['stem.conv.weight']).abs().max() < 0.02
 
 
+def test_a_head_wider_than_the_dataset_names_its_extra_outputs(output, tmp_path):
+    # --num-classes above the dataset's count: the plots, the export and evaluate name outputs 10 and 11.
+    run_train([*TINY, '--num-classes', '12', '--epochs', '1', '--train-subset', '32', '--workers', '0'],
+              output, 'wide_head')
+    run_dir = output / 'wide_head'
+    assert (run_dir / 'confusion_matrix.png').stat().st_size > 10_000
+    exported = timm.create_model(f'local-dir:{run_dir / "hub"}', pretrained=True)
+    assert exported.num_classes == 12 and exported.pretrained_cfg['label_names'] == [str(i) for i in range(12)]
+    from timm_gradattn.evaluate import main as evaluate
+    written = evaluate(['--model', f'local-dir:{run_dir / "hub"}', '--pretrained', '--dataset', 'digits',
+                        '--workers', '0', '--output', str(tmp_path / 'eval')])
+    assert len(written['confusion_matrix']) == 12 and written['label_names'][10:] == ['10', '11']
+    assert (tmp_path / 'eval' / 'confusion_matrix.png').stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_training_options_run_together(output):
     # EMA, mixup with label smoothing, gradient accumulation, clipping and bf16 autocast in one short run.

@@ -293,13 +293,13 @@ def _train(args: argparse.Namespace, on_epoch_end) -> Dict[str, Any]:
     results['test_last_epoch'] = dict(test_last or test.metrics, epoch=last_epoch)
     if accelerator.is_main_process:
         export_hub_folder(
-            _bare(accelerator, model), run_dir / 'hub', label_names=info.label_names,
+            _bare(accelerator, model), run_dir / 'hub', label_names=info.head_label_names(len(test.confusion)),
             input_size=info.input_size, mean=info.mean, std=info.std,
             pretrained_cfg=dict(tag=info.name, license=info.license, notes=(
                 f'Trained on {info.title} with timm-gradattn train.py (recipe {args.recipe}); '
                 f'best validation top-1 {state["best_top1"]:.2f} at epoch {state["best_epoch"]}.',)))
         atomic_write_text(run_dir / 'results.json', json.dumps(results, indent=2))
-        _write_plots(run_dir, state['summary_rows'], test, info.label_names)
+        _write_plots(run_dir, state['summary_rows'], test, info.head_label_names(len(test.confusion)))
     accelerator.wait_for_everyone()
     accelerator.print(
         f"Test top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  F1 (macro) {results['f1_macro']:.4f}  "

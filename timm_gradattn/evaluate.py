@@ -151,10 +151,13 @@ def create_eval_model(
     elif not load_source_weights:
         _logger.warning('No --checkpoint and no --pretrained: evaluating randomly initialised weights.')
     num_classes = getattr(model, 'num_classes', info.num_classes)
-    if num_classes != info.num_classes:
+    if num_classes < info.num_classes:
         raise UserError(
             f'{model_name} predicts {num_classes} classes but {info.title} has {info.num_classes}. '
             f'Evaluate it on the dataset it was trained on, or pass a checkpoint trained on {info.name}.')
+    if num_classes > info.num_classes:  # as train.py --num-classes allows: the extra outputs name no class here
+        _logger.warning(f'{model_name} predicts {num_classes} classes and {info.title} has {info.num_classes}: '
+                        f'outputs {info.num_classes}-{num_classes - 1} match no image of it.')
     return model
 
 
@@ -220,6 +223,7 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
         measured = evaluate_logits(logits, targets, info.num_classes, ece_bins=args.ece_bins)
     except ValueError as error:  # non-finite logits, labels beyond the model's classes
         raise UserError(f'--model {args.model} on {info.name} ({args.split}): {error}') from error
+    label_names += [str(i) for i in range(len(label_names), len(measured.confusion))]  # a head wider than the data
     results: Dict[str, Any] = dict(
         measured.metrics,
         model=args.model, checkpoint=args.checkpoint, dataset=info.name, split=args.split, protocol=args.protocol,

@@ -7,7 +7,7 @@ section 4.2, Table 2) and its reference implementation.
 """
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from timm.data import ImageNetInfo
 
@@ -39,6 +39,12 @@ class DatasetInfo:
     @property
     def img_size(self) -> int:
         return self.input_size[-1]
+
+    def head_label_names(self, num_classes: int) -> List[str]:
+        """A name for each output of a ``num_classes``-way head trained on this dataset: the dataset's label
+        names, then the index of each output beyond them (``--num-classes`` above the dataset's class count)."""
+        names = list(self.label_names or (str(i) for i in range(self.num_classes)))
+        return names + [str(i) for i in range(len(names), num_classes)]
 
 
 _CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
