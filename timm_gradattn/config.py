@@ -214,7 +214,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help='Start from these weights: a .safetensors file, or a .pth/.pt state dict read as '
                             'tensors only (weights_only=True). Older and reference names are mapped. A classifier '
                             'of another size is replaced.')
-    group.add_argument('--num-classes', type=int, default=None, help="Classifier outputs (default: the dataset's; more keeps extra outputs named by their index).")
+    group.add_argument('--num-classes', type=int, default=None,
+                       help="Classifier outputs (default: the dataset's; more keeps extra outputs named by their index).")
     group.add_argument('--in-chans', type=int, default=None, help="Image channels, 1 or 3 (default: the dataset's).")
     group.add_argument('--img-size', type=int, default=None, help="Input side in pixels (default: the dataset's).")
     group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
