@@ -160,3 +160,14 @@ def test_eight_pixel_images_train(tmp_path, capsys):
     argv = [*TINY, '--img-size', '8', '--batch-size', '64', '--train-subset', '64', '--experiment', 'eight']
     assert train_cli.main([*argv, '--output', str(tmp_path)]) == 0
     assert (tmp_path / 'eight' / 'results.json').is_file()
+
+
+def test_resume_with_other_optimizer_groups_names_the_flags(tmp_path, capsys):
+    # The weights fit; the optimizer state was made with other parameter groups (weight decay on 1-D parameters).
+    common = ['--model', 'resnet20', '--img-size', '16', '--train-subset', '32', '--workers', '0']
+    assert train_cli.main([*common, '--epochs', '1', '--output', str(tmp_path), '--experiment', 'run']) == 0
+    capsys.readouterr()
+    message = fails(['--resume', str(tmp_path / 'run'), '--epochs', '2', '--decay-norm-and-bias'], tmp_path, capsys)
+    assert 'optimizer state does not fit' in message and '--decay-norm-and-bias' in message
+    assert 'config.yaml' in message and '--model the run was trained with' not in message
+    assert (tmp_path / 'run' / 'last' / 'optimizer.pt').is_file()  # nothing of the run was lost

@@ -45,7 +45,7 @@ from .models import checkpoint_filter_fn
 
 __all__ = ['LAST', 'STATE_FILE', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_csv', 'atomic_save_weights',
            'replace_folder',
-           'WeightsError', 'load_weights', 'find_last_checkpoint', 'save_training_state', 'load_training_state',
+           'WeightsError', 'OptimizerStateError', 'load_weights', 'find_last_checkpoint', 'save_training_state', 'load_training_state',
            'scheduler_state_dict', 'load_scheduler_state_dict', 'capture_rng_state', 'restore_rng_state']
 
 LAST = 'last'
@@ -328,6 +328,10 @@ def save_training_state(
     return final
 
 
+class OptimizerStateError(ValueError):
+    """A saved optimizer state whose parameter groups differ from the optimizer's."""
+
+
 def load_training_state(
         folder: PathLike,
         accelerator,
@@ -338,7 +342,7 @@ def load_training_state(
     """Restore what ``save_training_state`` wrote (model, EMA, optimizer, this process's generators).
 
     Returns the JSON part of the state. Raises WeightsError (a ValueError) when the weights do not fit the model,
-    ValueError when the optimizer state does not.
+    OptimizerStateError (a ValueError) when the optimizer state does not fit the optimizer.
     """
     folder = Path(folder)
     state = json.loads((folder / STATE_FILE).read_text())
@@ -346,7 +350,13 @@ def load_training_state(
     if ema is not None:
         ema_file = folder / 'ema.safetensors'
         load_weights(ema, ema_file if ema_file.is_file() else folder / 'model.safetensors', what='EMA checkpoint')
-    optimizer.load_state_dict(torch.load(folder / 'optimizer.pt', map_location='cpu', weights_only=True))
+    try:
+        optimizer.load_state_dict(torch.load(folder / 'optimizer.pt', map_location='cpu', weights_only=True))
+    except ValueError as error:  # torch: "... a different number of parameter groups" / "... size of optimizer's group"
+        raise OptimizerStateError(
+            f'The saved optimizer state does not fit this optimizer ({error}): its parameter groups come from '
+            f'--opt, --weight-decay, --decay-norm-and-bias, --layer-decay and --freeze-backbone. Resume with the '
+            f"values in the run's config.yaml (drop those flags).") from error
     rng_file = folder / f'rng_state_{accelerator.process_index}.safetensors'
     if rng_file.is_file():
         with safe_open(str(rng_file), framework='pt') as f:

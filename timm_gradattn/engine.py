@@ -41,9 +41,9 @@ from timm.utils import ModelEmaV3
 
 from .analysis import gradient_norms, read_grad_norms
 from .checkpoint import (
-    atomic_save_weights, atomic_write_csv, atomic_write_text, capture_rng_state, find_last_checkpoint,
-    load_scheduler_state_dict, load_training_state, load_weights, restore_rng_state, save_training_state,
-    scheduler_state_dict,
+    OptimizerStateError, atomic_save_weights, atomic_write_csv, atomic_write_text, capture_rng_state,
+    find_last_checkpoint, load_scheduler_state_dict, load_training_state, load_weights, restore_rng_state,
+    save_training_state, scheduler_state_dict,
 )
 from .config import UserError, check_model_name, settings_to_yaml, with_dataset_defaults
 from .cpu import keep_freed_memory
@@ -599,6 +599,8 @@ def _resume(folder: Path, args, accelerator, model, optimizer, scheduler, ema) -
     try:
         state = load_training_state(folder, accelerator, _bare(accelerator, model), optimizer,
                                     ema=ema.module if ema is not None else None)
+    except OptimizerStateError as error:
+        raise UserError(f'--resume {folder.parent}: {error}') from error
     except ValueError as error:
         raise UserError(f'--resume {folder.parent}: {error} Resume with the --model the run was trained with.') \
             from error
