@@ -102,6 +102,27 @@ def test_initialisation_is_the_reference_kaiming_fan_out_everywhere():
 
 # --- identity at init -------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize('name', NAMES[1:])
+def test_a_variant_starts_from_resnet20s_backbone_at_the_same_seed(name):
+    # Paired initialisation: the attention modules draw after the backbone and classifier, so at one seed the four
+    # models differ only by their modules (random values and the in_chans / num_classes options included).
+    for seed, kwargs in ((0, {}), (5, dict(in_chans=1, num_classes=7))):
+        torch.manual_seed(seed)
+        baseline = timm.create_model('resnet20', **kwargs)
+        torch.manual_seed(seed)
+        model = timm.create_model(name, **kwargs)
+        mine = model.state_dict()
+        for key, value in baseline.state_dict().items():
+            assert torch.equal(mine[key], value), key
+        drawn = [key for key in mine if key.startswith('attn') and mine[key].numel() > 1]  # not the gammas
+        assert drawn and not any(torch.equal(mine[key], mine[other]) for key in drawn for other in drawn
+                                 if key < other and mine[key].shape == mine[other].shape)
+    if name in GATED:  # gamma = 0: the same function as resnet20 from the start, nothing loaded
+        x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x), baseline.eval()(x))
+
+
 @pytest.mark.parametrize('name', GATED)
 def test_gamma_zero_model_gives_exactly_resnet20_logits(name):
     baseline = _with_trained_bn(_create('resnet20'))

@@ -16,6 +16,7 @@ from timm.optim import create_optimizer_v2
 from timm_gradattn import DATASETS, MODEL_NAMES
 from timm_gradattn.config import ATTENTION_SHORTCUTS_MODELS
 from timm_gradattn.models import model_tags
+from timm_gradattn.models.cnntention import ResidualCbam
 from timm_gradattn.models._pretrained import TAGS as GRADATTN_TAGS
 
 GRADATTN_NAMES = ('gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope')
@@ -156,10 +157,15 @@ def test_backward_reaches_every_parameter(name, make_images):
     # A parameter initialised to zero may gate others by design (CNNtention's attention gamma: no gradient
     # reaches the attention projections at init). The question here is whether the graph connects every
     # parameter, so move such parameters off zero first.
+    # Likewise a ReLU unit can be off for every input of a small batch: CNNtention's CBAM on 16 channels has one
+    # hidden unit, off whenever its weights give the non-negative pooled features a negative sum; turn it on.
     with torch.no_grad():
         for param in model.parameters():
             if not param.any():
                 param.fill_(0.5)
+        for module in model.modules():
+            if isinstance(module, ResidualCbam):
+                module.mlp.fc1.weight.abs_()
     out = model(make_images(batch=2, size=32))
     assert out.shape == (2, 7)
     out.logsumexp(-1).mean().backward()

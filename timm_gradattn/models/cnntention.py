@@ -150,6 +150,17 @@ class ResidualCbam(nn.Module):
         return gated * self.spatial(spatial_in).sigmoid() + x
 
 
+def _init_weights(parts: List[nn.Module]) -> None:
+    """The authors' init: Kaiming-normal (fan_out) on every conv and linear weight, the classifier and the
+    attention projections included; biases keep PyTorch's default; BN weight 1, bias 0."""
+    for module in (m for part in parts for m in part.modules()):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 class CifarResNet(nn.Module):
     """CIFAR ResNet (3x3 stem, no max-pool, option-A shortcuts) with an optional attention module after
     each stage, CNNtention's models.
@@ -212,8 +223,8 @@ class CifarResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(channels[0])
         self.act1 = nn.ReLU(inplace=True)
 
-        # Registered in forward order (layer1, attn1, layer2, ...) so timm's FeatureListNet can walk them.
         self.feature_info = []
+        stages = []
         in_chs, net_stride = channels[0], 1
         for stage_idx, (num_blocks, out_chs) in enumerate(zip(layers, channels)):
             stride = 1 if stage_idx == 0 else 2
@@ -226,13 +237,22 @@ class CifarResNet(nn.Module):
                     shortcut = OptionAShortcut(in_chs, out_chs, block_stride)
                 blocks.append(BasicBlock(in_chs, out_chs, block_stride, downsample=shortcut))
                 in_chs = out_chs
-            self.add_module(f'layer{stage_idx + 1}', nn.Sequential(*blocks))
-            self.add_module(f'attn{stage_idx + 1}', self._make_attn(out_chs, num_heads, reduction, attn_gamma))
+            stages.append(nn.Sequential(*blocks))
             module = f'attn{stage_idx + 1}' if attn_type != 'none' else f'layer{stage_idx + 1}'
             self.feature_info.append(dict(num_chs=out_chs, reduction=net_stride, module=module))
+        global_pool, fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        _init_weights([self.conv1, self.bn1, *stages, fc])
 
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.init_weights()
+        # The attention modules are made and initialised after the whole backbone and classifier, so at any seed
+        # the backbone and classifier start exactly as resnet20's do at that seed: comparing the four models at
+        # one seed compares the modules, not the draw of the backbone.
+        attns = [self._make_attn(out_chs, num_heads, reduction, attn_gamma) for out_chs in channels]
+        _init_weights(attns)
+        # Registered in forward order (layer1, attn1, layer2, ...) so timm's FeatureListNet can walk them.
+        for stage_idx, (stage, attn) in enumerate(zip(stages, attns)):
+            self.add_module(f'layer{stage_idx + 1}', stage)
+            self.add_module(f'attn{stage_idx + 1}', attn)
+        self.global_pool, self.fc = global_pool, fc
 
     def _make_attn(self, dim: int, num_heads: Optional[int], reduction: int, gamma: bool) -> nn.Module:
         if self.attn_type == 'selfatt':
@@ -245,14 +265,10 @@ class CifarResNet(nn.Module):
 
     @torch.jit.ignore
     def init_weights(self) -> None:
-        # The authors' init: Kaiming-normal (fan_out) on every conv and linear weight, the classifier and
-        # the attention projections included; biases keep PyTorch's default; BN weight 1, bias 0.
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        # The backbone and classifier draw first, in resnet20's order, then the attention modules.
+        children = list(self.named_children())
+        _init_weights([m for n, m in children if not n.startswith('attn')])
+        _init_weights([m for n, m in children if n.startswith('attn')])
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
