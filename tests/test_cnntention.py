@@ -117,6 +117,12 @@ def test_a_variant_starts_from_resnet20s_backbone_at_the_same_seed(name):
         drawn = [key for key in mine if key.startswith('attn') and mine[key].numel() > 1]  # not the gammas
         assert drawn and not any(torch.equal(mine[key], mine[other]) for key in drawn for other in drawn
                                  if key < other and mine[key].shape == mine[other].shape)
+    torch.manual_seed(9)
+    baseline.init_weights()  # re-initialising draws in the same order
+    torch.manual_seed(9)
+    model.init_weights()
+    assert torch.equal(model.layer3[2].conv2.weight, baseline.layer3[2].conv2.weight)
+    assert torch.equal(model.fc.weight, baseline.fc.weight)
     if name in GATED:  # gamma = 0: the same function as resnet20 from the start, nothing loaded
         x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
