@@ -178,6 +178,7 @@ def test_config_files_that_cannot_work(tmp_path):
     (['--smoothing', '1'], r'--smoothing must be in \[0, 1\)'),
     (['--drop', '2'], r'--drop must be in \[0, 1\)'),
     (['--model-ema-decay', '2'], r'--model-ema-decay must be in \[0, 1\]'),
+    (['--model-ema-warmup'], r'--model-ema-warmup warms up the weight average of --model-ema; add --model-ema'),
 ])
 def test_numbers_out_of_range(argv, expected):
     with pytest.raises(UserError, match=expected):

@@ -45,7 +45,8 @@ from .models import checkpoint_filter_fn
 
 __all__ = ['LAST', 'STATE_FILE', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_csv', 'atomic_save_weights',
            'replace_folder',
-           'WeightsError', 'OptimizerStateError', 'load_weights', 'find_last_checkpoint', 'save_training_state', 'load_training_state',
+           'WeightsError', 'OptimizerStateError', 'load_weights', 'find_last_checkpoint', 'save_training_state',
+           'load_training_state',
            'scheduler_state_dict', 'load_scheduler_state_dict', 'capture_rng_state', 'restore_rng_state']
 
 LAST = 'last'

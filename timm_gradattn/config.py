@@ -215,7 +215,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             'tensors only (weights_only=True). Older and reference names are mapped. A classifier '
                             'of another size is replaced.')
     group.add_argument('--num-classes', type=int, default=None,
-                       help="Classifier outputs (default: the dataset's; more keeps extra outputs named by their index).")
+                       help="Classifier outputs (default: the dataset's; more keeps extra outputs, named by their "
+                            'index).')
     group.add_argument('--in-chans', type=int, default=None, help="Image channels, 1 or 3 (default: the dataset's).")
     group.add_argument('--img-size', type=int, default=None, help="Input side in pixels (default: the dataset's).")
     group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
@@ -529,6 +530,8 @@ def _check_values(args: argparse.Namespace) -> None:
     if args.in_chans is not None and args.in_chans not in (1, 3):
         raise UserError(f'--in-chans {args.in_chans} is not supported: images are read as 1 (greyscale) or '
                         f'3 (RGB) channels. Pass --in-chans 1 or 3.')
+    if getattr(args, 'model_ema_warmup', False) and not args.model_ema:
+        raise UserError('--model-ema-warmup warms up the weight average of --model-ema; add --model-ema or drop it.')
     if args.pretrained and args.initial_checkpoint:
         raise UserError('--pretrained and --initial-checkpoint both set the starting weights; pass only one.')
     _check_paths(args)
