@@ -15,9 +15,10 @@ from safetensors.torch import save_file
 
 import timm
 from data_fixtures import write_image_folder
-from timm_gradattn import engine
+from timm_gradattn import engine, factory
 from timm_gradattn.checkpoint import WeightsError, load_weights
-from timm_gradattn.config import UserError, parse_args
+from timm_gradattn.errors import UserError
+from timm_gradattn.settings import resolve_train_settings as parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GRADATTN = dict(channels=(16, 32, 64, 128), embed_dim=64, mlp_dim=128, num_heads=4)
@@ -80,7 +81,7 @@ def test_a_batch_the_model_cannot_train_on_is_refused_before_training(tmp_path):
     assert 'cannot train on a batch of one 1x8x8 image' in line and '--batch-size' in line
     # 17 images in batches of 2: the last batch of every epoch is one image.
     with pytest.raises(UserError, match=r'last batch of each epoch holds 1 image.*--batch-size \(e\.g\. 3\)'):
-        engine._check_model_computes(
+        factory.check_model_computes(
             timm.create_model('gradattn_resnet18_rope', in_chans=1, num_classes=10, **TINY_GRADATTN),
             argparse.Namespace(model='gradattn_resnet18_rope', batch_size=2, mixup=0.0, freeze_backbone=False),
             argparse.Namespace(input_size=(1, 8, 8)), train_images=17, per_process_batch=2, processes=1)
@@ -91,7 +92,7 @@ def test_small_images_train_when_the_model_computes(tmp_path):
     model = timm.create_model('gradattn_resnet18_rope', in_chans=1, num_classes=10, **TINY_GRADATTN)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    engine._check_model_computes(
+    factory.check_model_computes(
         model, argparse.Namespace(model='gradattn_resnet18_rope', batch_size=64, mixup=0.0, freeze_backbone=False),
         argparse.Namespace(input_size=(1, 8, 8)), train_images=1257, per_process_batch=64, processes=1)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), 'statistics left as they were'
@@ -102,22 +103,22 @@ def test_small_images_train_when_the_model_computes(tmp_path):
 
 
 def test_unknown_flags_get_what_to_use_instead(tmp_path):
-    line = train('--crop-pct', '0.9', '--amp', tmp_path=tmp_path)
-    assert '--crop-pct is not a flag of train.py' in line and '--mixed-precision bf16' in line
+    line = train('--crop-pct', '0.9', '--fuser', 'te', tmp_path=tmp_path)
+    assert '--crop-pct is not a flag of train.py' in line and 'centre crop' in line and 'TorchScript fusers' in line
     assert line.endswith('`train.py --help` lists every flag.')
     assert 'did you mean --lr' in train('--lrr', '0.1', tmp_path=tmp_path)
 
 
 @pytest.mark.parametrize('argv, expected', [
     (['--aa', 'rand-m9'], '--train-augment'),
-    (['--drop-path', '0.1'], '--model-kwargs drop_path_rate='),
-    (['--warmup-lr', '1e-6'], "timm's default value is used"),
-    (['--cooldown-epochs', '5'], '--min-lr'),
+    (['--bn-momentum', '0.1'], '--model-kwargs'),
+    (['--checkpoint-hist', '3'], 'resumable last/ folder'),
+    (['--start-epoch', '5'], '--resume RUN_DIR'),
     (['--log-wandb'], 'summary.csv'),
-    (['--channels-last'], 'drop the flag'),
-    (['--pretrained-path', 'x.pth'], '--initial-checkpoint'),
+    (['--fuser', 'te'], 'drop the flag'),
+    (['--checkpoint', 'x.pth'], '--initial-checkpoint'),
     (['my_images/'], 'a data folder is --data-dir my_images/'),
-    (['--epochs', 'ten'], "argument --epochs: invalid int value: 'ten'"),
+    (['--epochs', 'ten'], "--epochs must be a whole number, got 'ten'"),
 ])
 def test_flags_timm_users_type(argv, expected):
     with pytest.raises(UserError, match='.*' + expected.replace('(', r'\(').replace('.', r'\.')) as error:

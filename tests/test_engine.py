@@ -1,4 +1,5 @@
 """The pieces under train.py: settings resolution, crash-safe checkpoint files, exact state restore, predict."""
+import argparse
 import json
 import os
 import platform
@@ -18,14 +19,17 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from timm_gradattn import checkpoint
 from timm_gradattn.checkpoint import (
-    WeightsError, atomic_write_text, find_last_checkpoint, load_scheduler_state_dict, load_training_state,
+    WeightsError, find_last_checkpoint, load_scheduler_state_dict, load_training_state,
     load_weights, save_training_state, scheduler_state_dict,
 )
-from timm_gradattn.config import RECIPES, UserError, parse_args, settings_to_yaml, with_dataset_defaults
+from timm_gradattn.errors import UserError
+from timm_gradattn.families import RECIPES
+from timm_gradattn.settings import dataset_defaults, resolve_train_settings as parse_args
 from timm_gradattn.cpu import keep_freed_memory
+from timm_gradattn.files import atomic_write_text
 from timm_gradattn.data import get_dataset_info
-from timm_gradattn.engine import (
-    NonFiniteLossError, _create_ema, _has_fused_kernel, _stop_unless_finite, create_optimizer)
+from timm_gradattn.engine import NonFiniteLossError, _stop_unless_finite
+from timm_gradattn.factory import _has_fused_kernel, create_ema as _create_ema, create_optimizer
 from timm_gradattn.metrics import predict
 
 
@@ -52,7 +56,7 @@ def test_saved_settings_load_back_unchanged(tmp_path):
     args = parse_args(['--recipe', 'paper', '--model-kwargs', 'embed_dim=64', 'channels=(8,16,32,64)',
                        '--no-decay-norm-and-bias', '--mixup', '0.2', '--experiment', 'x'])
     config = tmp_path / 'config.yaml'
-    config.write_text(settings_to_yaml(args))
+    config.write_text(args.to_yaml())
     again = parse_args(['--config', str(config), '--experiment', 'x'])
     expected = dict(vars(args), config=str(config), model_kwargs=dict(embed_dim=64, channels=[8, 16, 32, 64]))
     assert vars(again) == expected
@@ -64,16 +68,16 @@ def test_saved_settings_of_a_per_model_recipe_load_back_unchanged(tmp_path, argv
     # Milestones, mean/std lists and an epoch count left to --max-updates survive config.yaml.
     args = parse_args([*argv, '--experiment', 'x'])
     config = tmp_path / 'config.yaml'
-    config.write_text(settings_to_yaml(args))
+    config.write_text(args.to_yaml())
     assert vars(parse_args(['--config', str(config), '--experiment', 'x'])) == dict(vars(args), config=str(config))
     (tmp_path / 'run').mkdir()
-    (tmp_path / 'run' / 'config.yaml').write_text(settings_to_yaml(args))
+    (tmp_path / 'run' / 'config.yaml').write_text(args.to_yaml())
     with pytest.raises(UserError, match=r'val_fraction: 0.1 -> 0.2'):
         parse_args(['--resume', str(tmp_path / 'run'), '--val-fraction', '0.2'])
 
 
 def test_resume_refuses_other_identity(tmp_path):
-    (tmp_path / 'config.yaml').write_text(settings_to_yaml(parse_args(['--img-size', '16'])))
+    (tmp_path / 'config.yaml').write_text(parse_args(['--img-size', '16']).to_yaml())
     with pytest.raises(UserError, match=r'img_size: 16 -> 24'):
         parse_args(['--resume', str(tmp_path), '--img-size', '24'])
     assert parse_args(['--resume', str(tmp_path), '--epochs', '30']).epochs == 30
@@ -148,12 +152,13 @@ def test_checkpoint_swap_leaves_a_complete_checkpoint(tmp_path, accelerator):
 
 
 def test_dataset_defaults_fill_only_what_was_not_given():
-    digits, cifar = get_dataset_info('digits'), get_dataset_info('cifar10')
-    args = parse_args([])
-    resolved = with_dataset_defaults(args, digits)
-    assert (resolved.batch_size, resolved.workers) == (64, 0) and args.batch_size is None, 'a copy, args unchanged'
-    assert (with_dataset_defaults(args, cifar).batch_size, with_dataset_defaults(args, cifar).workers) == (128, 2)
-    given = with_dataset_defaults(parse_args(['-b', '32', '-j', '3']), digits)
+    assert get_dataset_info('digits').batch_size == 64 and get_dataset_info('cifar10').batch_size == 128
+    resolved = parse_args([])
+    assert (resolved.batch_size, resolved.workers) == (64, 0), "digits: its paper batch, in memory"
+    unset = argparse.Namespace(dataset='cifar10', batch_size=None, workers=None)
+    assert dataset_defaults(unset) == dict(batch_size=128, workers=2) and unset.batch_size is None, 'args unchanged'
+    assert dataset_defaults(argparse.Namespace(dataset='CIFAR-10', batch_size=None, workers=None))['batch_size'] == 128
+    given = parse_args(['-b', '32', '-j', '3'])
     assert (given.batch_size, given.workers) == (32, 3)
 
 

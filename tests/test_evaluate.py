@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from timm.models import save_for_hf
 
 import timm_gradattn  # noqa: F401  (registers the GradAttn models)
-from timm_gradattn.config import UserError
+from timm_gradattn.errors import UserError
 from timm_gradattn.evaluate import cli, main
 from timm_gradattn.metrics import METRIC_KEYS
 

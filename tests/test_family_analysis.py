@@ -12,7 +12,7 @@ from timm_gradattn.analysis import (
     attention_kind, depth_routing_summary, depth_routing_weights, gradient_health, gradient_norms, images_per_class,
     spatial_attention,
 )
-from timm_gradattn.config import UserError
+from timm_gradattn.errors import UserError
 from timm_gradattn.evaluate import main
 
 # Small enough for 2 shared cores: the AS layouts at a few blocks and widths, 16 px inputs.

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 import timm
 
 import timm_gradattn  # noqa: F401  (registers the models)
-from timm_gradattn.checkpoint import (
-    atomic_save_weights, atomic_write_bytes, atomic_write_csv, atomic_write_text, replace_folder)
+from timm_gradattn.checkpoint import atomic_save_weights
+from timm_gradattn.files import atomic_write_bytes, atomic_write_csv, atomic_write_text, replace_folder
 from timm_gradattn.hub import export_hub_folder
 
 

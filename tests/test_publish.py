@@ -306,7 +306,7 @@ def test_no_token_is_a_clear_error_before_anything(digits_run, tmp_path, monkeyp
     for name in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, 'HF_TOKEN_PATH', str(tmp_path / 'no-token'))
-    assert publish_module.main([str(digits_run), '--out', str(tmp_path / 'staged')]) == 1
+    assert publish_module.main([str(digits_run), "--out", str(tmp_path / "staged")]) == 2
     assert 'No Hugging Face token' in capsys.readouterr().err
     assert apis == [] and not (tmp_path / 'staged').exists()
 

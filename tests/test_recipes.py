@@ -19,11 +19,14 @@ from torch.utils.data import DataLoader
 
 import timm
 import timm_gradattn  # noqa: F401  registers the models
-from timm_gradattn import engine
+from timm_gradattn import engine, factory
 from timm_gradattn.checkpoint import load_weights
-from timm_gradattn.config import (
-    ATTENTION_SHORTCUTS_MODELS, CNNTENTION_MODELS, RECIPES, UserError, parse_args, recipe_settings,
-)
+from timm_gradattn.errors import UserError
+from timm_gradattn.families import FAMILIES, RECIPES
+from timm_gradattn.settings import recipe_settings, resolve_train_settings as parse_args
+
+CNNTENTION_MODELS = FAMILIES['cnntention'].models
+ATTENTION_SHORTCUTS_MODELS = FAMILIES['attention-shortcuts'].models
 from timm_gradattn.data import build_datasets, datasets
 from timm_gradattn.data.datasets import ArrayImageDataset, RawSplits
 from timm_gradattn.data.info import DATASETS
@@ -74,7 +77,7 @@ def optimizer_steps(run_dir: Path) -> int:
 def lr_by_epoch(args, epochs):
     """The learning rate of each epoch (counted from 1) as the engine drives the scheduler."""
     optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=args.lr)
-    scheduler = engine._create_scheduler(args, optimizer, updates_per_epoch=10)
+    scheduler, _ = factory.create_scheduler(args, optimizer, updates_per_epoch=10)
     rates = []
     for epoch in range(epochs):
         rates.append(optimizer.param_groups[0]['lr'])
@@ -138,9 +141,11 @@ def test_attention_shortcuts_recipe_counts_updates(model):
 
 
 def test_attention_shortcuts_schedule_divides_at_32k_and_48k_updates():
-    args = engine._with_epochs(parse_args(['--recipe', 'attention-shortcuts', '--model', 'asnet50_out']), 352)
+    args = parse_args(['--recipe', 'attention-shortcuts', '--model', 'asnet50_out'])
     optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=args.lr)
-    scheduler = engine._create_scheduler(args, optimizer, updates_per_epoch=352)  # 45k images, batch 128
+    assert args.epochs is None, 'the update cap sets the length'
+    args.epochs = engine.epochs_for(args, updates_per_epoch=352)
+    scheduler, _ = factory.create_scheduler(args, optimizer, updates_per_epoch=352)  # 45k images, batch 128
     rate = {}
     for update in range(1, 64001):  # the rate update n uses, as train_one_epoch drives the scheduler
         rate[update] = optimizer.param_groups[0]['lr']
@@ -150,8 +155,7 @@ def test_attention_shortcuts_schedule_divides_at_32k_and_48k_updates():
     assert (rate[1], rate[32000], rate[32001], rate[48000], rate[48001], rate[64000]) == pytest.approx(
         (0.1, 0.1, 0.01, 0.01, 0.001, 0.001))
     assert args.epochs == 182, '64k updates of 352 per epoch'
-    assert engine._with_epochs(parse_args(['--recipe', 'attention-shortcuts', '--model', 'asnet50_out']),
-                               391).epochs == 164
+    assert engine.epochs_for(parse_args(['--recipe', 'attention-shortcuts', '--model', 'asnet50_out']), 391) == 164
 
 
 def test_settings_precedence_with_a_per_model_recipe(tmp_path):
@@ -175,14 +179,16 @@ def test_a_recipe_refuses_a_model_outside_its_family(recipe, model, tmp_path, ca
     assert not any(tmp_path.iterdir()), 'refused before any run folder or training'
 
 
-def test_multistep_needs_increasing_milestones():
+def test_multistep_needs_increasing_milestones(tmp_path):
     for argv, problem in ((['--sched', 'multistep'], 'needs --decay-milestones'),
                           (['--sched', 'multistep', '--decay-milestones', '5', '3'], 'must be increasing epochs'),
                           (['--sched', 'plateau', '--sched-on-updates'], 'once per epoch')):
         with pytest.raises(UserError, match=problem):
-            engine._create_scheduler(parse_args(argv), torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), 4)
+            parse_args(argv)
+    no_length = tmp_path / 'c.yaml'
+    no_length.write_text('epochs: null\n')
     with pytest.raises(UserError, match='Neither --epochs nor --max-updates'):
-        engine._with_epochs(argparse.Namespace(epochs=None, max_updates=None), 4)
+        parse_args(['--config', str(no_length)])
 
 
 # --- the data the recipes ask for -----------------------------------------------------------------------------

@@ -23,113 +23,31 @@ loaded with ``torch.load(weights_only=True)``, as are foreign ``.pth`` state dic
 Multi-process runs assume a file system shared by all processes, as for any DDP checkpoint.
 """
 import argparse
-import csv
 import io
 import json
-import os
 import pickle
-import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from timm.models import clean_state_dict
 
-from .config import UserError
+from .errors import UserError
+from .files import PathLike, atomic_write_bytes, atomic_write_text, replace_folder, replace_synced
 from .models import checkpoint_filter_fn
+from .preserve import capture_rng_state, restore_rng_state
 
-__all__ = ['LAST', 'STATE_FILE', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_csv', 'atomic_save_weights',
-           'replace_folder',
-           'WeightsError', 'OptimizerStateError', 'load_weights', 'find_last_checkpoint', 'save_training_state',
-           'load_training_state',
-           'scheduler_state_dict', 'load_scheduler_state_dict', 'capture_rng_state', 'restore_rng_state']
+__all__ = ['LAST', 'STATE_FILE', 'atomic_save_weights', 'WeightsError', 'OptimizerStateError', 'load_weights',
+           'find_last_checkpoint', 'save_training_state', 'load_training_state', 'scheduler_state_dict',
+           'load_scheduler_state_dict']
 
 LAST = 'last'
 STATE_FILE = 'state.json'
 FORMAT_VERSION = 1
-PathLike = Union[str, Path]
-
-
-# --- crash-safe single files -------------------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
-    if os.name == 'nt':  # directories cannot be opened for fsync on Windows; NTFS journals the rename
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    try:  # Linux states it; asking os.umask means setting it for a moment, which other threads would see
-        with open('/proc/self/status') as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
-    except (OSError, StopIteration, ValueError):
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return umask
-
-
-def _give_default_modes(path: Path) -> None:
-    """The modes ``open()``/``mkdir()`` give under the umask (0644 / 0755 under umask 022), for ``path`` and,
-    if a folder, everything in it. safetensors' ``save_file`` and temporary files are 0600, which would make a
-    run folder copied to a shared disk unreadable to its other users."""
-    umask = _umask()
-    for item in [path, *(path.rglob('*') if path.is_dir() else ())]:
-        if not item.is_symlink():
-            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
-
-
-def _replace_synced(tmp: Path, path: Path) -> None:
-    with open(tmp, 'rb') as f:
-        os.fsync(f.fileno())
-    _give_default_modes(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_bytes(data)
-    _replace_synced(tmp, path)
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode('utf-8'))
-
-
-def replace_folder(tmp: PathLike, final: PathLike) -> None:
-    """Swap a fully written folder ``tmp`` in as ``final`` (two renames; see ``find_last_checkpoint``),
-    its files given the umask's modes first."""
-    tmp, final = Path(tmp), Path(final)
-    _give_default_modes(tmp)
-    previous = final.with_name(f'{final.name}.prev')
-    if final.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(final, previous)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def atomic_write_csv(path: PathLike, rows: Sequence[Dict[str, Any]]) -> None:
-    """Rows of dicts as CSV; the columns are the union of the rows' keys, in first-seen order."""
-    columns: List[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator='\n')
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
 
 
 def atomic_save_weights(model_or_state: Union[nn.Module, Dict[str, torch.Tensor]], path: PathLike,
@@ -139,7 +57,7 @@ def atomic_save_weights(model_or_state: Union[nn.Module, Dict[str, torch.Tensor]
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tmp = path.with_name(f'.{path.name}.tmp')
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    _replace_synced(tmp, path)
+    replace_synced(tmp, path)
 
 
 class WeightsError(UserError, ValueError):
@@ -235,30 +153,6 @@ def load_weights(model: nn.Module, path: PathLike, what: str = 'checkpoint', new
 
 
 # --- random number generators ------------------------------------------------------------------------------
-def capture_rng_state() -> Dict[str, Any]:
-    """This process's python, numpy and torch (CPU and CUDA) generator states."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors = {'torch_cpu': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f'torch_cuda_{i}': s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return dict(
-        tensors=tensors,
-        python=json.dumps(random.getstate()),
-        numpy=json.dumps([keys.tolist(), int(pos), int(has_gauss), float(cached)]),
-    )
-
-
-def restore_rng_state(tensors: Dict[str, torch.Tensor], python_state: str, numpy_state: str) -> None:
-    version, internal, gauss = json.loads(python_state)
-    random.setstate((version, tuple(internal), gauss))
-    keys, pos, has_gauss, cached = json.loads(numpy_state)
-    np.random.set_state(('MT19937', np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors['torch_cpu'])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith('torch_cuda_'))]
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
-
-
 # --- schedulers --------------------------------------------------------------------------------------------
 def scheduler_state_dict(scheduler) -> Optional[Dict[str, Any]]:
     """The state of a timm scheduler that settings alone cannot rebuild, JSON-ready; None if there is none.

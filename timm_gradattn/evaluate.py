@@ -26,7 +26,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
@@ -40,82 +39,17 @@ from .analysis import (
     spatial_attention,
 )
 from .checkpoint import load_weights
-from .config import (
-    TIMM_FLAG_HINTS, CommandLineParser, UserError, check_model_name, check_output_folder, expand_input_size,
-    with_dataset_defaults,
-)
-from .data import DATASETS, DatasetInfo, DatasetNotFoundError, build_datasets
+from .cli import run_entry_point
+from .data import DATASETS, DatasetInfo, build_datasets
+from .errors import UserError
 from .metrics import METRIC_KEYS, evaluate_logits, predict
-from .models import MissingWeightsError
 from .plots import (
     plot_confusion_matrix, plot_depth_routing, plot_gradient_norms, plot_reliability_diagram, plot_routing,
     plot_spatial_attention,
 )
+from .settings import resolve_evaluate_settings
 
 _logger = logging.getLogger('timm_gradattn.evaluate')
-
-
-# Flags of timm's validate.py that this command line lacks, and what to do instead.
-_EVALUATE_FLAG_HINTS = {
-    **TIMM_FLAG_HINTS,
-    **dict.fromkeys(('--results-file', '--results-format'), 'metrics.json and the plots are written into --output'),
-    '--use-ema': "pass the EMA weights as --checkpoint (a run's model_best.safetensors is the EMA with --model-ema)",
-    '--initial-checkpoint': 'pass the weights with --checkpoint FILE',
-    '--num-classes': "the classes are the dataset's; the model must have been trained with as many",
-    **dict.fromkeys(('--mean', '--std'), "the dataset's normalisation is used, or a local-dir:/hf-hub: export's own"),
-    **dict.fromkeys(('--torchscript', '--test-pool', '--tf-preprocessing', '--real-labels', '--valid-labels',
-                     '--retry', '--reparam', '--use-train-size', '--log-freq'),
-                    'not available in this evaluation; drop the flag'),
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = CommandLineParser(
-        flag_hints=_EVALUATE_FLAG_HINTS,
-        prog='python -m timm_gradattn.evaluate',
-        description='Top-1/3/5, precision/recall/F1 (macro, weighted), ECE, NLL and a confusion matrix '
-                    'for a model on one split of a dataset, with plots.')
-    parser.add_argument('--model', required=True,
-                        help='timm model name, hf-hub:<repo id> or local-dir:<folder with config.json>.')
-    parser.add_argument('--checkpoint', default=None,
-                        help='Weights to load: a .safetensors file, or a .pth/.pt state dict (read as tensors only).')
-    parser.add_argument('--pretrained', action='store_true',
-                        help='Load the published weights (for a registry name, the tag of --dataset).')
-    parser.add_argument('--dataset', default=None,
-                        help="Dataset name (digits, cifar10, tiny_imagenet, ...; 'folder' for your own images).")
-    parser.add_argument('--data-dir', default=None,
-                        help='Where the dataset files are. Without --dataset, a folder of your own images '
-                             '(as in timm).')
-    parser.add_argument('--download', '--dataset-download', action='store_true',
-                        help='Let the dataset loader download missing files.')
-    parser.add_argument('--split', default='test', choices=('test', 'val', 'train'))
-    parser.add_argument('--protocol', default='paper', choices=('paper', 'official'),
-                        help="'paper' re-splits pooled data as the paper did; 'official' keeps the dataset's splits.")
-    parser.add_argument('--seed', type=int, default=42, help='Seed of the split; must be the one used in training.')
-    parser.add_argument('--img-size', type=int, default=None, help='Override the input side.')
-    parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
-                        help="timm's form of --in-chans C --img-size H; images are square, so H = W.")
-    parser.add_argument('--in-chans', type=int, default=None,
-                        help="Channels of a registry model, if trained with other than the dataset's.")
-    parser.add_argument('-b', '--batch-size', type=int, default=None, help="Default: the dataset's paper batch size.")
-    parser.add_argument('-j', '--workers', type=int, default=None,
-                        help='Data-loading processes per device (default: 0 for digits, which is in memory, else 2).')
-    parser.add_argument('--ece-bins', type=int, default=10)
-    parser.add_argument('--mixed-precision', default=None, choices=('no', 'bf16', 'fp16'),
-                        help="Autocast for the forward pass; default: Accelerate's configuration.")
-    parser.add_argument('--routing', action='store_true',
-                        help='The attention analysis the model exposes: GradAttn, share of each extraction point '
-                             'in the predictions; Attention Shortcuts, which earlier outputs each block reads; '
-                             'CNNtention SelfAtt/MHA, spatial attention drawn over a few images per class.')
-    parser.add_argument('--gradient-health', action='store_true',
-                        help='Per-layer gradient norms on the first batches of the split (train mode) and the '
-                             'Gradient Health Score in the paper\'s and the reference\'s bands.')
-    parser.add_argument('--gradient-mode', default='outputs', choices=GRADIENT_MODES,
-                        help="'outputs' is the paper's measurement (gradient w.r.t. each layer output).")
-    parser.add_argument('--gradient-batches', type=int, default=20)
-    parser.add_argument('--output', default=None,
-                        help='Folder for metrics.json and the plots; default output/eval/<model>-<dataset>-<split>.')
-    return parser
 
 
 def create_eval_model(
@@ -205,7 +139,7 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
         mean=list(overrides.get('mean') or info.mean), std=list(overrides.get('std') or info.std))
     label_names = list(info.label_names or (getattr(model, 'pretrained_cfg', {}) or {}).get('label_names') or
                        [str(i) for i in range(info.num_classes)])
-    loading = with_dataset_defaults(args, info)
+    loading = args  # batch size and workers: the dataset's defaults, filled in with the settings
     loader = DataLoader(dataset, batch_size=loading.batch_size, shuffle=False, num_workers=loading.workers,
                         pin_memory=accelerator.device.type == 'cuda')
     model, loader = accelerator.prepare(model, loader)
@@ -296,35 +230,7 @@ def _print_summary(results: Dict[str, Any], output_dir: Path) -> None:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line, checked before any model or data is loaded (every problem is a UserError)."""
-    args = build_parser().parse_args(argv)
-    args = argparse.Namespace(**expand_input_size(vars(args)))
-    if args.dataset is None:
-        if not args.data_dir:
-            raise UserError('--dataset is required (digits, cifar10, ...), or --data-dir with a folder of your '
-                            'own images (one sub-folder per class).')
-        _logger.info(f'--data-dir {args.data_dir} without --dataset: evaluating on it as an image folder '
-                     f'(--dataset folder), as timm does; pass --dataset NAME if it holds a named dataset.')
-        args.dataset = 'folder'
-    for key in ('img_size', 'batch_size', 'ece_bins', 'gradient_batches'):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            raise UserError(f'--{key.replace("_", "-")} must be at least 1, got {getattr(args, key)}.')
-    for key in ('workers', 'seed'):
-        if getattr(args, key) is not None and getattr(args, key) < 0:
-            raise UserError(f'--{key.replace("_", "-")} must not be negative, got {getattr(args, key)}.')
-    if args.in_chans is not None and args.in_chans not in (1, 3):
-        raise UserError(f'--in-chans {args.in_chans} is not supported: images are read as 1 (greyscale) or '
-                        f'3 (RGB) channels. Pass --in-chans 1 or 3.')
-    if args.mixed_precision == 'fp16' and not torch.cuda.is_available():
-        raise UserError('--mixed-precision fp16 needs a CUDA GPU; on CPU use --mixed-precision bf16 or no.')
-    if args.data_dir and Path(args.data_dir).expanduser().is_file():
-        raise UserError(f'--data-dir {args.data_dir} is a file; pass the folder that holds the dataset.')
-    if args.checkpoint and not Path(args.checkpoint).expanduser().is_file():
-        problem = 'is a folder; pass the weights file in it' if Path(args.checkpoint).is_dir() else 'does not exist'
-        raise UserError(f'--checkpoint {args.checkpoint} {problem}.')
-    if args.output:
-        check_output_folder(args.output)
-    check_model_name(args.model)
-    return args
+    return resolve_evaluate_settings(argv, GRADIENT_MODES)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -334,12 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """``main`` for the shell: a problem with what was asked for is one line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except (UserError, DatasetNotFoundError, MissingWeightsError) as error:
-        print(f'timm_gradattn.evaluate: error: {error}', file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point('timm_gradattn.evaluate', main, argv)
 
 
 if __name__ == '__main__':

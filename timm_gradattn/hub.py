@@ -7,8 +7,8 @@ layout, as if it had been downloaded from ``repo_id``: ``create_model('<model>.<
 ``export_hub_folder`` writes an export whose ``config.json`` both timm (``local-dir:``, ``hf-hub:``) and
 transformers' ``AutoModelForImageClassification`` / ``AutoImageProcessor`` (its TimmWrapper) read.
 
-``hub_weights_problem`` is a quick look (the cache, then at most one HEAD request without retries) run before
-timm's download, which retries with back-off (about 23 s per file name) when the Hub cannot be reached.
+How the models find their weights (the namespace, the early look before timm's download) is
+``timm_gradattn.models._hub``.
 """
 import hashlib
 import json
@@ -17,14 +17,13 @@ import shutil
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import constants
 from huggingface_hub.file_download import are_symlinks_supported, repo_folder_name
-from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from timm.models import save_for_hf
 
-__all__ = ['place_in_hf_cache', 'hub_weights_problem', 'export_hub_folder', 'client_config', 'WEIGHT_FILENAMES']
+from .files import replace_folder
 
-# The names timm's Hub loader tries, in its order (safetensors first).
-WEIGHT_FILENAMES = ('model.safetensors', 'pytorch_model.bin')
+__all__ = ['place_in_hf_cache', 'export_hub_folder', 'client_config']
 
 
 def place_in_hf_cache(
@@ -80,37 +79,6 @@ def place_in_hf_cache(
     return snapshot
 
 
-def hub_weights_problem(
-        repo_id: str,
-        revision: Optional[str] = None,
-        filenames: Sequence[str] = WEIGHT_FILENAMES,
-        cache_dir: Optional[Union[str, Path]] = None,
-) -> Optional[str]:
-    """Why weights for ``repo_id`` cannot be had right now, or None when they are cached or look downloadable.
-
-    Cached weights are enough (huggingface_hub falls back to the cache when the Hub is unreachable). Otherwise
-    one HEAD request without retries tells a missing repository or an unreachable Hub apart from a
-    download that should work.
-    """
-    for filename in filenames:
-        if isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str):
-            return None
-    where = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
-    if constants.HF_HUB_OFFLINE:
-        return f'HF_HUB_OFFLINE is set and the weights are not in the Hugging Face cache ({where})'
-    try:
-        url = hf_hub_url(repo_id, filenames[0], revision=revision)
-        get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
-        return f'the repository is not on the Hub, or is private ({type(error).__name__})'
-    except HfHubHTTPError:
-        return None  # e.g. this file name is absent but another may exist: timm's loader decides
-    except Exception as error:  # noqa: BLE001 - transport errors are the HTTP client's own types (httpx, requests)
-        return (f'the Hugging Face Hub cannot be reached ({type(error).__name__}: {error}) and the weights are not '
-                f'in the Hugging Face cache ({where})')
-    return None
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open('rb') as f:
@@ -143,9 +111,6 @@ def export_hub_folder(
         input_size, mean, std: The preprocessing of the training data, (C, H, W) and per-channel.
         pretrained_cfg: Other pretrained-config fields to record (e.g. tag, license, notes).
     """
-    from timm.models import save_for_hf
-    from .checkpoint import replace_folder
-
     folder = Path(folder)
     tmp = folder.with_name(f'{folder.name}.tmp')
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,8 @@ import timm
 from timm.models import get_arch_name, get_pretrained_cfg, is_model, is_model_in_modules, model_entrypoint
 
 from .data.info import DATASETS
+from .errors import UserError
+from .families import FAMILIES
 from .metrics import METRIC_KEYS
 from .models import DEFAULT_HUB_NAMESPACE, HUB_NAMESPACE_ENV, model_tags
 from .reporting import machine_line, markdown_table
@@ -31,15 +33,12 @@ _PACKAGED_CARDS = Path(__file__).resolve().parent / 'hub_cards'
 HUB_CARDS_DIR = _PACKAGED_CARDS if _PACKAGED_CARDS.is_dir() else Path(__file__).resolve().parent.parent / 'hub_cards'
 GENERIC_TEMPLATE = 'generic.md'
 CITATIONS_FILE = HUB_CARDS_DIR / 'citations.bib'
-# The papers a card cites, as keys of citations.bib, by family (the template card_template_for picks). Every
-# card also cites the entries no family names here (the software: timm). The SE / CBAM baselines and any other
-# timm model are trained with the GradAttn paper's protocol.
+# The papers a card cites, as keys of citations.bib, by card template (the timm module that registers the model,
+# from the family registry). Every card also cites the entries no family names (the software: timm). The SE / CBAM
+# baselines and any other timm model are trained with the GradAttn paper's protocol.
 CARD_CITATIONS: Dict[str, Tuple[str, ...]] = {
-    'gradattn': ('ghoshal2026gradattn',),
-    'resnet_attn': ('ghoshal2026gradattn',),
-    'cnntention': ('kapila2024cnntention',),
-    'attention_shortcuts': ('erroz2025attentionshortcuts',),
-    'generic': ('ghoshal2026gradattn',),
+    **{module: (family.paper.bibtex_key,) for family in FAMILIES.values() for module in family.modules},
+    'generic': (FAMILIES['gradattn'].paper.bibtex_key,),
 }
 _BIB_ENTRY = re.compile(r'^@\w+\{([^,\s]+),.*?^\}', re.MULTILINE | re.DOTALL)  # key; ends at a line-initial brace
 # results.json key -> (model-index metric type, metric config, name on the card). Keys and units are those of
@@ -87,7 +86,7 @@ _FIELD_SOURCES = {
 }
 
 
-class CardTemplateError(ValueError):
+class CardTemplateError(UserError, ValueError):
     """A model-card template asks for a field the run cannot fill."""
 
 

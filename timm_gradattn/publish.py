@@ -27,10 +27,14 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 import timm
 from timm.models import get_arch_name, is_model
 
-from .checkpoint import atomic_write_bytes, atomic_write_text, load_weights
+from .checkpoint import load_weights
+from .cli import CommandLineParser, build_train_parser, run_entry_point
+from .errors import UserError
+from .families import MODEL_NAMES, paper_recipe
+from .files import atomic_write_bytes, atomic_write_text
 from .hub import client_config
-from .model_card import HUB_CARDS_DIR, CardTemplateError, build_card, card_metrics
-from .models import DEFAULT_HUB_NAMESPACE, HUB_NAMESPACE_ENV, MODEL_NAMES, hub_namespace, model_tags
+from .model_card import HUB_CARDS_DIR, build_card, card_metrics
+from .models import DEFAULT_HUB_NAMESPACE, HUB_NAMESPACE_ENV, hub_namespace, model_tags
 from .reporting import markdown_table
 
 PathLike = Union[str, Path]
@@ -40,7 +44,7 @@ SOURCE_REGISTRY = Path(__file__).resolve().parent.parent / 'hub_cards' / 'weight
 DEFAULT_STAGING = 'upload'
 
 
-class PublishError(RuntimeError):
+class PublishError(UserError, RuntimeError):
     """Publishing stopped before anything was uploaded."""
 
 
@@ -313,8 +317,7 @@ def record_published(path: PathLike, entry: Dict[str, Any]) -> None:
 
 def train_and_publish_command(model: str, tag: str, namespace: str) -> str:
     """The command line that trains ``model`` on ``tag`` with its paper's recipe and publishes the result."""
-    from .config import build_parser, paper_recipe
-    output, experiment = build_parser().get_default('output'), f'{model}.{tag}'
+    output, experiment = build_train_parser().get_default('output'), f'{model}.{tag}'
     data = '' if tag == 'digits' else f' --data-dir data/{tag} --download'  # digits ships with scikit-learn
     return (f'python train.py --model {model} --dataset {tag}{data} --recipe {paper_recipe(model)} --experiment {experiment} && '
             f'python -m timm_gradattn.publish {output}/{experiment} --repo-id {namespace}/{experiment}')
@@ -362,7 +365,7 @@ def weights_table(registry: PathLike = WEIGHTS_REGISTRY, namespace: Optional[str
 
 # --- command line ------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog='python -m timm_gradattn.publish',
         description='Verify a training run and publish its best weights to the Hugging Face Hub as a timm model '
                     '(config.json, model.safetensors, README.md model card).')
@@ -386,30 +389,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    """The command line; a problem with the run or the request is one line on stderr and exit code 2."""
+    return run_entry_point('timm_gradattn.publish', _main, argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> None:
+    args = _parser().parse_args(argv)
     if args.weights_table:
         sys.stdout.write(weights_table(args.registry or WEIGHTS_REGISTRY))
-        return 0
+        return
     if not args.run:
-        parser.error('give a run folder to publish, or --weights-table')
+        raise UserError('give a run folder to publish, or --weights-table.')
     registry = args.registry or SOURCE_REGISTRY
-    try:
-        result = publish(args.run, args.repo_id, out=args.out, dry_run=args.dry_run, private=args.private,
-                         revision=args.revision, create_pr=args.create_pr, token=args.token, registry=registry,
-                         commit_message=args.commit_message, template=args.template, license=args.license)
-    except (PublishError, CardTemplateError) as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 1
+    result = publish(args.run, args.repo_id, out=args.out, dry_run=args.dry_run, private=args.private,
+                     revision=args.revision, create_pr=args.create_pr, token=args.token, registry=registry,
+                     commit_message=args.commit_message, template=args.template, license=args.license)
     print(f'Verified {result.folder}: loads with timm.create_model("local-dir:{result.folder}", pretrained=True), '
           f'logits within {result.max_abs_logit_diff:.3g} of model_best.safetensors.')
     if not result.uploaded:
         print(f'Dry run: nothing uploaded. {result.folder} is exactly what would go to {result.repo_id}.')
-        return 0
+        return
     print(f'Uploaded to https://huggingface.co/{result.repo_id} ({result.commit_url or "no commit link"})')
     print(f'Recorded in {registry}.' if result.registry_updated else
           f'Not recorded in the weights registry: {result.registry_note}.')
-    return 0
 
 
 if __name__ == '__main__':

@@ -1,5 +1,5 @@
 """Datasets: the facts about each (``info``) and the pipeline that loads them."""
-from .info import DATASETS, PAPER_TAGS, TINY_IMAGENET_WNIDS, DatasetInfo, get_dataset_info
+from .info import DATASETS, TINY_IMAGENET_WNIDS, DatasetInfo, get_dataset_info
 from .datasets import (
     ADAPTERS, PROTOCOLS, ArrayImageDataset, DataSplits, DatasetNotFoundError, RawSplits, TransformedDataset,
     build_datasets, paper_split, register_adapter)

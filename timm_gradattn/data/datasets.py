@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, random_split
 
+from ..errors import UserError
 from .info import DatasetInfo, get_dataset_info
 from .transforms import build_transform, resolve_info
 
@@ -22,7 +23,7 @@ __all__ = ['DataSplits', 'RawSplits', 'TransformedDataset', 'ArrayImageDataset',
 PROTOCOLS = ('paper', 'official')
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset files are not where the user pointed (or are damaged)."""
 
 

@@ -16,6 +16,7 @@ from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.misc import natural_key
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .datasets import DatasetNotFoundError, RawSplits, register_adapter
 from .info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
 
@@ -28,7 +29,7 @@ _logger = logging.getLogger(__name__)
 SPLIT_FOLDERS = {'train': ('train', 'training'), 'val': ('val', 'valid', 'validation'), 'test': ('test', 'testing')}
 
 
-class UnreadableImageError(OSError):
+class UnreadableImageError(UserError, OSError):
     """An image file exists but cannot be decoded."""
 
 

@@ -153,8 +153,6 @@ DATASETS: Dict[str, DatasetInfo] = {info.name: info for info in (
         citation='Pacheco et al., PAD-UFES-20, Data in Brief 32:106221, 2020.'),
 )}
 
-PAPER_TAGS = ('tiny_imagenet', 'cifar10', 'svhn', 'fashion_mnist', 'tissuemnist', 'bloodmnist', 'pcam', 'pad_ufes_20')
-
 
 def get_dataset_info(name: str) -> DatasetInfo:
     """Look a dataset up by name, accepting ``-`` for ``_`` and any case."""

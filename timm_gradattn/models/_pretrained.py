@@ -1,45 +1,22 @@
 """Pretrained configurations shared by every model family of the zoo.
 
-Each registered model gets one pretrained tag per paper dataset plus ``digits``; the dataset facts
-(classes, input size, mean/std, label names, licence) come from ``timm_gradattn.data.info``.
-Weights live on the Hugging Face Hub as ``<namespace>/<model>.<tag>``; the namespace defaults to
-``timm-gradattn`` and is read from the environment variable ``TIMM_GRADATTN_HUB_NAMESPACE`` when
-the package is imported, so users can point the registry at their own fine-tunes.
+Each registered model gets one pretrained tag per dataset of its family's paper plus ``digits``, and its paper's
+title and id (``timm_gradattn.families``); the dataset facts (classes, input size, mean/std, label names,
+licence) come from ``timm_gradattn.data.info``. Where the weights live: ``timm_gradattn.models._hub``.
 """
 import math
-import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
-from ..data.info import DATASETS, PAPER_TAGS
-from ..hub import hub_weights_problem
+from ..data.info import DATASETS
+from ..families import family_of, paper_recipe
+from ._hub import HUB_NAMESPACE_ENV, MissingWeightsError, hub_repo_id, hub_weights_problem
 
-__all__ = ['HUB_NAMESPACE_ENV', 'DEFAULT_HUB_NAMESPACE', 'PAPER_ID', 'hub_namespace', 'hub_repo_id',
-           'dataset_cfgs', 'pool_size_at', 'model_tags', 'build_with_weights_hint', 'MissingWeightsError']
-
-HUB_NAMESPACE_ENV = 'TIMM_GRADATTN_HUB_NAMESPACE'
-DEFAULT_HUB_NAMESPACE = 'timm-gradattn'
-PAPER_ID = 'arXiv:2603.26756'
-PAPER_NAME = ('GradAttn: Transformer-Based Modulation of Residual Approach for Classification and '
-              'Representation Learning Problems')
-# The default tag comes first: ``create_model('gradattn_resnet18_rope')`` means Tiny ImageNet.
-TAGS: Tuple[str, ...] = PAPER_TAGS + ('digits',)
-
-
-class MissingWeightsError(RuntimeError):
-    """Pretrained weights for a model tag could not be found or downloaded."""
-
-
-def hub_namespace() -> str:
-    return os.environ.get(HUB_NAMESPACE_ENV, '').strip() or DEFAULT_HUB_NAMESPACE
-
-
-def hub_repo_id(model_name: str, tag: str) -> str:
-    return f'{hub_namespace()}/{model_name}.{tag}'
+__all__ = ['dataset_cfgs', 'pool_size_at', 'model_tags', 'build_with_weights_hint']
 
 
 def pool_size_at(input_size: Tuple[int, ...], reduction: int) -> Tuple[int, int]:
@@ -53,21 +30,28 @@ def pool_size_at(input_size: Tuple[int, ...], reduction: int) -> Tuple[int, int]
 
 def dataset_cfgs(
         model_name: str,
-        tags: Tuple[str, ...] = TAGS,
-        paper_ids: str = PAPER_ID,
-        paper_name: str = PAPER_NAME,
+        paper_ids: Optional[Union[str, Tuple[str, ...]]] = None,
+        paper_name: Optional[str] = None,
         reduction: Optional[int] = None,
         **kwargs: Any,
 ) -> Dict[str, Dict[str, Any]]:
-    """``{'<model>.<tag>': cfg}`` for each dataset tag (the first is the default), for ``generate_default_cfgs``.
+    """``{'<model>.<tag>': cfg}`` for each tag of the model's family (the first is the default), for
+    ``generate_default_cfgs``.
 
-    A family passes its own ``tags`` and paper; every other field comes from ``timm_gradattn.data.info``.
+    The tags and the paper come from the family registry; a model built on another paper's architecture (the SE /
+    CBAM baselines) passes its own ``paper_ids`` / ``paper_name``. Every other field comes from
+    ``timm_gradattn.data.info``.
     A CNN passes ``reduction``, the total stride of ``forward_features`` (its last ``feature_info`` entry's),
     and each tag's ``pool_size`` is the final map size at that tag's input size (``pool_size_at``), as timm's
     model tests require; a token-output model (GradAttn, as timm's ViTs) leaves it None.
     """
+    family = family_of(model_name)
+    if family is None:
+        raise KeyError(f'{model_name} is not in the family registry (timm_gradattn/families.py): add it there.')
+    paper_ids = family.paper.ids if paper_ids is None else paper_ids
+    paper_name = family.paper.title if paper_name is None else paper_name
     cfgs = {}
-    for tag in tags:
+    for tag in family.tags:
         info = DATASETS[tag]
         cfgs[f'{model_name}.{tag}'] = {
             'hf_hub_id': hub_repo_id(model_name, tag),
@@ -136,7 +120,7 @@ def _missing_weights_message(variant: str, source: str, reason: str) -> str:
         f'Could not load pretrained weights for {variant} from {source}: {reason}\n'
         f'These weights may not be published yet, or you are offline and they are not in the Hugging '
         f'Face cache. To get weights: train them with `python train.py --model {variant} '
-        f'--dataset <dataset> --recipe paper` and publish with `python -m timm_gradattn.publish '
+        f'--dataset <dataset> --recipe {paper_recipe(variant)}` and publish with `python -m timm_gradattn.publish '
         f'<run folder> --repo-id <namespace>/{variant}.<tag>`; load a local export with '
         f'create_model("local-dir:<folder>", pretrained=True) or pretrained_cfg_overlay=dict(file=...); '
         f'or point {HUB_NAMESPACE_ENV} at the namespace that holds them. '

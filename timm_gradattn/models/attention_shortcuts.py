@@ -960,7 +960,7 @@ def _create_as_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 def _cfg(model_name: str, **kwargs: Any) -> Dict[str, Dict[str, Any]]:
     """The model's pretrained cfgs, one per tag; pool_size is the final map at the tag's input size."""
     return dataset_cfgs(
-        model_name, tags=('cifar10', 'cifar100', 'digits'), paper_ids=PAPER_ID, paper_name=PAPER_NAME,
+        model_name,
         reduction=FEATURE_REDUCTIONS[-1], classifier='fc', fixed_input_size=False, **kwargs)
 
 

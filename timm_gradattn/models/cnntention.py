@@ -411,17 +411,11 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return dict(first_conv='conv1', classifier='fc', reduction=4, **kwargs)
 
 
-def _tagged_cfgs(model_name: str) -> Dict[str, Dict[str, Any]]:
-    return dataset_cfgs(
-        model_name, tags=('cifar10', 'mnist', 'digits'), paper_ids='arXiv:2412.11657',
-        paper_name='CNNtention: Can CNNs do better with Attention?', **_cfg())
-
-
 default_cfgs = generate_default_cfgs({
-    **_tagged_cfgs('resnet20'),
-    **_tagged_cfgs('resnet20_selfatt'),
-    **_tagged_cfgs('resnet20_mha'),
-    **_tagged_cfgs('resnet20_cbam'),
+    **dataset_cfgs('resnet20', **_cfg()),
+    **dataset_cfgs('resnet20_selfatt', **_cfg()),
+    **dataset_cfgs('resnet20_mha', **_cfg()),
+    **dataset_cfgs('resnet20_cbam', **_cfg()),
 })
 
 

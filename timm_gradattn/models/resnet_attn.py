@@ -21,7 +21,8 @@ from timm.layers.squeeze_excite import SEModule
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet
 
-from ._pretrained import PAPER_ID, build_with_weights_hint, dataset_cfgs
+from ..families import FAMILIES
+from ._pretrained import build_with_weights_hint, dataset_cfgs
 
 __all__ = ['ReferenceInitResNet']
 
@@ -54,10 +55,11 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 # paper_ids: the architecture's paper, then GradAttn's, whose protocol trains these baselines.
+_GRADATTN_PAPER_ID = FAMILIES['gradattn'].paper.ids
 default_cfgs = generate_default_cfgs({
-    **dataset_cfgs('resnet18_se', paper_ids=('arXiv:1709.01507', PAPER_ID),
+    **dataset_cfgs('resnet18_se', paper_ids=('arXiv:1709.01507', _GRADATTN_PAPER_ID),
                    paper_name='Squeeze-and-Excitation Networks', **_cfg()),
-    **dataset_cfgs('resnet18_cbam', paper_ids=('arXiv:1807.06521', PAPER_ID),
+    **dataset_cfgs('resnet18_cbam', paper_ids=('arXiv:1807.06521', _GRADATTN_PAPER_ID),
                    paper_name='CBAM: Convolutional Block Attention Module', **_cfg()),
 })
 
