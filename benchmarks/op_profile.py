@@ -1,8 +1,8 @@
 """Where a training step's time goes, by kind of operation, for resnet18 and the GradAttn variants.
 
     python benchmarks/op_profile.py                     # 32 and 64 px, eager fp32: about a minute
-    python benchmarks/op_profile.py --sizes 224 --models resnet18 gradattn_resnet18_rope
-    python benchmarks/op_profile.py --family attention_shortcuts   # op_profile_attention_shortcuts.json/.md
+    python benchmarks/op_profile.py --sizes 224                 # the same models at 224 px
+    python benchmarks/op_profile.py --family attention-shortcuts   # op_profile_attention-shortcuts.json/.md
     python benchmarks/op_profile.py --family cnntention            # op_profile_cnntention.json/.md
 
 ``benchmarks/speed.py`` says how much slower than its FLOP ratio a model is; this says why. Each model's
@@ -14,7 +14,8 @@ a kind that runs at a lower rate than the convolutions, or costs time without co
 model above its FLOP ratio. Profiled times carry the profiler's own per-call overhead, so the unprofiled
 median step time is given beside them.
 
-``--family`` profiles a family of ``speed.py --family`` at its size and batch size against its baseline. For the
+``--family`` profiles a family of ``speed.py --family`` at its size and batch size against its baseline: the models
+its speed targets are about (``:materialised`` references left out), baseline first. For the
 Attention Shortcuts family the kinds split out what its per-pixel depth attention does without counted FLOPs
 (products and sums of the scores and weighted values, softmax, stacking and copying the K/V cache).
 """
@@ -25,16 +26,17 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from speed import (BASELINE, BATCH_SIZES, FAMILIES, NUM_CLASSES, RESULTS_DIR, create_model, flop_counter,
-                   interleaved_medians, load_average, machine_description, make_steps, wait_for_quiet)
+from speed import (BASELINE, BATCH_SIZES, FAMILIES, GRADATTN_VARIANTS, NUM_CLASSES, RESULTS_DIR, FamilyBenchmark,
+                   create_model, family_choice, flop_counter, interleaved_medians, load_average, machine_description,
+                   make_steps, wait_for_quiet)
 from timm_gradattn.cpu import keep_freed_memory
 
-MODELS = ('resnet18', 'gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope')
+MODELS = (BASELINE, *GRADATTN_VARIANTS)
 _LINEAR, _ATTENTION = 'matrix products (linear layers)', 'attention (batched products, softmax)'
 # (kind, substrings of operator names), first match wins; anything else is "other".
 KINDS = (
@@ -65,16 +67,20 @@ DEPTH_ATTENTION_KINDS = (
     *KINDS[5:],
 )
 KIND_SETS = {'default': KINDS, 'depth_attention': DEPTH_ATTENTION_KINDS}
-FAMILY_KIND_SETS = {'attention_shortcuts': 'depth_attention'}
-# The models a --family profiles: the ones its speed targets are about, with the baseline first.
-FAMILY_MODELS = {'cnntention': ('resnet20', 'resnet20_selfatt', 'resnet20_mha', 'resnet20_cbam'),
-                 'attention_shortcuts': ('resnet50_cifar', 'asnet50_out', 'asnet50_kv')}
+FAMILY_KIND_SETS = {'attention-shortcuts': 'depth_attention'}
 OTHER = 'other (dispatch, views, loss)'
 # FlopCounterMode's operator packets, by the same kinds.
 FLOP_KINDS = {'convolution': 'convolution', 'convolution_backward': 'convolution', 'mm': _LINEAR, 'addmm': _LINEAR,
               'bmm': _ATTENTION, '_scaled_dot_product_flash_attention_for_cpu': _ATTENTION,
               '_scaled_dot_product_flash_attention_for_cpu_backward': _ATTENTION,
               '_scaled_dot_product_efficient_attention': _ATTENTION, '_scaled_dot_product_flash_attention': _ATTENTION}
+
+
+def family_models(benchmark: FamilyBenchmark) -> Tuple[str, ...]:
+    """The models a --family profiles: the ones its speed targets are about, with the baseline first (a
+    ``:materialised`` reference is a formulation of a model already there, left out)."""
+    named = (name for target in benchmark.targets for name in target[:2] if ':' not in name)
+    return tuple(dict.fromkeys((benchmark.baseline, *named)))
 
 
 def kind_of(operator: str, kinds=KINDS) -> str:
@@ -170,8 +176,9 @@ def report(result: Dict) -> str:
 
 def main(argv: List[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--family', choices=sorted(FAMILY_MODELS), default=None,
-                        help="a family's models at its size and batch size against its baseline (speed.py's FAMILIES)")
+    parser.add_argument('--family', type=family_choice, choices=sorted(FAMILIES), default=None,
+                        help="a family's models at its size and batch size against its baseline (speed.py's "
+                             "FAMILIES; underscores are accepted for hyphens)")
     parser.add_argument('--models', nargs='+', default=None, help=f'default: {" ".join(MODELS)}, or the family\'s')
     parser.add_argument('--sizes', nargs='+', type=int, default=None, help='default: 32 64, or the family\'s')
     parser.add_argument('--batch-size', type=int, default=None,
@@ -185,7 +192,7 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument('--name', default=None, help='file stem (default op_profile, or op_profile_<family>)')
     args = parser.parse_args(argv)
     family = FAMILIES[args.family] if args.family else None
-    models = args.models or (FAMILY_MODELS[args.family] if family else MODELS)
+    models = args.models or (family_models(family) if family else MODELS)
     sizes = args.sizes or (list(family.sizes) if family else [32, 64])
     batch_size = args.batch_size or (family.batch_size if family else None)
     baseline = family.baseline if family else BASELINE

@@ -13,9 +13,11 @@ fire, a per-image PAD-UFES-20 split), so a faithful reproduction is not expected
 """
 from typing import Dict, Optional
 
+from timm_gradattn.families import FAMILIES
+
 __all__ = ['PAPER_CITATION', 'PAPER_MODEL_NAMES', 'PAPER_TABLES', 'PAPER_NOTES', 'paper_figure']
 
-PAPER_CITATION = ('Ghoshal & Buckchash, GradAttn, Applied Sciences 16(11):5252, 2026 (arXiv:2603.26756)')
+PAPER_CITATION = FAMILIES['gradattn'].paper.citation
 
 # The paper's column names for the models of this project.
 PAPER_MODEL_NAMES = {

@@ -13,12 +13,13 @@ These are the papers' numbers, typed in once; they are never results of this pro
 """
 from typing import Dict, Optional, Tuple
 
+from timm_gradattn.families import FAMILIES
+
 __all__ = ['CNNTENTION_CITATION', 'CNNTENTION_MODEL_NAMES', 'CNNTENTION_TOP1', 'CNNTENTION_RUN_IDS',
            'CNNTENTION_NOTES', 'ATTENTION_SHORTCUTS_CITATION', 'ATTENTION_SHORTCUTS_MODEL_NAMES',
            'ATTENTION_SHORTCUTS_ERROR', 'ATTENTION_SHORTCUTS_NOTES', 'cnntention_figure', 'attention_shortcuts_figure']
 
-CNNTENTION_CITATION = ('Kapila, Glattki & Rathi, CNNtention: Can CNNs do better with Attention?, arXiv:2412.11657, '
-                       '2024; figures of the authors\' final logged runs')
+CNNTENTION_CITATION = f"{FAMILIES['cnntention'].paper.citation}; figures of the authors' final logged runs"
 CNNTENTION_MODEL_NAMES = {
     'resnet20': 'ResNet-20',
     'resnet20_selfatt': 'ResNet-20 + SelfAtt',
@@ -48,8 +49,7 @@ CNNTENTION_NOTES = (
     'unverified.',
 )
 
-ATTENTION_SHORTCUTS_CITATION = ('Erroz & Galar, Introducing attention shortcuts in convolutional neural networks, '
-                                'AIMS Press, 2025, Table 2')
+ATTENTION_SHORTCUTS_CITATION = f"{FAMILIES['attention-shortcuts'].paper.citation}, Table 2"
 ATTENTION_SHORTCUTS_MODEL_NAMES = {
     'asnet50_out': 'AS_out-Net-50',
     'asnet50_kv': 'AS_KV-Net-50',

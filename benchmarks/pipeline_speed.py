@@ -1,6 +1,6 @@
 """Throughput of train.py's training loop against the bare training step of the same model.
 
-    python benchmarks/pipeline_speed.py                      # digits, gradattn_resnet18_rope: about a minute
+    python benchmarks/pipeline_speed.py                      # train.py's default model and dataset: about a minute
     python benchmarks/pipeline_speed.py --max-load 1.3       # first wait for a quiet machine
     python benchmarks/pipeline_speed.py -- --workers 1       # flags after -- go to train.py unchanged
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Reproduce the tables of the zoo's papers: models x datasets x seeds, each trained under its paper's recipe.
 
-Three families, chosen with ``--family`` (default ``gradattn``, as before families existed):
+Three families, chosen with ``--family`` (default ``gradattn``, as before families existed); their models,
+datasets, recipes, papers and training lengths are those of ``timm_gradattn.families``, and ``attention_shortcuts``
+is accepted for ``attention-shortcuts``:
 
-- ``gradattn``: the GradAttn paper's Tables 3-9. Every cell is one ``train.py --recipe paper`` run (Adam 1e-3,
-  plateau decay and early stopping on validation top-1, at most 100 epochs, best weights restored for the test).
+- ``gradattn``: the GradAttn paper's Tables 3-9, its five models beside timm's ``resnet18`` (the family's
+  baseline). Every cell is one ``train.py --recipe paper`` run (Adam 1e-3, plateau decay and early stopping on
+  validation top-1, at most 100 epochs, best weights restored for the test).
   After training, the gradient norms of the best weights are measured on 20 shuffled test batches in train mode
   (both ``timm_gradattn.analysis`` modes) for the Gradient Health Score.
 - ``cnntention``: CNNtention's four ResNet-20 models on CIFAR-10 and MNIST under ``--recipe cnntention`` (the
@@ -69,8 +72,9 @@ from torch.utils.data import DataLoader
 import timm
 import timm_gradattn  # noqa: F401  (registers the models)
 from timm_gradattn.checkpoint import atomic_write_text
-from timm_gradattn.config import ATTENTION_SHORTCUTS_MODELS, CNNTENTION_MODELS, RECIPES
-from timm_gradattn.data import PAPER_TAGS, DatasetNotFoundError, build_datasets, get_dataset_info
+from timm_gradattn.data import DatasetNotFoundError, build_datasets, get_dataset_info
+from timm_gradattn.families import FAMILIES as REGISTRY
+from timm_gradattn.families import RECIPES, Family, family_key
 from timm_gradattn.reporting import describe_machine, load_average, machine_line, markdown_table, read_summary_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,8 +83,11 @@ import paper_results_families as families_paper  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
-MAIN_MODELS = ('resnet18', 'gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope')
-BASELINE_MODELS = ('resnet18', 'resnet18_se', 'resnet18_cbam')
+_GRADATTN = REGISTRY['gradattn']
+# The GradAttn paper's Tables 3-8 compare its variants (the family's models named after it) with the baseline,
+# timm's resnet18; Table 9 compares the SE / CBAM ResNet-18s (the family's other models) with the same baseline.
+MAIN_MODELS = (_GRADATTN.baseline, *(m for m in _GRADATTN.models if m.startswith(_GRADATTN.key)))
+BASELINE_MODELS = (_GRADATTN.baseline, *(m for m in _GRADATTN.models if m not in MAIN_MODELS))
 MODELS = MAIN_MODELS + BASELINE_MODELS[1:]
 QUICK_DATASETS = ('digits',)
 # Digits has 1,258 training images: with 5 epochs the six cells take a few minutes on a 2-core CPU.
@@ -94,32 +101,60 @@ LAST_EPOCH_KEY = 'test_last_epoch'
 
 
 @dataclasses.dataclass(frozen=True)
-class Family:
-    """One paper's grid: its models, datasets and recipes (the first is the default), and how it is reported."""
-    name: str  # --family
-    title: str
-    models: Tuple[str, ...]
-    datasets: Tuple[str, ...]
-    recipes: Tuple[str, ...]
+class Reproduction:
+    """One family's grid: the registry's family (its models, datasets, recipes, paper and training length) and what
+    only this script decides: the epochs of --quick and whether the tables need gradient health."""
+    family: Family
     quick_epochs: int
-    length: str  # the paper's training length, named when --epochs caps it
-    citation: str
     gradient_health: bool = False  # the GradAttn paper's Table 7 needs it; the others report none
 
+    @property
+    def key(self) -> str:  # --family
+        return self.family.key
 
-FAMILIES = {
-    'gradattn': Family('gradattn', 'GradAttn', MODELS, PAPER_TAGS, ('paper',), QUICK_EPOCHS,
-                       'up to 100 epochs with early stopping', PAPER_CITATION, gradient_health=True),
-    # SelfAtt and MHA attend over 1,024 positions at 32 px: an epoch of digits took resnet20_mha 850 s on 2 cores
+    @property
+    def title(self) -> str:
+        return self.family.title
+
+    @property
+    def models(self) -> Tuple[str, ...]:
+        """The family's models, after its baseline where that is a timm model of its own (GradAttn's resnet18)."""
+        family = self.family
+        return family.models if family.baseline in family.models else (family.baseline, *family.models)
+
+    @property
+    def datasets(self) -> Tuple[str, ...]:
+        return self.family.datasets
+
+    @property
+    def recipes(self) -> Tuple[str, ...]:
+        """Recipe names, the paper's own first."""
+        return tuple(self.family.recipes)
+
+    @property
+    def length(self) -> str:  # the paper's training length, named when --epochs caps it
+        return self.family.length
+
+    @property
+    def citation(self) -> str:
+        return self.family.paper.citation
+
+
+FAMILIES = {grid.key: grid for grid in (
+    Reproduction(REGISTRY['gradattn'], QUICK_EPOCHS, gradient_health=True),
+    # SelfAtt and MHA attend over 1,024 positions at 32 px: an epoch of digits took the MHA model 850 s on 2 cores
     # shared with other jobs (load about 10), so the quick grid trains 5.
-    'cnntention': Family('cnntention', 'CNNtention', CNNTENTION_MODELS, ('cifar10', 'mnist'),
-                         ('cnntention', 'cnntention-sgd'), 5, '182 epochs', families_paper.CNNTENTION_CITATION),
+    Reproduction(REGISTRY['cnntention'], 5),
     # ResNet-50-sized (up to 2.5 G MACs an image): about a minute an epoch of digits each on 2 idle cores, so 3.
-    'attention-shortcuts': Family('attention-shortcuts', 'Attention Shortcuts', ATTENTION_SHORTCUTS_MODELS,
-                                  ('cifar10', 'cifar100'), ('attention-shortcuts',), 3,
-                                  '64k updates (182 epochs of the 45k training images)',
-                                  families_paper.ATTENTION_SHORTCUTS_CITATION),
-}
+    Reproduction(REGISTRY['attention-shortcuts'], 3),
+)}
+
+
+def family_choice(name: str) -> str:
+    """argparse ``type`` of ``--family``: the registry key for any spelling of a family (``attention_shortcuts`` is
+    ``attention-shortcuts``); anything else is kept as typed, for ``choices`` to accept ('all') or refuse."""
+    key = family_key(name)
+    return key if key in FAMILIES else name
 
 
 # --- the grid --------------------------------------------------------------------------------------------
@@ -441,9 +476,9 @@ def _band_label(band: Sequence[float]) -> str:
 
 def build_tables(found, options) -> List[Dict[str, Any]]:
     """Every table of the grid's family as a dict: number, name, title, records (long format), Markdown layout."""
-    if options.family.name == 'cnntention':
+    if options.family.key == 'cnntention':
         return [cnntention_table(found, options)]
-    if options.family.name == 'attention-shortcuts':
+    if options.family.key == 'attention-shortcuts':
         return [attention_shortcuts_table(found, options)]
     datasets = list(options.datasets)
     main = [m for m in MAIN_MODELS if m in options.models]
@@ -515,7 +550,7 @@ SELECTION_NOTE = ('Validation split (--protocol official): 10 % of the official 
 
 
 def cnntention_table(found, options) -> Dict[str, Any]:
-    models = [m for m in CNNTENTION_MODELS if m in options.models]
+    models = [m for m in options.family.models if m in options.models]
     return dict(
         number=None, name='cnntention_top1', title='CNNtention: test top-1 accuracy (%)', layout='last_and_best',
         digits=2, paper_label='authors', last_label='last epoch', model_names=families_paper.CNNTENTION_MODEL_NAMES,
@@ -528,7 +563,7 @@ def cnntention_table(found, options) -> Dict[str, Any]:
 
 
 def attention_shortcuts_table(found, options) -> Dict[str, Any]:
-    models = [m for m in ATTENTION_SHORTCUTS_MODELS if m in options.models]
+    models = [m for m in options.family.models if m in options.models]
     return dict(
         number=2, name='table2_test_error', title='Test classification error (%), mean ± SD',
         layout='last_and_best', digits=2, paper_label='paper', last_label='last update',
@@ -742,7 +777,7 @@ def write_outputs(options: argparse.Namespace, skipped: Dict[str, str], failed: 
         command=options.command, date=recorded.get('date', now), machine=machine,
         tables_written=now, models=list(options.models), datasets=list(options.datasets),
         seeds=list(options.seeds), epochs_override=options.epochs, train_args=list(options.train_args),
-        launcher=options.launcher, family=options.family.name,
+        launcher=options.launcher, family=options.family.key,
         recipe=options.recipe, runs_dir=str(options.runs_dir), skipped_datasets=skipped, failed_cells=failed,
         finished_cells=sum(len(seeds) for seeds in found.values()),
         cells_wall_time_s=sum(seconds for seeds in found.values() for c in seeds.values()
@@ -797,20 +832,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a grid of models x datasets under a paper's protocol and write its tables next to the "
                     "paper's figures. Flags after a bare `--` are passed to train.py for every cell.")
-    parser.add_argument('--family', default='gradattn', choices=(*FAMILIES, 'all'),
+    parser.add_argument('--family', default='gradattn', type=family_choice, choices=(*FAMILIES, 'all'),
                         help="Whose tables: the GradAttn paper's Tables 3-9 (gradattn, the default), CNNtention's "
-                             "results (cnntention), Attention Shortcuts' Table 2 (attention-shortcuts), or all three "
-                             "one after the other.")
+                             "results (cnntention), Attention Shortcuts' Table 2 (attention-shortcuts; "
+                             "attention_shortcuts is accepted too), or all three one after the other.")
     parser.add_argument('--recipe', default=None, choices=[r for f in FAMILIES.values() for r in f.recipes],
-                        help='The train.py recipe of the family that has it (default: each family\'s own: paper, '
-                             'cnntention, attention-shortcuts). cnntention-sgd: the CNNtention baseline\'s SGD '
-                             'recipe for all four CNNtention models.')
+                        help='The train.py recipe of the family that has it (default: each family\'s own: '
+                             + ', '.join(f.recipes[0] for f in FAMILIES.values()) + '). cnntention-sgd: the '
+                             'CNNtention baseline\'s SGD recipe for all the CNNtention models.')
     parser.add_argument('--models', nargs='+', default=None, metavar='MODEL',
                         help=f'timm model names (default: the family\'s; gradattn: {" ".join(MODELS)}, which also '
                              'takes any other timm model).')
     parser.add_argument('--datasets', nargs='+', default=None, metavar='DATASET',
-                        help=f'Dataset names (default: the paper\'s; gradattn {" ".join(PAPER_TAGS)}, cnntention '
-                             'cifar10 mnist, attention-shortcuts cifar10 cifar100; --quick: digits).')
+                        help='Dataset names (default: the paper\'s; '
+                             + ', '.join(f'{f.key} {" ".join(f.datasets)}' for f in FAMILIES.values())
+                             + '; --quick: digits).')
     parser.add_argument('--seeds', nargs='+', type=int, default=None, metavar='SEED',
                         help='One run per seed for every cell, reported as mean ± std (default: 42; Attention '
                              'Shortcuts reports 5 runs).')
@@ -824,7 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
                              'with --quick output/reproduce_quick; per recipe as for --output).')
     parser.add_argument('--epochs', type=int, default=None,
                         help="Cap every run at this many epochs (default: the recipe's; with --quick "
-                             + ', '.join(f'{f.name} {f.quick_epochs}' for f in FAMILIES.values()) + ').')
+                             + ', '.join(f'{f.key} {f.quick_epochs}' for f in FAMILIES.values()) + ').')
     parser.add_argument('--ghs-batches', type=int, default=GHS_BATCHES, metavar='N',
                         help='Test batches for the gradient health score (default: %(default)s, as the paper).')
     parser.add_argument('--launcher', default=None, metavar='COMMAND',
@@ -859,8 +895,8 @@ def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     chosen = list(FAMILIES.values()) if options.family == 'all' else [FAMILIES[options.family]]
     if options.recipe and not any(options.recipe in f.recipes for f in chosen):
         owner = next(f for f in FAMILIES.values() if options.recipe in f.recipes)
-        parser.error(f'--recipe {options.recipe} is a recipe of the {owner.name} family, not of --family '
-                     f'{options.family}; add --family {owner.name}.')
+        parser.error(f'--recipe {options.recipe} is a recipe of the {owner.key} family, not of --family '
+                     f'{options.family}; add --family {owner.key}.')
     models = _models_by_family(parser, options.models, chosen)
     try:
         datasets = [get_dataset_info(d).name for d in options.datasets or []]
@@ -878,15 +914,15 @@ def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     runs_dir = Path(options.runs_dir or REPO / 'output' / name)
     options.grids = []
     for family in chosen:
-        if not models[family.name]:
+        if not models[family.key]:
             continue  # --models named none of this family's
         recipe = options.recipe if options.recipe in family.recipes else family.recipes[0]
         # GradAttn's folders stay where they were before families existed; the others' are named by recipe.
-        subfolder = '' if family.name == 'gradattn' else recipe
+        subfolder = '' if family.key == 'gradattn' else recipe
         per_family = ('grids', 'family', 'recipe', 'models', 'datasets', 'epochs', 'output', 'runs_dir')
         options.grids.append(argparse.Namespace(
             **{k: v for k, v in vars(options).items() if k not in per_family},
-            family=family, recipe=recipe, models=models[family.name],
+            family=family, recipe=recipe, models=models[family.key],
             datasets=datasets or list(QUICK_DATASETS if options.quick else family.datasets),
             epochs=options.epochs or (family.quick_epochs if options.quick else None),
             output=output / subfolder, runs_dir=runs_dir / subfolder))
@@ -894,12 +930,12 @@ def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _models_by_family(parser: argparse.ArgumentParser, names: Optional[Sequence[str]],
-                      chosen: Sequence[Family]) -> Dict[str, List[str]]:
+                      chosen: Sequence[Reproduction]) -> Dict[str, List[str]]:
     """--models split among the chosen families: a model goes to the family that lists it; GradAttn's grid takes
     any other timm model, the other families' recipes only theirs."""
     if names is None:
-        return {f.name: list(f.models) for f in chosen}
-    split: Dict[str, List[str]] = {f.name: [] for f in chosen}
+        return {f.key: list(f.models) for f in chosen}
+    split: Dict[str, List[str]] = {f.key: [] for f in chosen}
     for model in names:
         if not timm.is_model(model):
             parser.error(f'--models: {model!r} is not a timm model name; the chosen families train '
@@ -908,10 +944,10 @@ def _models_by_family(parser: argparse.ArgumentParser, names: Optional[Sequence[
         if family is None and 'gradattn' in split:
             family = FAMILIES['gradattn']
         if family is None:
-            owner = next((f.name for f in FAMILIES.values() if model in f.models), 'gradattn')
-            parser.error(f'--models: {model} is not a model of --family {" / ".join(f.name for f in chosen)} '
+            owner = next((f.key for f in FAMILIES.values() if model in f.models), 'gradattn')
+            parser.error(f'--models: {model} is not a model of --family {" / ".join(f.key for f in chosen)} '
                          f'(their recipes train only their own models); add --family {owner}.')
-        split[family.name].append(model)
+        split[family.key].append(model)
     return split
 
 

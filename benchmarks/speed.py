@@ -1,21 +1,23 @@
 """Speed of the zoo, side by side with timm's ResNet-18, on this machine.
 
 One run measures timm's ``resnet18`` and ``seresnet18``, the SE/CBAM baselines and the three GradAttn
-variants at 28, 32, 64, 96 and 224 px in four execution modes (eager, ``torch.compile``, channels-last,
-bf16 autocast): training-step and inference throughput (images/s, median of timed steps after warm-up),
-ONNX Runtime inference throughput beside eager on CPU (when onnxruntime is installed), parameters, FLOPs
-and the peak memory of a training step. Results go to JSON, a Markdown report of ratios against
-``resnet18`` and a plot, with the machine description and its load average before and after.
+variants (the GradAttn family of ``timm_gradattn.families``) at 28, 32, 64, 96 and 224 px in four execution
+modes (eager, ``torch.compile``, channels-last, bf16 autocast): training-step and inference throughput
+(images/s, median of timed steps after warm-up), ONNX Runtime inference throughput beside eager on CPU (when
+onnxruntime is installed), parameters, FLOPs and the peak memory of a training step. Results go to JSON, a
+Markdown report of ratios against ``resnet18`` and a plot, with the machine description and its load average
+before and after.
 
     python benchmarks/speed.py                   # full grid: about 8 minutes on a 2-core CPU
     python benchmarks/speed.py --quick           # about a minute: resnet18 and GradAttn-RoPE, 32 px, eager
     python benchmarks/speed.py --max-load 1.3    # first wait (up to --wait-minutes) for a quiet machine
     python benchmarks/speed.py --family cnntention            # speed_cnntention.json/.md
-    python benchmarks/speed.py --family attention_shortcuts   # speed_attention_shortcuts.json/.md
+    python benchmarks/speed.py --family attention-shortcuts   # speed_attention-shortcuts.json/.md
 
-``--family`` measures one model family at its own input size and batch size against its own baseline (see
-``FAMILIES``), eager only unless ``--modes`` says otherwise, and reports the family's targets beside the
-measurements. A model name followed by ``:materialised`` (``resnet20_mha:materialised``) is that model with
+``--family`` measures one model family of ``timm_gradattn.families`` (its key; ``attention_shortcuts`` is accepted
+for ``attention-shortcuts``) at its own input size and batch size against its own baseline (see ``FAMILIES``),
+eager only unless ``--modes`` says otherwise, and reports the family's targets beside the measurements. A model
+name followed by ``:materialised`` (e.g. CNNtention's MHA model, ``<name>:materialised``) is that model with
 every attention module that has a ``fused_attn`` flag switched to its explicit path (scores, softmax, weighted
 sum: the formulation that materialises the score matrix), the reference the fused kernels are measured against.
 
@@ -50,14 +52,21 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import timm
 import timm_gradattn  # noqa: F401  (registers the zoo)
 from timm_gradattn.cpu import keep_freed_memory
+from timm_gradattn.families import Family, family_key, get_family
 from timm_gradattn.reporting import describe_machine, load_average, machine_line, markdown_table
 
 # Names other benchmark scripts import from here.
 machine_description = describe_machine
 
-MODELS = ('resnet18', 'seresnet18', 'resnet18_se', 'resnet18_cbam',
-          'gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope')
-BASELINE = 'resnet18'
+GRADATTN = get_family('gradattn')
+# The family's own designs (named after it) and the SE / CBAM baselines trained beside them.
+GRADATTN_VARIANTS = tuple(name for name in GRADATTN.models if name.startswith(GRADATTN.key))
+ATTENTION_BASELINES = tuple(name for name in GRADATTN.models if name not in GRADATTN_VARIANTS)
+BASELINE = GRADATTN.baseline
+# timm's own SE ResNet-18 is measured beside the zoo's SE / CBAM baselines.
+MODELS = (BASELINE, 'seresnet18', *ATTENTION_BASELINES, *GRADATTN_VARIANTS)
+# --quick: the baseline and GradAttn-RoPE, the paper's leading variant.
+QUICK_MODELS = (BASELINE, next(name for name in GRADATTN_VARIANTS if name.endswith('_rope')))
 SIZES = (28, 32, 64, 96, 224)
 # At least 16 everywhere: below 16 the CPU convolution picks another backend, which would make a graph
 # compiled with a dynamic batch dimension recompile at 224 px.
@@ -71,38 +80,68 @@ MATERIALISED = 'materialised'
 
 
 @dataclass(frozen=True)
-class Family:
-    """A model family's benchmark: its models, baseline, input size and batch size, and the targets its issue
-    sets. A target ``(model, reference, measure, limit)`` is reported, never asserted: ``measure`` is
-    'train_time' (training-step time per image / the reference's), 'train_time_per_mac' (that time ratio / the
-    MAC ratio) or 'peak_memory' (peak training memory / the reference's), each at most ``limit``."""
-    models: Tuple[str, ...]
-    baseline: str
+class FamilyBenchmark:
+    """A model family's benchmark: the registry's family (its models and baseline), the input size and batch size,
+    the ``:materialised`` variants measured beside the models, and the targets its issue sets. A target
+    ``(model, reference, measure, limit)`` is reported, never asserted: ``measure`` is 'train_time' (training-step
+    time per image / the reference's), 'train_time_per_mac' (that time ratio / the MAC ratio) or 'peak_memory'
+    (peak training memory / the reference's), each at most ``limit``."""
+    family: Family
     batch_size: int
     sizes: Tuple[int, ...] = (32,)
+    variants: Tuple[str, ...] = ()
     targets: Tuple[Tuple[str, str, str, float], ...] = ()
 
+    @property
+    def key(self) -> str:
+        return self.family.key
 
-FAMILIES = {
+    @property
+    def baseline(self) -> str:
+        return self.family.baseline
+
+    @property
+    def models(self) -> Tuple[str, ...]:
+        """The baseline first, then the family's other models, then the variants."""
+        others = tuple(name for name in self.family.models if name != self.baseline)
+        return (self.baseline, *others, *self.variants)
+
+
+def _cnntention() -> FamilyBenchmark:
+    family = get_family('cnntention')
+    # SelfAtt and MHA (the registry's models after the baseline, before CBAM) attend over every position through
+    # modules with a fused_attn flag: their fused kernels are measured against the materialised formulation.
+    self_attention = family.models[1:3]
+    return FamilyBenchmark(
+        family, batch_size=128, variants=tuple(f'{name}:{MATERIALISED}' for name in self_attention),
+        targets=tuple((name, f'{name}:{MATERIALISED}', measure, limit) for name in self_attention
+                      for measure, limit in (('peak_memory', 1 / 3), ('train_time', 1.0))))
+
+
+def _attention_shortcuts() -> FamilyBenchmark:
+    family = get_family('attention-shortcuts')
+    # The two AS-Nets (the paper's main designs, first in the registry) against the CIFAR ResNet-50.
+    return FamilyBenchmark(
+        family, batch_size=64,
+        targets=tuple((name, family.baseline, measure, limit) for name in family.models[:2]
+                      for measure, limit in (('train_time_per_mac', 1.10), ('peak_memory', 1.2))))
+
+
+FAMILIES: Dict[str, FamilyBenchmark] = {benchmark.key: benchmark for benchmark in (
     # Batch 128 as the authors trained. The materialised formulations hold a (B, heads, 1024, 1024) score matrix
     # after stage 1: about 17 GB for MHA at batch 128. A model whose step does not fit in the memory available
     # is reported as such and left out of the timing; rerun it with --batch-size 64 (see the report).
-    'cnntention': Family(
-        models=('resnet20', 'resnet20_selfatt', 'resnet20_mha', 'resnet20_cbam',
-                f'resnet20_selfatt:{MATERIALISED}', f'resnet20_mha:{MATERIALISED}'),
-        baseline='resnet20', batch_size=128,
-        targets=tuple((name, f'{name}:{MATERIALISED}', measure, limit)
-                      for name in ('resnet20_selfatt', 'resnet20_mha')
-                      for measure, limit in (('peak_memory', 1 / 3), ('train_time', 1.0)))),
+    _cnntention(),
     # Batch 64: the memory target is set at batch 64.
-    'attention_shortcuts': Family(
-        models=('resnet50_cifar', 'asnet50_out', 'asnet50_kv', 'as_resnet50_stages', 'resnet50_cifar_050',
-                'resnet50_cifar_plain'),
-        baseline='resnet50_cifar', batch_size=64,
-        targets=tuple((name, 'resnet50_cifar', measure, limit)
-                      for name in ('asnet50_out', 'asnet50_kv')
-                      for measure, limit in (('train_time_per_mac', 1.10), ('peak_memory', 1.2)))),
-}
+    _attention_shortcuts(),
+)}
+
+
+def family_choice(name: str) -> str:
+    """argparse ``type`` of ``--family``: the registry key for any spelling of a family (``attention_shortcuts``
+    is ``attention-shortcuts``); an unknown name is kept as typed, so that ``choices`` rejects it in one line."""
+    key = family_key(name)
+    return key if key in FAMILIES else name
 
 
 def create_model(spec: str) -> nn.Module:
@@ -442,7 +481,7 @@ def efficiency_table(rows: List[Dict], key: str) -> str:
     """GradAttn rows: '<inference> / <training>' efficiency per size, one line per model and mode."""
     sizes = sorted({r['size'] for r in rows})
     modes = [m for m in MODES if any(r['mode'] == m for r in rows)]
-    names = [n for n in dict.fromkeys(r['model'] for r in rows) if n.startswith('gradattn')]
+    names = [n for n in dict.fromkeys(r['model'] for r in rows) if n.startswith(GRADATTN.key)]
 
     def cell(r: Optional[Dict], size: int) -> str:
         if r is None or f'infer_{key}' not in r:
@@ -525,7 +564,7 @@ def report(result: Dict) -> str:
         'which a direct convolution does not compute.',
         flop_ratio_table(rows),
     ]
-    if any(n.startswith('gradattn') for n in names):
+    if any(n.startswith(GRADATTN.key) for n in names):
         parts += [
             '## GradAttn efficiency: time ratio / FLOP ratio against resnet18 (inference / training)',
             f'Target: at most {TARGET_EFFICIENCY} at {", ".join(map(str, TARGET_SIZES))} px ("ok" / "**over**").',
@@ -548,7 +587,7 @@ def report(result: Dict) -> str:
                       [name, *(f"{r['onnxruntime_infer_img_s'] / r['infer_img_s']:.2f}" if r else ''
                                for r in (_find(onnx_rows, name, size, 'eager') for size in sizes))]
                       for name in dict.fromkeys(r['model'] for r in onnx_rows)])]
-    attention_baselines = [n for n in ('resnet18_se', 'resnet18_cbam') if n in names]
+    attention_baselines = [n for n in ATTENTION_BASELINES if n in names]
     if attention_baselines and 'seresnet18' in names:
         parts += ["## SE / CBAM baselines against timm's seresnet18: speed-up (inference / training; "
                   'at least 1 = no slower)',
@@ -579,11 +618,13 @@ _TARGET_WORDING = {'peak_memory': 'peak training memory / {reference}\'s',
 
 def family_report(result: Dict) -> str:
     """One family against its baseline: MAC, time and memory ratios per model, and the family's targets."""
-    rows, family, baseline = result['rows'], FAMILIES[result['family']], result['baseline']
+    # Files written before the families had one spelling say 'attention_shortcuts'.
+    key = family_key(result['family'])
+    rows, family, baseline = result['rows'], FAMILIES[key], result['baseline']
     sizes = sorted({r['size'] for r in rows})
     modes = [m for m in MODES if any(r['mode'] == m for r in rows)]
     names = list(dict.fromkeys(r['model'] for r in rows))
-    parts = [f"# Speed of the {result['family']} family against {baseline}", _run_description(result),
+    parts = [f"# Speed of the {key} family against {baseline}", _run_description(result),
              'MACs: `FlopCounterMode` count of the forward pass / 2, with the attention products of torch\'s CPU '
              'flash kernel counted as for its other attention kernels (so a fused and a materialised formulation '
              'count the same). Neither counts softmax, normalisation or element-wise work. Peak memory: the resident '
@@ -595,8 +636,8 @@ def family_report(result: Dict) -> str:
         parts.append(f"**Did not fit**: {miss['model']} at {miss['size']} px, batch {miss['batch_size']} (its "
                      f"training step needs more than the {result['available_memory_gb']:.1f} GB available; left out "
                      f"of the timing). Measure it at a smaller batch: `python benchmarks/speed.py --family "
-                     f"{result['family']} --batch-size {smaller} --models {baseline} <its fused counterpart> "
-                     f"{miss['model']} --name speed_{result['family']}_b{smaller}`.")
+                     f"{key} --batch-size {smaller} --models {baseline} <its fused counterpart> "
+                     f"{miss['model']} --name speed_{key}_b{smaller}`.")
     for size in sizes:
         for mode in modes:
             base = _find(rows, baseline, size, mode)
@@ -652,8 +693,8 @@ def plot(rows: List[Dict], path: Path) -> None:
                 pts = sorted((r['size'], r[f'{kind}_time_ratio'])
                              for r in rows if r['model'] == name and r['mode'] == mode)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=name,
-                        linestyle='-' if name.startswith('gradattn') else '--')
-            gradattn = [r for r in rows if r['model'].startswith('gradattn') and r['mode'] == mode]
+                        linestyle='-' if name.startswith(GRADATTN.key) else '--')
+            gradattn = [r for r in rows if r['model'].startswith(GRADATTN.key) and r['mode'] == mode]
             for key, style, label in (('flop_ratio', ':', 'GradAttn FLOP ratio'),
                                       ('executed_flop_ratio', '-.', 'GradAttn executed-FLOP ratio')):
                 pts = sorted({(r['size'], r[key]) for r in gradattn})
@@ -673,9 +714,9 @@ def plot(rows: List[Dict], path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--quick', action='store_true', help='resnet18 and GradAttn-RoPE, 32 px, eager: about a minute')
-    parser.add_argument('--family', choices=sorted(FAMILIES), default=None,
+    parser.add_argument('--family', type=family_choice, choices=sorted(FAMILIES), default=None,
                         help='one family at its own sizes and batch size against its baseline, eager, without '
-                             'ONNX Runtime; writes speed_<family>.json/.md')
+                             'ONNX Runtime; writes speed_<family>.json/.md (underscores are accepted for hyphens)')
     parser.add_argument('--batch-size', type=int, default=None,
                         help='one batch size for every size (default: the family\'s, or per size: '
                              f'{BATCH_SIZES})')
@@ -700,7 +741,7 @@ def main(argv=None) -> None:
     family = FAMILIES[args.family] if args.family else None
     baseline = family.baseline if family else BASELINE
     if args.quick:
-        models = args.models or [BASELINE, 'gradattn_resnet18_rope']
+        models = args.models or list(QUICK_MODELS)
         sizes, modes, repeats, memory = args.sizes or [32], args.modes or ['eager'], 9, False
     elif family:
         models, sizes, modes = args.models or family.models, args.sizes or family.sizes, args.modes or ['eager']

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from timm_gradattn.families import FAMILIES as REGISTRY
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'benchmarks'))
 import op_profile  # noqa: E402
@@ -169,9 +171,11 @@ def test_speed_family_rejects_an_unknown_variant_and_quick(tmp_path, capsys):
 
 
 def test_op_profile_family_splits_out_the_depth_attention(tmp_path):
+    # The underscore spelling is an alias: the run is filed under the registry key.
     op_profile.main(['--family', 'attention_shortcuts', '--models', 'resnet50_cifar', 'asnet50_out', '--sizes', '16',
                      '--batch-size', '2', '--warmup', '1', '--steps', '1', '--out', str(tmp_path)])
-    result = json.loads((tmp_path / 'op_profile_attention_shortcuts.json').read_text())
+    result = json.loads((tmp_path / 'op_profile_attention-shortcuts.json').read_text())
+    assert result['family'] == 'attention-shortcuts'
     assert result['baseline'] == 'resnet50_cifar' and result['kinds'] == 'depth_attention'
     rows = {r['model']: r for r in result['rows']}
     base, asnet = rows['resnet50_cifar'], rows['asnet50_out']
@@ -183,7 +187,7 @@ def test_op_profile_family_splits_out_the_depth_attention(tmp_path):
     depth_attention = op_profile._DEPTH_ATTENTION
     assert base['profiled_ms'].get(depth_attention, 0.) < asnet['profiled_ms'][depth_attention] / 5
     assert 0.8 < sum(asnet['flops'].values()) / sum(base['flops'].values()) < 0.9
-    report = (tmp_path / 'op_profile_attention_shortcuts.md').read_text()
+    report = (tmp_path / 'op_profile_attention-shortcuts.md').read_text()
     assert 'step FLOP ratio against resnet50_cifar' in report and 'K/V cache' in report
 
 
@@ -194,3 +198,61 @@ def test_depth_attention_kinds():
     assert op_profile.kind_of('aten::stack', kinds).startswith('K/V cache')
     assert op_profile.kind_of('aten::native_layer_norm_backward', kinds) == 'layer norm'
     assert op_profile.kind_of('aten::addcmul') == 'element-wise and copies', 'the default kinds are unchanged'
+
+
+# --- the families come from timm_gradattn.families, under one spelling -------------------------------------
+def test_benchmark_families_are_the_registrys():
+    assert speed.BASELINE == REGISTRY['gradattn'].baseline
+    assert set(speed.MODELS) == {REGISTRY['gradattn'].baseline, 'seresnet18', *REGISTRY['gradattn'].models}
+    assert speed.QUICK_MODELS == ('resnet18', 'gradattn_resnet18_rope')
+    assert set(speed.FAMILIES) < set(REGISTRY)
+    for key, benchmark in speed.FAMILIES.items():
+        family = REGISTRY[key]
+        assert benchmark.family is family and benchmark.baseline == family.baseline
+        assert benchmark.models[0] == family.baseline
+        assert [m for m in benchmark.models if ':' not in m] == [family.baseline] + [
+            m for m in family.models if m != family.baseline]
+        assert all(m.partition(':')[0] in family.models for m in benchmark.models)
+    # The profiled models: the ones the speed targets are about, baseline first.
+    assert op_profile.family_models(speed.FAMILIES['cnntention']) == ('resnet20', 'resnet20_selfatt', 'resnet20_mha')
+    assert op_profile.family_models(speed.FAMILIES['attention-shortcuts']) == (
+        'resnet50_cifar', 'asnet50_out', 'asnet50_kv')
+
+
+def test_materialised_variants_are_the_cnntention_models_with_fused_attention():
+    benchmark = speed.FAMILIES['cnntention']
+    fused = {name for name in benchmark.family.models
+             if any(hasattr(m, 'fused_attn') for m in speed.create_model(name).modules())}
+    assert {v.partition(':')[0] for v in benchmark.variants} == fused == {'resnet20_selfatt', 'resnet20_mha'}
+    assert {target[0] for target in benchmark.targets} == fused
+
+
+def test_family_option_takes_the_registry_key_and_its_underscore_alias(tmp_path, capsys):
+    assert speed.family_choice('attention_shortcuts') == speed.family_choice('attention-shortcuts') == \
+        'attention-shortcuts'
+    with pytest.raises(SystemExit):  # the alias parses; only --quick with --family is refused
+        speed.main(['--family', 'attention_shortcuts', '--quick', '--out', str(tmp_path)])
+    assert 'choose one' in capsys.readouterr().err
+    for main in (speed.main, op_profile.main):
+        with pytest.raises(SystemExit):
+            main(['--family', 'attention_shortcut', '--out', str(tmp_path)])
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert ": error: argument --family: invalid choice: 'attention_shortcut'" in message, message
+
+
+@pytest.mark.parametrize('name', ['speed.json', 'speed_cnntention.json', 'speed_attention-shortcuts.json'])
+def test_committed_speed_results_still_report(name):
+    # Files measured before the families had one spelling hold "family": "attention_shortcuts".
+    result = json.loads((speed.RESULTS_DIR / name).read_text())
+    text = speed.report(result)
+    if 'family' in result:
+        family = REGISTRY[speed.family_choice(result['family'])]
+        assert text.startswith(f'# Speed of the {family.key} family against {family.baseline}')
+    else:
+        assert text.startswith('# Speed against resnet18')
+
+
+@pytest.mark.parametrize('name', ['op_profile.json', 'op_profile_attention-shortcuts.json'])
+def test_committed_op_profiles_still_report(name):
+    result = json.loads((speed.RESULTS_DIR / name).read_text())
+    assert f"step FLOP ratio against {result.get('baseline', 'resnet18')}" in op_profile.report(result)

@@ -17,6 +17,7 @@ from typing import List
 import pytest
 
 from timm_gradattn.analysis import gradient_health_report
+from timm_gradattn.families import FAMILIES as REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'benchmarks'))
@@ -191,7 +192,7 @@ def test_options_reject_what_the_grid_sets_itself(monkeypatch):
         patch.setenv('WORLD_SIZE', '2')
         reproduce.parse_options(['--quick'])
     quick, = reproduce.parse_options(['--quick']).grids
-    assert quick.family.name == 'gradattn' and quick.recipe == 'paper'
+    assert quick.family.key == 'gradattn' and quick.recipe == 'paper'
     assert quick.datasets == ['digits'] and quick.models == list(reproduce.MODELS)
     assert quick.epochs == reproduce.QUICK_EPOCHS and quick.output.name == 'reproduce_quick'
     assert 'output' in quick.runs_dir.parts  # weights stay out of the committed results
@@ -258,7 +259,7 @@ def test_attention_shortcuts_table2_is_test_error_mean_and_sd_over_seeds():
     # Errors 6, 5, 4: sample SD 1; the best-validation weights all scored 95.0.
     assert '| AS_out-Net-50 | 5.00 ± 1.00 (paper 5.63 ± 0.13) | 5.00 ± 0.00 (epoch 150) |' in markdown
     assert '| plain-ResNet-50 | — (paper 8.41 ± 0.20) | — | — (paper 40.02 ± 2.15) | — |' in markdown
-    assert [r['model'] for r in table['records'][:6]] == list(reproduce.ATTENTION_SHORTCUTS_MODELS)
+    assert [r['model'] for r in table['records'][:6]] == list(REGISTRY['attention-shortcuts'].models)
 
 
 def test_paper_figures_of_the_other_families():
@@ -269,16 +270,16 @@ def test_paper_figures_of_the_other_families():
     assert families.attention_shortcuts_figure('cifar100', 'as_resnet50_stages') == (22.47, 0.34)
     assert families.attention_shortcuts_figure('cifar10', 'resnet50_cifar_050') == (5.74, 0.14)
     for dataset in ('cifar10', 'mnist'):
-        assert set(families.CNNTENTION_TOP1[dataset]) == set(reproduce.CNNTENTION_MODELS)
+        assert set(families.CNNTENTION_TOP1[dataset]) == set(REGISTRY['cnntention'].models)
     for dataset in ('cifar10', 'cifar100'):
-        assert set(families.ATTENTION_SHORTCUTS_ERROR[dataset]) == set(reproduce.ATTENTION_SHORTCUTS_MODELS)
+        assert set(families.ATTENTION_SHORTCUTS_ERROR[dataset]) == set(REGISTRY['attention-shortcuts'].models)
 
 
 def test_family_selection_and_where_each_writes():
     default, = reproduce.parse_options([]).grids
-    assert default.family.name == 'gradattn' and default.output == reproduce.RESULTS_DIR / 'reproduce'
+    assert default.family.key == 'gradattn' and default.output == reproduce.RESULTS_DIR / 'reproduce'
     grids = reproduce.parse_options(['--family', 'all', '--quick']).grids
-    assert [(g.family.name, g.recipe, g.epochs, g.datasets) for g in grids] == [
+    assert [(g.family.key, g.recipe, g.epochs, g.datasets) for g in grids] == [
         ('gradattn', 'paper', 5, ['digits']), ('cnntention', 'cnntention', 5, ['digits']),
         ('attention-shortcuts', 'attention-shortcuts', 3, ['digits'])]
     quick = reproduce.RESULTS_DIR / 'reproduce_quick'
@@ -286,13 +287,37 @@ def test_family_selection_and_where_each_writes():
     assert grids[2].runs_dir.parts[-3:] == ('output', 'reproduce_quick', 'attention-shortcuts')
     sgd, = reproduce.parse_options(['--family', 'cnntention', '--recipe', 'cnntention-sgd', '--epochs', '2']).grids
     assert sgd.recipe == 'cnntention-sgd' and sgd.output.name == 'cnntention-sgd' and sgd.epochs == 2
-    assert sgd.models == list(reproduce.CNNTENTION_MODELS) and sgd.datasets == ['cifar10', 'mnist']
+    assert sgd.models == list(REGISTRY['cnntention'].models) and sgd.datasets == ['cifar10', 'mnist']
     # --models picks the families: each model goes to the family that lists it.
     picked = reproduce.parse_options(['--family', 'all', '--models', 'resnet20', 'asnet50_out', 'resnet18']).grids
-    assert [(g.family.name, g.models) for g in picked] == [
+    assert [(g.family.key, g.models) for g in picked] == [
         ('gradattn', ['resnet18']), ('cnntention', ['resnet20']), ('attention-shortcuts', ['asnet50_out'])]
     mixed = reproduce.parse_options(['--family', 'all', '--recipe', 'cnntention-sgd']).grids
     assert [g.recipe for g in mixed] == ['paper', 'cnntention-sgd', 'attention-shortcuts']
+    # The underscore spelling is an alias of the registry key.
+    alias, = reproduce.parse_options(['--family', 'attention_shortcuts', '--quick']).grids
+    assert alias.family.key == 'attention-shortcuts' and alias.output == quick / 'attention-shortcuts'
+
+
+def test_grids_are_the_registrys_families():
+    assert list(reproduce.FAMILIES) == list(REGISTRY)
+    for key, grid in reproduce.FAMILIES.items():
+        family = REGISTRY[key]
+        assert grid.family is family and grid.title == family.title and grid.length == family.length
+        assert grid.datasets == family.datasets and grid.recipes == tuple(family.recipes)
+        assert grid.citation == family.paper.citation
+    # GradAttn's grid trains timm's resnet18, the family's baseline, beside the family's five models.
+    gradattn = REGISTRY['gradattn']
+    assert reproduce.FAMILIES['gradattn'].models == reproduce.MODELS == (gradattn.baseline, *gradattn.models)
+    assert reproduce.MAIN_MODELS == ('resnet18', 'gradattn_resnet18_nope', 'gradattn_resnet18_lpe',
+                                     'gradattn_resnet18_rope')
+    assert reproduce.BASELINE_MODELS == ('resnet18', 'resnet18_se', 'resnet18_cbam')
+    for key in ('cnntention', 'attention-shortcuts'):  # their baselines are models of their own
+        assert reproduce.FAMILIES[key].models == REGISTRY[key].models
+    import paper_results_families as families
+    assert paper_results.PAPER_CITATION == gradattn.paper.citation
+    assert families.CNNTENTION_CITATION.startswith(REGISTRY['cnntention'].paper.citation + ';')
+    assert families.ATTENTION_SHORTCUTS_CITATION == REGISTRY['attention-shortcuts'].paper.citation + ', Table 2'
 
 
 @pytest.mark.parametrize('argv, hint', [
@@ -301,6 +326,7 @@ def test_family_selection_and_where_each_writes():
     (['--family', 'cnntention', '--models', 'resnet18'], 'add --family gradattn'),
     (['--family', 'attention-shortcuts', '--models', 'resnet20'], 'add --family cnntention'),
     (['--family', 'gradattn_typo'], "invalid choice: 'gradattn_typo'"),
+    (['--family', 'attention_shortcuts', '--models', 'resnet20'], 'add --family cnntention'),
     (['--family', 'cnntention', '--', '--recipe', 'cnntention-sgd'], 'use --models, --datasets'),
 ])
 def test_family_argument_errors_are_one_line(argv, hint, capsys):
