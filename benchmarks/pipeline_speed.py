@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 import timm
 
 from speed import RESULTS_DIR, load_average, machine_description, wait_for_quiet
-from timm_gradattn.config import parse_args, with_dataset_defaults
+from timm_gradattn.settings import resolve_train_settings
 from timm_gradattn.engine import create_optimizer, train
 from timm_gradattn.cpu import keep_freed_memory
 from timm_gradattn.data import build_datasets
@@ -155,13 +155,11 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as output:
         train_args = ['--epochs', str(own.epochs), '--output', output, '--experiment', 'pipeline'] + train_argv
-        args = parse_args(train_args)
+        args = resolve_train_settings(train_args)  # dataset defaults (batch, workers) included, as the engine
         data = build_datasets(args.dataset, data_dir=args.data_dir, protocol=args.protocol, seed=args.seed,
                               img_size=args.img_size, in_chans=args.in_chans)
         info = data.info
-        # The engine's own defaults, so the bare step runs as the engine's does, the allocator setting included
-        # (it is process-wide, so it is made before the first bare step).
-        args = with_dataset_defaults(args, info)
+        # The allocator setting is process-wide, so it is made before the first bare step, as the engine makes it.
         malloc_tuned = keep_freed_memory() if args.keep_freed_memory else False
 
         quiet = True

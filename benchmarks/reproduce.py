@@ -71,7 +71,7 @@ from torch.utils.data import DataLoader
 
 import timm
 import timm_gradattn  # noqa: F401  (registers the models)
-from timm_gradattn.checkpoint import atomic_write_text
+from timm_gradattn.files import atomic_write_text
 from timm_gradattn.data import DatasetNotFoundError, build_datasets, get_dataset_info
 from timm_gradattn.families import FAMILIES as REGISTRY
 from timm_gradattn.families import RECIPES, Family, family_key
@@ -198,10 +198,11 @@ class CellFailed(Exception):
 
 def train_in_process(argv: List[str]) -> None:
     """One cell through the engine's own entry point, exactly as ``python train.py <argv>`` would run it."""
-    from timm_gradattn.config import UserError, parse_args
     from timm_gradattn.engine import train
+    from timm_gradattn.errors import UserError
+    from timm_gradattn.settings import resolve_train_settings
     try:
-        train(parse_args(argv))
+        train(resolve_train_settings(argv))
     except UserError as error:  # a problem with the settings or the data, explained by the engine
         if isinstance(error.__cause__, DatasetNotFoundError):
             raise DatasetMissing(str(error.__cause__)) from error

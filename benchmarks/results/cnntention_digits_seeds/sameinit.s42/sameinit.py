@@ -1,6 +1,6 @@
 # Diagnostic: train resnet20_selfatt from exactly resnet20's seed-42 initial backbone (gamma = 0 -> same function).
 import sys, torch, timm
-from timm_gradattn.config import parse_args
+from timm_gradattn.settings import resolve_train_settings as parse_args
 from timm_gradattn import engine
 orig = timm.create_model
 def create(name, **kw):
