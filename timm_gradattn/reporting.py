@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+import accelerate
 import timm
 
 __all__ = ['markdown_cell', 'markdown_table', 'describe_machine', 'machine_line', 'load_average',
@@ -51,7 +52,6 @@ def describe_machine(device: Optional[Union[str, torch.device]] = None, **extra:
     ``device`` is the one the work ran on (default: the first GPU, else the CPU); ``extra`` adds what the
     caller knows about how it ran (e.g. the engine's process count and precision).
     """
-    import accelerate
     device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
     return dict(
         cpu=_cpu_name(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(device),

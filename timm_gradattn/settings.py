@@ -14,6 +14,7 @@ The engine and the evaluation read a ``Settings``; they never come back here.
 """
 import argparse
 import copy
+import difflib
 import json
 import logging
 import os
@@ -21,13 +22,17 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+import timm
+import torch
 import yaml
+from accelerate.utils import DynamoBackend
 from timm.models import parse_model_name, split_model_name_tag
 
 from . import cli
 from .data.info import DATASETS, DatasetInfo
 from .errors import UserError
 from .families import RECIPES
+from .models import model_tags  # importing the zoo registers its models with timm
 
 __all__ = ['Settings', 'IDENTITY_KEYS', 'NOT_SAVED_KEYS', 'SCHEDULERS', 'resolve_train_settings',
            'resolve_evaluate_settings', 'recipe_settings', 'load_yaml', 'expand_input_size', 'dataset_defaults',
@@ -132,7 +137,6 @@ def _mixed_precision(args: Settings, explicit: Dict[str, Any], saved: Dict[str, 
                             f'disagree; pass only one of them.')
         return args.mixed_precision
     if args.amp or args.amp_dtype:
-        import torch
         default = 'float16' if torch.cuda.is_available() else 'bfloat16'
         return cli.AMP_DTYPES[args.amp_dtype or default]
     if saved.get('mixed_precision'):
@@ -223,7 +227,6 @@ def _check_rules(args: Settings) -> None:
         raise UserError(f'--opt-betas takes one to three values, got {len(args.opt_betas)}.')
     _check_schedule(args)
     if args.torchcompile:
-        from accelerate.utils import DynamoBackend
         backends = [b.value.lower() for b in DynamoBackend if b is not DynamoBackend.NO]
         if args.torchcompile.lower() not in backends:
             raise UserError(f'--torchcompile {args.torchcompile!r} is not a torch.compile backend Accelerate knows; '
@@ -247,7 +250,6 @@ def _check_schedule(args: Settings) -> None:
 
 
 def _check_fp16(mixed_precision: Optional[str]) -> None:
-    import torch
     if mixed_precision == 'fp16' and not torch.cuda.is_available():
         raise UserError('--mixed-precision fp16 (or --amp --amp-dtype float16) needs a CUDA GPU; on CPU use bf16.')
 
@@ -293,11 +295,6 @@ def check_output_folder(path: str, flag: str = '--output') -> None:
 def check_model_name(model: str) -> None:
     """Refuse, in one line, a ``--model`` that timm cannot create: an unknown name, an unknown pretrained tag
     (listing the known ones) or a ``local-dir:`` without an export. ``hf-hub:`` names are checked by the Hub."""
-    import difflib
-
-    import timm
-
-    from .models import model_tags  # the zoo registers its models on import
     source, name = parse_model_name(model)
     if source == 'local-dir' and not (Path(name).expanduser() / 'config.json').is_file():
         raise UserError(f'--model {model}: {Path(name) / "config.json"} does not exist. Point local-dir: at a '
