@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train a timm classifier: the zoo's models (GradAttn, CNNtention, Attention Shortcuts) or any timm model.
 
-    python train.py                                   # gradattn_resnet18_rope on digits, a few CPU minutes
+    python train.py                                   # the default model on digits, a few CPU minutes
     python train.py --model resnet18 --dataset cifar10 --data-dir data --download --recipe paper
     accelerate launch --multi_gpu --num_processes 2 train.py --dataset cifar10 --data-dir data
     python train.py --resume output/train/<experiment>

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from timm.utils import ParseKwargs
 
 from .errors import UserError
-from .families import FAMILIES, RECIPES
+from .families import DEFAULT_MODEL, FAMILIES, RECIPES
 
 __all__ = ['CommandLineParser', 'TIMM_FLAG_HINTS', 'TRAIN_FLAG_HINTS', 'EVALUATE_FLAG_HINTS', 'build_train_parser',
            'build_evaluate_parser', 'add_shared_arguments', 'at_least', 'in_range', 'run_entry_point',
@@ -216,7 +216,7 @@ def build_train_parser(add_help: bool = True) -> CommandLineParser:
     parser = CommandLineParser(
         prog='train.py', add_help=add_help, flag_hints=TRAIN_FLAG_HINTS,
         description='Train a timm classifier (the zoo\'s models or any timm model) with Accelerate. '
-                    'With no arguments: gradattn_resnet18_rope on digits, a few minutes on a laptop CPU.')
+                    f'With no arguments: {DEFAULT_MODEL} on digits, a few minutes on a laptop CPU.')
     parser.add_argument('-c', '--config', default=None, metavar='YAML',
                         help='YAML file of settings (keys are the flag names with underscores); flags override it.')
     family_recipes = '; '.join(f"{family.title}: {', '.join(family.recipes)}" for family in FAMILIES.values())
@@ -225,7 +225,7 @@ def build_train_parser(add_help: bool = True) -> CommandLineParser:
                              f"Default: default.")
 
     group = parser.add_argument_group('Model')
-    group.add_argument('--model', default='gradattn_resnet18_rope',
+    group.add_argument('--model', default=DEFAULT_MODEL,
                        help='Any timm model name, hf-hub:<repo id> or local-dir:<folder> (default: %(default)s).')
     group.add_argument('--initial-checkpoint', '--pretrained-path', default=None, metavar='PATH',
                        help='Start from these weights: a .safetensors file, or a .pth/.pt state dict read as '

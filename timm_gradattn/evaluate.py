@@ -1,6 +1,6 @@
 """Evaluate a classifier on one split of a dataset: the paper's metrics, a confusion matrix and plots.
 
-    python -m timm_gradattn.evaluate --model gradattn_resnet18_rope --checkpoint run/model.safetensors \\
+    python -m timm_gradattn.evaluate --model <model> --checkpoint run/model.safetensors \\
         --dataset tiny_imagenet --data-dir data/tiny-imagenet-200 --split test
     accelerate launch -m timm_gradattn.evaluate --model local-dir:exported/ --dataset cifar10 --data-dir data
 

@@ -10,7 +10,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ['Paper', 'Family', 'FAMILIES', 'MODEL_NAMES', 'RECIPES', 'DEFAULT_RECIPE', 'family_key', 'get_family',
+__all__ = ['Paper', 'Family', 'FAMILIES', 'DEFAULT_MODEL', 'MODEL_NAMES', 'RECIPES', 'DEFAULT_RECIPE', 'family_key', 'get_family',
            'family_of', 'paper_recipe']
 
 
@@ -161,6 +161,9 @@ FAMILIES: Dict[str, Family] = {family.key: family for family in (
             _ATTENTION_SHORTCUTS, per_model=dict.fromkeys(_ATTENTION_SHORTCUTS_MODELS, {}))},
         modules=('attention_shortcuts',), length='64k updates (182 epochs of the 45k training images)'),
 )}
+
+# What `python train.py` trains with no arguments, and the model the documentation's examples use.
+DEFAULT_MODEL = 'gradattn_resnet18_rope'
 
 # Every registered model, family by family: ``timm_gradattn.MODEL_NAMES``.
 MODEL_NAMES: Tuple[str, ...] = tuple(name for family in FAMILIES.values() for name in family.models)

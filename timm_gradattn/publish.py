@@ -30,7 +30,7 @@ from timm.models import get_arch_name, is_model
 from .checkpoint import load_weights
 from .cli import CommandLineParser, build_train_parser, run_entry_point
 from .errors import UserError
-from .families import MODEL_NAMES, paper_recipe
+from .families import DEFAULT_MODEL, MODEL_NAMES, paper_recipe
 from .files import atomic_write_bytes, atomic_write_text
 from .hub import client_config
 from .model_card import HUB_CARDS_DIR, build_card, card_metrics
@@ -88,7 +88,7 @@ def check_repo_id(repo_id: str) -> str:
     if not isinstance(repo_id, str) or repo_id.count('/') != 1:
         raise PublishError(
             f"Repo id {repo_id!r} must have the form '<namespace>/<name>' (a user or organisation, one slash, "
-            f"a repository name), e.g. '{DEFAULT_HUB_NAMESPACE}/gradattn_resnet18_rope.digits'.")
+            f"a repository name), e.g. '{DEFAULT_HUB_NAMESPACE}/{DEFAULT_MODEL}.digits'.")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:

@@ -20,8 +20,8 @@ One attention module follows each stage, with a residual around it:
 
 ``gamma`` is a learnable scalar initialised to 0, so the self-attention models start as ``resnet20``
 exactly; ``attn_gamma=False`` builds the authors' unweighted ablation ``y = O + x``. Parameter counts
-match the authors' reference code (AttentionSeekers/CNNtention) exactly. Not the zoo's ``resnet18_cbam``,
-which puts timm's ``CbamModule`` inside every block of a ResNet-18.
+match the authors' reference code (AttentionSeekers/CNNtention) exactly. Not the GradAttn family's CBAM
+ResNet-18 baseline, which puts timm's ``CbamModule`` inside every block of a ResNet-18.
 """
 from typing import Any, Dict, List, Optional, Tuple, Union
 
