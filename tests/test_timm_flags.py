@@ -43,7 +43,7 @@ def test_scheduler_flags_reach_timm_and_set_the_run_length():
     assert scheduler.k_decay == 0.5 and scheduler.warmup_lr_init == 1e-4
     noisy, _ = factory.create_scheduler(
         resolve_train_settings(['--lr-noise', '0.5', '--lr-noise-std', '0.3']), optimizer, 5)
-    assert (noisy.noise_range_t, noisy.noise_std) == (7, 0.3), "noise from half of the default recipe's 15 epochs"
+    assert (noisy.noise_range_t, noisy.noise_std) == (7.5, 0.3), "noise from half of the default recipe's 15 epochs"
 
 
 def test_cutmix_and_bce_flags_build_timms_mixing_and_loss():
@@ -61,7 +61,7 @@ def test_model_flags_reach_create_model_and_the_head():
                                    '0', '--head-init-bias', '0.5', '--grad-checkpointing'])
     info = argparse.Namespace(num_classes=10, in_chans=1, img_size=32)
     model = factory.create_model(args, info)
-    assert model.drop_path_rate == 0.1 and model.global_pool.pool_type == 'max' and model.grad_checkpointing
+    assert model.layer4[-1].drop_path.drop_prob > 0 and model.global_pool.pool_type == 'max' and model.grad_checkpointing
     assert torch.all(model.get_classifier().weight == 0) and torch.all(model.get_classifier().bias == 0.5)
     with pytest.raises(UserError, match="Cannot create 'gradattn_resnet18_rope'.*drop_path_rate"):
         factory.create_model(resolve_train_settings(['--drop-path', '0.1']), info)

@@ -13,7 +13,7 @@ import re
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
-from timm.utils import ParseKwargs
+from timm.utils import ParseKwargs as _TimmParseKwargs
 
 from .errors import UserError
 from .families import DEFAULT_MODEL, FAMILIES, RECIPES
@@ -122,6 +122,17 @@ def _flag_first(message: str) -> str:
         return (f'{flag} {choice.group(1)} is not one of the choices; pass {flag} '
                 f'{", ".join(options[:-1]) + " or " if len(options) > 1 else ""}{options[-1]}')
     return f'{flag} {problem}'
+
+
+class ParseKwargs(_TimmParseKwargs):
+    """timm's KEY=VALUE parser, with a word that has no '=' refused in one line instead of a traceback."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        bare = [value for value in values if '=' not in value]
+        if bare:
+            parser.error(f'argument {option_string}: takes KEY=VALUE pairs, got {" ".join(bare)!r} '
+                         f'(e.g. {option_string} drop_rate=0.1)')
+        super().__call__(parser, namespace, values, option_string)
 
 
 # --- argument types: each rule on a value, once ------------------------------------------------------------------

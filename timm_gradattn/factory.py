@@ -257,6 +257,9 @@ def create_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.d
     except (ValueError, AssertionError) as error:
         raise UserError(f'Cannot create optimizer --opt {args.opt!r}: {error}. See timm.optim.list_optimizers().') \
             from error
+    except TypeError as error:  # a keyword of --opt-kwargs the optimizer does not take, or of the wrong type
+        raise UserError(f'Cannot create optimizer --opt {args.opt!r} with --opt-kwargs '
+                        f'{args.opt_kwargs or {}}: {error}.') from error
 
 
 def _optimizer_kwargs(args: argparse.Namespace) -> Dict[str, Any]:

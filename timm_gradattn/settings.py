@@ -225,6 +225,12 @@ def _check_rules(args: Settings) -> None:
     _check_fp16(args.mixed_precision)
     if args.opt_betas is not None and not 1 <= len(args.opt_betas) <= 3:
         raise UserError(f'--opt-betas takes one to three values, got {len(args.opt_betas)}.')
+    if args.lr_noise is not None and len(args.lr_noise) > 2:
+        raise UserError(f'--lr-noise takes one fraction of the schedule, or a start and an end, got '
+                        f'{len(args.lr_noise)} values.')
+    if args.cutmix_minmax is not None and not 0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1:
+        raise UserError(f'--cutmix-minmax {" ".join(map(str, args.cutmix_minmax))}: pass MIN MAX with '
+                        f'0 < MIN < MAX <= 1 (box side ratios).')
     _check_schedule(args)
     if args.torchcompile:
         backends = [b.value.lower() for b in DynamoBackend if b is not DynamoBackend.NO]
