@@ -7,7 +7,7 @@ Publishing stages the run's ``hub/`` export (timm's ``save_for_hf``) with a mode
 ``hub_cards/<family>.md`` into ``<run>/upload/`` (or ``--out``), never changing the run's own files; verifies
 that folder (exactly ``UPLOAD_FILES``, a model-index equal to ``results.json``, and ``create_model('local-dir:')``
 logits equal to ``model_best.safetensors``'); uploads exactly it and records it in ``hub_cards/weights.json``,
-which ``--weights-table`` turns into README's table. timm's ``push_to_hf_hub`` is not used, as it re-exports
+which ``--weights-table`` turns into the table of docs/publishing.md. timm's ``push_to_hf_hub`` is not used, as it re-exports
 into a temporary folder with a pickled copy of the weights and a generic card; the Hub calls are the ones it
 makes (``HfApi`` with timm's library name, ``create_repo``, ``upload_folder``).
 """
@@ -299,7 +299,7 @@ def publish(run_folder: PathLike, repo_id: Optional[str] = None, *, out: Optiona
     return result
 
 
-# --- the weights registry and the README table ------------------------------------------------------
+# --- the weights registry and the docs' table ----------------------------------------------------------
 def load_registry(path: PathLike = WEIGHTS_REGISTRY) -> List[Dict[str, Any]]:
     path = Path(path)
     data = json.loads(path.read_text(encoding='utf-8')) if path.is_file() else {'weights': []}
