@@ -1,8 +1,9 @@
 """Loaders for the paper's datasets, each through the upstream package a user would expect.
 
-torchvision reads CIFAR-10, SVHN, FashionMNIST and PCam (CIFAR-10 and FashionMNIST through timm's
+torchvision reads CIFAR-10, CIFAR-100, MNIST, SVHN and PCam (the CIFARs and MNIST through timm's
 ``create_dataset('torch/...')``), the ``medmnist`` package reads TissueMNIST and BloodMNIST, and
-Tiny ImageNet and PAD-UFES-20 are read from their published folder layouts (Tiny ImageNet also from
+Fashion-MNIST (its IDX files, gzipped or not, as Debian packages them or as torchvision downloads them),
+Tiny ImageNet and PAD-UFES-20 are read here from their published layouts (Tiny ImageNet also from
 the Hugging Face Hub through timm's ``hfds/`` reader). Each adapter returns the official splits as
 (PIL image, int label) datasets; ``build_datasets`` pools, re-splits and transforms them.
 
@@ -10,8 +11,12 @@ Nothing is downloaded unless asked (``download=True``, ``--download``). Missing 
 DatasetNotFoundError naming the folder, the layout expected there and how to get the files.
 """
 import csv
+import gzip
 import importlib
+import logging
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -23,7 +28,9 @@ from .datasets import ArrayImageDataset, DatasetNotFoundError, RawSplits, regist
 from .folder import ImageFileDataset
 from .info import TINY_IMAGENET_WNIDS, DatasetInfo
 
-__all__ = ['Source', 'SOURCES']
+__all__ = ['Source', 'SOURCES', 'FASHION_MNIST_SYSTEM_DIR']
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,11 @@ class Source:
 
 _IMAGES = ('.png', '.jpg', '.jpeg')
 _TINY_IMAGENET_ZIP = 'download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into <data_dir>'
+# Where the Debian package dataset-fashion-mnist installs the complete dataset (recompressed .gz files,
+# so torchvision's checksums of the upstream archives do not match them; the IDX headers are checked instead).
+FASHION_MNIST_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
+_FASHION_MNIST_FILES = (
+    'train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 _PCAM_FILES = tuple(
     f'pcam/camelyonpatch_level_2_split_{split}_{kind}.h5' for split in ('train', 'valid', 'test') for kind in 'xy')
 
@@ -61,10 +73,15 @@ SOURCES: Dict[str, Source] = {
         layout='<data_dir>/{train,test,extra}_32x32.mat (format 2, cropped digits)',
         how_to_get='Pass --download (download=True) to fetch them with torchvision (the extra split is 1.3 GB).'),
     'fashion_mnist': Source(
-        files=tuple(f'FashionMNIST/raw/{f}' for f in (
-            'train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
-        layout='<data_dir>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (unzipped IDX files)',
-        how_to_get='Pass --download (download=True) to fetch them with torchvision.'),
+        # File names, not paths: they are looked for (plain or .gz) in <data_dir> and <data_dir>/FashionMNIST/raw.
+        files=_FASHION_MNIST_FILES,
+        layout=('<data_dir>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz (the Debian package\'s folder) or '
+                '<data_dir>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (torchvision\'s), '
+                'IDX files gzipped or not'),
+        how_to_get=('Install the Debian package: sudo apt-get update && sudo apt-get install dataset-fashion-mnist '
+                    f'(it fills {FASHION_MNIST_SYSTEM_DIR}, read when no --data-dir is given), or pass '
+                    '--download (download=True) to fetch the files with torchvision into '
+                    '<data_dir>/FashionMNIST/raw.')),
     'pcam': Source(
         files=_PCAM_FILES,
         layout='<data_dir>/pcam/camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 (unzipped)',
@@ -195,7 +212,6 @@ def _timm_torchvision_adapter(name: str, timm_name: str) -> None:
 
 _timm_torchvision_adapter('cifar10', 'torch/cifar10')
 _timm_torchvision_adapter('cifar100', 'torch/cifar100')
-_timm_torchvision_adapter('fashion_mnist', 'torch/fashion_mnist')
 _timm_torchvision_adapter('mnist', 'torch/mnist')
 
 
@@ -225,6 +241,113 @@ def _load_pcam(info: DatasetInfo, data_dir: Optional[str], download: bool, proto
         _upstream(info, root, download, lambda split=split: PCAM(root, split=split, download=download))
         for split in ('train', 'val', 'test'))
     return RawSplits(train=train, val=val, test=test)
+
+
+# --- Fashion-MNIST (IDX files) ----------------------------------------------------------------------------
+
+_IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801  # unsigned bytes, 3 dimensions / 1 dimension
+_FASHION_MNIST_SIZE = (28, 28)
+_FASHION_MNIST_SPLITS = (('train', 'train'), ('test', 't10k'))  # split -> file prefix
+
+
+@register_adapter('fashion_mnist')
+def _load_fashion_mnist(info: DatasetInfo, data_dir: Optional[str], download: bool, protocol: str) -> RawSplits:
+    if data_dir:
+        root = os.path.abspath(os.path.expanduser(data_dir))
+    elif os.path.isdir(FASHION_MNIST_SYSTEM_DIR):
+        root = FASHION_MNIST_SYSTEM_DIR
+        _logger.info('No --data-dir given: reading %s from %s (the Debian package dataset-fashion-mnist).',
+                     info.title, root)
+    else:
+        source = SOURCES[info.name]
+        raise DatasetNotFoundError(
+            f'{info.title} needs --data-dir (data_dir=...): the folder that holds its files, laid out as '
+            f'{source.layout}. {source.how_to_get}')
+    torchvision_raw = os.path.join(root, 'FashionMNIST', 'raw')
+    found = {folder: _fashion_mnist_files(folder) for folder in (root, torchvision_raw)}
+    complete = next((files for files in found.values() if all(files.values())), None)
+    if complete is None and download and data_dir:
+        # torchvision fetches the four upstream archives (md5-checked) and unzips them into FashionMNIST/raw.
+        os.makedirs(root, exist_ok=True)
+        _upstream(info, root, download, lambda: create_dataset(
+            'torch/fashion_mnist', root=root, split='train', download=True))
+        found[torchvision_raw] = _fashion_mnist_files(torchvision_raw)
+        complete = found[torchvision_raw] if all(found[torchvision_raw].values()) else None
+    if complete is None:
+        partial = next(((folder, files) for folder, files in found.items() if any(files.values())), None)
+        if partial is None:
+            raise _not_found(info, root, 'no train-images-idx3-ubyte(.gz) here or in FashionMNIST/raw/')
+        folder, files = partial
+        missing = [name for name, path in files.items() if path is None]
+        more = f' and {len(missing) - 1} more of its files' if len(missing) > 1 else ''
+        raise _not_found(info, root, f'{folder} lacks {missing[0]} (plain or .gz){more}')
+    splits = {}
+    for split, prefix in _FASHION_MNIST_SPLITS:
+        images_path, labels_path = complete[f'{prefix}-images-idx3-ubyte'], complete[f'{prefix}-labels-idx1-ubyte']
+        images = _read_idx(images_path, _IDX_IMAGES)
+        labels = _read_idx(labels_path, _IDX_LABELS)
+        if images.shape[1:] != _FASHION_MNIST_SIZE:
+            raise _idx_error(images_path, f'holds {images.shape[1]}x{images.shape[2]} images, not 28x28')
+        if len(images) != len(labels):
+            raise _idx_error(labels_path, f'holds {len(labels)} labels for the {len(images)} images of '
+                                          f'{os.path.basename(images_path)}')
+        if len(labels) and labels.max() >= info.num_classes:
+            raise _idx_error(labels_path, f'holds label {labels.max()}, outside 0..{info.num_classes - 1}')
+        # The arrays torchvision's FashionMNIST holds (uint8 images, int64 labels), served as (PIL 'L', int).
+        splits[split] = ArrayImageDataset(images, labels.astype(np.int64))
+    return RawSplits(**splits)
+
+
+def _fashion_mnist_files(folder: str) -> Dict[str, Optional[str]]:
+    """Each Fashion-MNIST file name -> its path in ``folder`` (the unzipped file if present, else the .gz), or None."""
+    found: Dict[str, Optional[str]] = {}
+    for name in _FASHION_MNIST_FILES:
+        found[name] = next(
+            (os.path.join(folder, n) for n in (name, name + '.gz') if os.path.isfile(os.path.join(folder, n))), None)
+    return found
+
+
+def _idx_error(path: str, problem: str) -> DatasetNotFoundError:
+    if os.path.dirname(path) == FASHION_MNIST_SYSTEM_DIR:
+        fix = 'reinstall the Debian package: sudo apt-get install --reinstall dataset-fashion-mnist'
+    else:
+        fix = ('delete it and run again with --download to fetch the files with torchvision, or install the Debian '
+               'package dataset-fashion-mnist and use its folder')
+    return DatasetNotFoundError(f'Fashion-MNIST file {path} {problem}. Get it again: {fix}.')
+
+
+def _read_idx(path: str, magic: int) -> np.ndarray:
+    """An IDX file of unsigned bytes, gzipped or plain (told apart by its first bytes), as a uint8 array.
+
+    The header is trusted and checked, not a checksum: the magic number, and exactly as many data bytes as
+    its dimensions promise.
+    """
+    kind = 'images' if magic == _IDX_IMAGES else 'labels'
+    try:
+        with open(path, 'rb') as f:
+            zipped = f.read(2) == b'\x1f\x8b'
+            f.seek(0)
+            data = gzip.GzipFile(fileobj=f).read() if zipped else f.read()
+    except (OSError, EOFError, zlib.error) as error:
+        reason = ' '.join(str(error).split()).rstrip('.') or type(error).__name__
+        raise _idx_error(path, f'cannot be read{" as gzip (truncated or damaged?)" if zipped else ""}: {reason}') \
+            from error
+    if len(data) < 4:
+        raise _idx_error(path, f'is truncated: {len(data)} bytes, not even an IDX header')
+    found = struct.unpack('>I', data[:4])[0]
+    if found != magic:
+        raise _idx_error(path, f'is not an IDX file of {kind}: magic number 0x{found:08X}, expected 0x{magic:08X}')
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise _idx_error(path, f'is truncated: {len(data)} bytes, shorter than its {header}-byte IDX header')
+    shape = struct.unpack(f'>{ndim}I', data[4:header])
+    expected = int(np.prod(shape, dtype=np.int64))
+    if len(data) - header != expected:
+        what = 'is truncated' if len(data) - header < expected else 'has trailing bytes'
+        raise _idx_error(path, f'{what}: its header promises {" x ".join(map(str, shape))} = {expected} bytes of '
+                               f'{kind}, the file holds {len(data) - header}')
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
 # --- MedMNIST ---------------------------------------------------------------------------------------------
