@@ -30,7 +30,8 @@ import timm
 
 from speed import RESULTS_DIR, load_average, machine_description, wait_for_quiet
 from timm_gradattn.settings import resolve_train_settings
-from timm_gradattn.engine import create_optimizer, train
+from timm_gradattn.engine import train
+from timm_gradattn.factory import create_optimizer
 from timm_gradattn.cpu import keep_freed_memory
 from timm_gradattn.data import build_datasets
 

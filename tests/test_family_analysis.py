@@ -88,7 +88,7 @@ def test_spatial_attention_is_read_through_the_model_and_sums_to_one(name):
 
 @pytest.mark.parametrize('name', ['resnet20_cbam', 'asnet50_out'])
 def test_spatial_attention_needs_spatial_maps(name):
-    with pytest.raises(TypeError, match="kind 'spatial'.*resnet20_selfatt"):
+    with pytest.raises(TypeError, match="kind 'spatial'.*CNNtention's SelfAtt and MHA"):
         spatial_attention(_create(name), _images())
 
 
@@ -195,5 +195,5 @@ def test_evaluate_writes_the_depth_routing_of_an_as_net(tmp_path):
 
 @pytest.mark.parametrize('name', ['resnet20', 'resnet20_cbam'])
 def test_routing_on_a_cnntention_model_without_attention_maps_is_refused(tmp_path, name):
-    with pytest.raises(UserError, match=f'--routing: {name} exposes no attention maps.*resnet20_selfatt'):
+    with pytest.raises(UserError, match=f'--routing: {name} exposes no attention maps.*CNNtention\'s SelfAtt and MHA'):
         _evaluate(tmp_path, name)

@@ -218,7 +218,7 @@ def _attention_model(model: nn.Module, kind: str) -> nn.Module:
     found = attention_kind(model)
     if found != kind:
         has = 'no attention maps' if found is None else f'attention maps of kind {found!r}'
-        raise TypeError(f'This needs attention maps of kind {kind!r}, as {ATTENTION_MODELS[kind]} has; '
+        raise TypeError(f'This needs attention maps of kind {kind!r} ({ATTENTION_MODELS[kind]}); '
                         f'{type(model).__name__} exposes {has}.')
     return model
 
