@@ -27,7 +27,7 @@ reproduces the paper's Table 1 parameter counts for the AS nets (12.7 M and 16.2
 15.43 M. ResNet-50 matches (23.5 M).
 """
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -145,6 +145,13 @@ def _check_attn_sets(attn_sets: str) -> None:
                          f"the network, 'stage' one per stage, 'block' one per block.")
 
 
+def _check_num_heads(num_heads: int, widths: Sequence[int]) -> None:
+    for width in widths:
+        if num_heads < 1 or width % num_heads:
+            raise ValueError(f'num_heads={num_heads} does not divide the attention width {width} (widths '
+                             f'{widths}); pass a num_heads that divides every width (the paper uses 4).')
+
+
 def _init_attention_weights(model: nn.Module) -> None:
     # The paper gives no initialisation: Kaiming fan-out for convolutions as the ResNet baseline, the
     # transformer convention (truncated normal, std 0.02) for the attention projections.
@@ -195,7 +202,107 @@ class CifarStemResNet(ResNet):
                              for info, reduction in zip(self.feature_info, FEATURE_REDUCTIONS)]
 
 
-class AttentionShortcutNet(nn.Module):
+class AttentionShortcutBase(nn.Module):
+    """The timm surface of the attention-shortcut networks: head, features, intermediates, pruning, attention maps.
+
+    A subclass builds ``stages``, ``feature_info``, ``num_features`` and then the head (``reset_classifier``), and
+    writes ``_forward(x, take_indices, stop_index, weights)``: it runs the stem and the stages before ``stop_index``
+    and returns the last output with the outputs at ``take_indices`` (0 = stem), appending every attention step's
+    softmax weights (B, H, W, heads, n) to ``weights`` when a list is given; and ``_prune_stages(num_stages)``,
+    which keeps the first ``num_stages`` stages and the attention that reads for them.
+    """
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, [], len(self.stages))[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def attention_maps(self, x: torch.Tensor, reduce: bool = True) -> List[torch.Tensor]:
+        """Depth-attention routing: for each attention step, the softmax weights over the outputs it reads.
+
+        A step is a block in the AS-Nets and a stage in AS_stages. Entry t is for step t (0-based) and covers its
+        n = t + 1 memory elements, oldest (the stem output) first. ``reduce=True``: (B, n), averaged over pixels
+        and heads; ``reduce=False``: (B, heads, n, H, W).
+        """
+        weights: List[torch.Tensor] = []
+        self._forward(x, [], len(self.stages), weights)
+        return [w.mean(dim=(1, 2, 3)) if reduce else w.permute(0, 3, 4, 1, 2) for w in weights]
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Outputs of the stem (index 0) and of each stage: in the AS-Nets X_1 and each stage's last X_l, all
+        LayerNormed; in AS_stages the stem and stage outputs as ResNet's, before the attention path's LayerNorm.
+
+        Args:
+            x: Input images.
+            indices: Take the last n points if int, all if None, these indices if a sequence.
+            norm: Unused, kept for the timm interface.
+            stop_early: Stop after the last requested stage.
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return only the intermediates.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; use 'NCHW'.")
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        stop_index = max_index if stop_early else len(self.stages)
+        x, intermediates = self._forward(x, list(take_indices), stop_index)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last requested point, with the attention feeding only them, and then the head,
+        sized for the final output."""
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        if max_index < len(self.stages):
+            self._prune_stages(max_index)
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            prune_head = True
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+class AttentionShortcutNet(AttentionShortcutBase):
     """AS-Net-50 (AS_out and AS_KV): shortcut-free bottlenecks, each reading all earlier outputs by attention.
 
     Forward: ``X_1 = stem(image)``; for every block l, ``g = attention(query X_{l-1}, keys and values of
@@ -255,14 +362,10 @@ class AttentionShortcutNet(nn.Module):
             raise ValueError(
                 f"attn_sets={attn_sets!r} with kv_adapt={kv_adapt!r} needs one output width for every stage, but "
                 f"widths={widths}; use attn_sets='stage' or 'block' with kv_adapt='conv' (the AS_KV reading).")
-        for width in widths:
-            if num_heads < 1 or width % num_heads:
-                raise ValueError(f'num_heads={num_heads} does not divide the attention width {width} (widths '
-                                 f'{widths}); pass a num_heads that divides every width (the paper uses 4).')
+        _check_num_heads(num_heads, widths)
         act_layer = get_act_layer(act_layer)
         norm_layer = get_norm_layer(norm_layer)
 
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.num_heads = num_heads
@@ -306,17 +409,12 @@ class AttentionShortcutNet(nn.Module):
         self.attn_sets = nn.ModuleList([DepthAttention(width, num_heads) for width in set_widths])
 
         self.num_features = widths[-1]
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.reset_classifier(num_classes, global_pool)
         self.init_weights()
 
     @torch.jit.ignore
     def init_weights(self) -> None:
         _init_attention_weights(self)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -329,21 +427,6 @@ class AttentionShortcutNet(nn.Module):
                 (r'^kv_adapters\.(\d+)', (0,)),  # with the stage's first block, whose stride it follows
             ],
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return 'fc' if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def _attend(
             self,
@@ -383,6 +466,8 @@ class AttentionShortcutNet(nn.Module):
             weights: Optional[List[torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run stem and stages up to ``stop_index``: (last output, outputs at ``take_indices``, 0 = stem)."""
+        if weights is not None and self.grad_checkpointing:  # checkpointed steps hand out no weights
+            raise RuntimeError('attention_maps reads the forward pass; call set_grad_checkpointing(False) first.')
         x = self.stem(x)
         intermediates: List[torch.Tensor] = []
         if 0 in take_indices:
@@ -410,81 +495,15 @@ class AttentionShortcutNet(nn.Module):
                     intermediates.append(x)
         return x, intermediates
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x, [], len(self.stages))[0]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    @torch.jit.ignore
-    def attention_maps(self, x: torch.Tensor, reduce: bool = True) -> List[torch.Tensor]:
-        """Depth-attention routing: for each block, the softmax weights over the outputs it reads.
-
-        Entry l is for block l (0-based) and covers its n = l + 1 memory elements, oldest (the stem output)
-        first. ``reduce=True``: (B, n), averaged over pixels and heads; ``reduce=False``: (B, heads, n, H, W).
-        """
-        if self.grad_checkpointing:
-            raise RuntimeError('attention_maps reads the forward pass; call set_grad_checkpointing(False) first.')
-        weights: List[torch.Tensor] = []
-        self._forward(x, [], len(self.stages), weights)
-        return [w.mean(dim=(1, 2, 3)) if reduce else w.permute(0, 3, 4, 1, 2) for w in weights]
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Outputs of the stem (index 0, X_1) and of each stage (its last block's output, after the LayerNorm).
-
-        Args:
-            x: Input images.
-            indices: Take the last n points if int, all if None, these indices if a sequence.
-            norm: Unused (every output is already LayerNormed), kept for the timm interface.
-            stop_early: Stop after the last requested stage.
-            output_fmt: Only 'NCHW'.
-            intermediates_only: Return only the intermediates.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; use 'NCHW'.")
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        stop_index = max_index if stop_early else len(self.stages)
-        x, intermediates = self._forward(x, list(take_indices), stop_index)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages after the last requested point (and then the head, sized for the final output)."""
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        if max_index < len(self.stages):
-            self.stages = self.stages[:max_index]
-            self.kv_adapters = self.kv_adapters[:max_index]
-            num_steps = sum(len(stage) for stage in self.stages)
-            self.set_index = self.set_index[:num_steps]
-            self.attn_sets = self.attn_sets[:max(self.set_index) + 1] if num_steps else nn.ModuleList()
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-            prune_head = True
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
+    def _prune_stages(self, num_stages: int) -> None:
+        self.stages = self.stages[:num_stages]
+        self.kv_adapters = self.kv_adapters[:num_stages]
+        num_steps = sum(len(stage) for stage in self.stages)
+        self.set_index = self.set_index[:num_steps]
+        self.attn_sets = self.attn_sets[:max(self.set_index) + 1] if num_steps else nn.ModuleList()
 
 
-class AttentionShortcutResNet(nn.Module):
+class AttentionShortcutResNet(AttentionShortcutBase):
     """AS_stages-ResNet-50: the CIFAR ResNet-50 kept whole, each stage fed by attention over earlier stages.
 
     Memory elements are the stem output X_1 (64 ch) and the outputs of stages 1-3 (256, 512, 1024 ch). The input
@@ -538,7 +557,6 @@ class AttentionShortcutResNet(nn.Module):
                              "512 and 1024 wide; use attn_sets='stage'.")
         act_layer = get_act_layer(act_layer)
         norm_layer = get_norm_layer(norm_layer)
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
@@ -555,10 +573,7 @@ class AttentionShortcutResNet(nn.Module):
             for i, (info, reduction) in enumerate(zip(stage_info, FEATURE_REDUCTIONS[1:]))]
 
         memory_widths = [info['num_chs'] for info in self.feature_info[:-1]]
-        for width in memory_widths:
-            if num_heads < 1 or width % num_heads:
-                raise ValueError(f'num_heads={num_heads} does not divide the attention width {width} (widths '
-                                 f'{memory_widths}); pass a num_heads that divides every width (the paper uses 4).')
+        _check_num_heads(num_heads, memory_widths)
         self.memory_norms = nn.ModuleList([_layer_norm(width) for width in memory_widths])
         self.attn_sets = nn.ModuleList([DepthAttention(width, num_heads) for width in memory_widths])
         # Before stage s > 0, the cache follows stage s - 1's output to stage s's query width and resolution.
@@ -568,8 +583,7 @@ class AttentionShortcutResNet(nn.Module):
             for s in range(1, len(memory_widths))])
 
         self.num_features = self.feature_info[-1]['num_chs']
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.reset_classifier(num_classes, global_pool)
         self.init_weights(zero_init_last=zero_init_last)
 
     @torch.jit.ignore
@@ -581,10 +595,6 @@ class AttentionShortcutResNet(nn.Module):
                     module.zero_init_last()
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         attention = r'^(?:memory_norms|attn_sets|kv_adapters)\.(\d+)'  # what feeds stage N
         return dict(
@@ -594,21 +604,6 @@ class AttentionShortcutResNet(nn.Module):
                 (attention, (-1,)),  # its own group, just before the stage's first block
             ],
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return 'fc' if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def _forward(
             self,
@@ -642,75 +637,11 @@ class AttentionShortcutResNet(nn.Module):
                     intermediates.append(x)
         return x, intermediates
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x, [], len(self.stages))[0]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    @torch.jit.ignore
-    def attention_maps(self, x: torch.Tensor, reduce: bool = True) -> List[torch.Tensor]:
-        """Depth-attention routing: for each stage, the softmax weights over the outputs it reads.
-
-        Entry s is for stage s (0-based) and covers its n = s + 1 memory elements, the stem output first.
-        ``reduce=True``: (B, n), averaged over pixels and heads; ``reduce=False``: (B, heads, n, H, W).
-        """
-        weights: List[torch.Tensor] = []
-        self._forward(x, [], len(self.stages), weights)
-        return [w.mean(dim=(1, 2, 3)) if reduce else w.permute(0, 3, 4, 1, 2) for w in weights]
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Outputs of the stem (index 0, before its LayerNorm) and of each stage, as ResNet's.
-
-        Args:
-            x: Input images.
-            indices: Take the last n points if int, all if None, these indices if a sequence.
-            norm: Unused, kept for the timm interface.
-            stop_early: Stop after the last requested stage.
-            output_fmt: Only 'NCHW'.
-            intermediates_only: Return only the intermediates.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; use 'NCHW'.")
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        stop_index = max_index if stop_early else len(self.stages)
-        x, intermediates = self._forward(x, list(take_indices), stop_index)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and the attention feeding them) after the last requested point."""
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        if max_index < len(self.stages):
-            self.stages = self.stages[:max_index]
-            self.memory_norms = self.memory_norms[:max_index]
-            self.attn_sets = self.attn_sets[:max_index]
-            self.kv_adapters = self.kv_adapters[:max_index]
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-            prune_head = True
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
+    def _prune_stages(self, num_stages: int) -> None:
+        self.stages = self.stages[:num_stages]
+        self.memory_norms = self.memory_norms[:num_stages]
+        self.attn_sets = self.attn_sets[:num_stages]
+        self.kv_adapters = self.kv_adapters[:num_stages]
 
 
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> CifarStemResNet:
