@@ -48,8 +48,6 @@ ATTN_SETS = ('shared', 'stage', 'block')
 KV_ADAPTS = ('pool', 'conv')
 STEM_NORMS = ('ln', 'bn_relu_ln')
 WIDTH_READINGS = ('all', 'inner')
-PAPER_NAME = 'Introducing attention shortcuts in convolutional neural networks'
-PAPER_ID = None  # Erroz & Galar, AIMS Press, 2025: no DOI or arXiv id known to the project; the card cites it
 FEATURE_REDUCTIONS = (1, 1, 2, 4, 8)  # stem, stages 1-4: a 3x3 stride-1 stem and stage strides 1, 2, 2, 2
 LN_EPS = 1e-5  # nn.LayerNorm's, as the Transformers the paper follows; the paper gives none
 
@@ -665,7 +663,7 @@ def _create_as_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 def _cfg(model_name: str, **kwargs: Any) -> Dict[str, Dict[str, Any]]:
     """The model's pretrained cfgs, one per tag; pool_size is the final map at the tag's input size."""
     return dataset_cfgs(
-        model_name, tags=('cifar10', 'cifar100', 'digits'), paper_ids=PAPER_ID, paper_name=PAPER_NAME,
+        model_name,
         reduction=FEATURE_REDUCTIONS[-1], classifier='fc', fixed_input_size=False, **kwargs)
 
 
