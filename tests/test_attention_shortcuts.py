@@ -360,7 +360,7 @@ def test_bad_options_raise_one_line_errors(name, kwargs, message):
 
 def test_depth_scores_backward_is_the_gradient():
     # The backward recomputes the query from the projected output x and W^Q instead of keeping it.
-    from timm_gradattn.models.attention_shortcuts import _DepthScores, pixel_linear
+    from timm_gradattn.models.depth_attention import _DepthScores, pixel_linear
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 3, 3, dtype=torch.double, generator=gen).to(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -376,7 +376,7 @@ def test_depth_scores_backward_is_the_gradient():
 
 
 def test_depth_mix_backward_is_the_gradient():
-    from timm_gradattn.models.attention_shortcuts import _DepthMix
+    from timm_gradattn.models.depth_attention import _DepthMix
     gen = torch.Generator().manual_seed(0)
     attn = torch.randn(2, 3, 3, 2, 2, dtype=torch.double, generator=gen).softmax(-1).requires_grad_()
     value = torch.randn(2, 3, 3, 2, 4, dtype=torch.double, generator=gen, requires_grad=True)
@@ -386,7 +386,7 @@ def test_depth_mix_backward_is_the_gradient():
 
 @pytest.mark.parametrize('name', ['asnet50_out', 'asnet50_kv'])
 def test_training_gradients_equal_the_plain_formulation(name, monkeypatch):
-    from timm_gradattn.models import attention_shortcuts
+    from timm_gradattn.models import depth_attention
     model = _create(name).train()
     images, targets = _images(), torch.tensor([1, 3])
 
@@ -396,7 +396,7 @@ def test_training_gradients_equal_the_plain_formulation(name, monkeypatch):
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     custom = gradients()
-    monkeypatch.setattr(attention_shortcuts, '_needs_grad', lambda x, cache: False)
+    monkeypatch.setattr(depth_attention, '_needs_grad', lambda x, cache: False)
     plain = gradients()
     for n in plain:
         torch.testing.assert_close(custom[n], plain[n], rtol=1e-4, atol=1e-5, msg=n)

@@ -18,6 +18,8 @@ when an output is new, and cached; a block only ever projects its newest output.
     * ``resnet50_cifar``, ``resnet50_cifar_050``, ``resnet50_cifar_plain`` - the paper's baselines: timm's
       ResNet-50 with the CIFAR stem (3x3 stride 1, no max-pool), at 0.5x width, and without any shortcut
 
+The attention itself, its cache and the cache adapters are in ``depth_attention.py``.
+
 The paper has no public code and leaves several choices open; the defaults are the readings of the spec
 (LayerNorm per pixel over channels, no ReLU after it, no projection biases, the stem output as the first
 memory element, h=4 heads, strides 1-2-2-2 on the 3x3 convs), each an option where cheap. No reading
@@ -25,12 +27,11 @@ reproduces the paper's Table 1 parameter counts for the AS nets (12.7 M and 16.2
 15.43 M. ResNet-50 matches (23.5 M).
 """
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from timm.layers import LayerNorm2d, create_classifier, get_act_layer, get_norm_layer, trunc_normal_
 from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
@@ -38,11 +39,7 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import Bottleneck, ResNet, make_blocks
 
 from ._pretrained import build_with_weights_hint, dataset_cfgs
-
-try:  # newer torch; the older name also answers True under torch.export, and warns about it
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
-except ImportError:
-    from torch.fx._symbolic_trace import is_fx_tracing
+from .depth_attention import DepthAttention, KVConv, KVIdentity, KVPool
 
 __all__ = ['CifarStemResNet', 'PlainBottleneck', 'AttentionShortcutNet', 'AttentionShortcutResNet', 'DepthAttention',
            'ShortcutFreeBottleneck']
@@ -51,12 +48,8 @@ ATTN_SETS = ('shared', 'stage', 'block')
 KV_ADAPTS = ('pool', 'conv')
 STEM_NORMS = ('ln', 'bn_relu_ln')
 WIDTH_READINGS = ('all', 'inner')
-PAPER_NAME = 'Introducing attention shortcuts in convolutional neural networks'
-PAPER_ID = None  # Erroz & Galar, AIMS Press, 2025: no DOI or arXiv id known to the project; the card cites it
 FEATURE_REDUCTIONS = (1, 1, 2, 4, 8)  # stem, stages 1-4: a 3x3 stride-1 stem and stage strides 1, 2, 2, 2
 LN_EPS = 1e-5  # nn.LayerNorm's, as the Transformers the paper follows; the paper gives none
-
-Cache = Tuple[List[torch.Tensor], List[torch.Tensor]]
 
 
 def _layer_norm(num_channels: int) -> nn.Module:
@@ -144,231 +137,17 @@ class Stem(nn.Module):
         return self.norm(self.act(self.bn(self.conv(x))))
 
 
-class _DepthScores(torch.autograd.Function):
-    """Per-head dot products of each pixel's query with each stored key: (B, H, W, heads, n).
-
-    The forward is one batched product per key (a length-``head_dim`` reduction that writes only the scores);
-    the backward is element-wise: ``dq = sum_i ds_i k_i`` accumulated in place and ``dk_i = ds_i q``. Autograd's
-    own backward of that batched product runs ``B*H*W*heads`` tiny matrix products and is slower than the
-    element-wise formulation, whose forward would write a full-size product per key.
-
-    The query is not kept for the backward: it is recomputed there from the projected output ``x``, which the
-    projection keeps anyway, and W^Q (one 1x1 convolution). Keeping it would hold a full-size map per block
-    until the backward: at 32 px about 200 MB of AS_out's peak training memory at batch 64.
-    """
-
-    @staticmethod
-    def forward(ctx, query: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, *keys)
-        ctx.query_shape = query.shape
-        return _batched_scores(query, list(keys))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, *keys = ctx.saved_tensors
-        query = pixel_linear(x, weight).permute(0, 2, 3, 1).reshape(ctx.query_shape)
-        grads = grad.unsqueeze(-1).unbind(-2)
-        grad_query = grads[0] * keys[0]
-        for g, key in zip(grads[1:], keys[1:]):
-            grad_query.addcmul_(g, key)
-        return (grad_query, None, None, *[g * query for g in grads])
-
-
-class _DepthMix(torch.autograd.Function):
-    """Each pixel's weighted sum of the stored values, ``out = sum_i attn_i v_i``: (B, H, W, heads, head_dim).
-
-    The forward accumulates in place, one read of each value; the backward writes ``dv_i = attn_i dout`` and
-    takes ``dattn_i = <dout, v_i>`` as one batched product per value, where autograd's backward of ``addcmul``
-    would write and then sum a full-size product per value.
-    """
-
-    @staticmethod
-    def forward(ctx, attn: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(attn, *values)
-        return _weighted_sum(attn, list(values))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        attn, *values = ctx.saved_tensors
-        weights = attn.unsqueeze(-1).unbind(-2)
-        return (_batched_scores(grad, values), *[w * grad for w in weights])
-
-
-def _weighted_sum(attn: torch.Tensor, values: List[torch.Tensor]) -> torch.Tensor:
-    # unbind, not slicing: each slice's backward would fill a zero tensor of the weights' full size.
-    weights = attn.unsqueeze(-1).unbind(-2)
-    out = weights[0] * values[0]
-    for i in range(1, len(values)):
-        out = torch.addcmul(out, weights[i], values[i])
-    return out
-
-
-def _depth_mix(attn: torch.Tensor, values: List[torch.Tensor]) -> torch.Tensor:
-    """``sum_i attn[..., i] * values[i]`` for weights (B, H, W, heads, n) and n values (B, H, W, heads, head_dim)."""
-    if not torch.jit.is_scripting():
-        if _needs_grad(attn, values):
-            return _DepthMix.apply(attn, *values)
-    return _weighted_sum(attn, values)
-
-
-def _batched_scores(query: torch.Tensor, keys: List[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([torch.matmul(query.unsqueeze(-2), key.unsqueeze(-1)).squeeze(-1) for key in keys], -1)
-
-
-def _depth_scores(
-        query: torch.Tensor,
-        keys: List[torch.Tensor],
-        x: Optional[torch.Tensor] = None,
-        weight: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Scores (B, H, W, heads, n) of ``query`` against each of ``keys`` (all (B, H, W, heads, head_dim)); with
-    the projected output ``x`` and W^Q (``weight``), eager autograd recomputes the query in the backward."""
-    if not torch.jit.is_scripting():
-        if x is not None and weight is not None and _needs_grad(query, keys):
-            return _DepthScores.apply(query, x, weight, *keys)
-    return _batched_scores(query, keys)
-
-
-@torch.jit.unused
-def _needs_grad(x: torch.Tensor, cache: List[torch.Tensor]) -> bool:
-    """Eager autograd: take the custom backwards. Tracing, FX, compile and export see the plain formulations."""
-    if torch.jit.is_tracing() or is_fx_tracing() or torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return False
-    return x.requires_grad or any(t.requires_grad for t in cache)
-
-
-def pixel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The (out, in) matrix ``weight`` applied at every pixel of a (B, in, H, W) map, as a 1x1 convolution."""
-    return F.conv2d(x, weight.unsqueeze(-1).unsqueeze(-1), bias)
-
-
-class PixelLinear(nn.Linear):
-    """``nn.Linear`` applied at every pixel of a (B, in, H, W) map, as a 1x1 convolution: (B, out, H, W).
-
-    The maps read here are LayerNorm2d's outputs, channels-last in memory: a 1x1 convolution runs on them as one
-    matrix product (forward and backward about a quarter faster than ``nn.Linear`` on the permuted view) and
-    returns channels-last, so ``.permute(0, 2, 3, 1)`` of the result is a contiguous (B, H, W, out) tensor.
-    Parameters and their names are nn.Linear's.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pixel_linear(x, self.weight, self.bias)
-
-
-class DepthAttention(nn.Module):
-    """One projection set {W^Q, W^K, W^V, W^O} (Eq. 3.2): per-pixel multi-head attention over stored outputs.
-
-    Cached keys and values are (B, H, W, heads, head_dim) tensors, one per stored output. ``forward`` projects
-    only the newest output ``x`` and returns its key and value for the caller to cache.
-
-    Scores and the weighted sum take one product per stored output (``_depth_scores``, ``_depth_mix``) rather than
-    ``F.scaled_dot_product_attention`` over a stacked cache: with a query length of 1 and at most 16 keys,
-    stacking would copy the whole cache at every block for a kernel with almost no work to amortise it over,
-    and autograd would keep that copy. Here nothing is copied and backward keeps only references to the cached
-    tensors. ``tests/test_attention_shortcuts.py`` checks the result equals the SDPA formulation.
-    """
-
-    def __init__(self, dim: int, num_heads: int = 4):
-        super().__init__()
-        if num_heads < 1 or dim % num_heads:
-            raise ValueError(f'num_heads={num_heads} does not divide the attention width {dim}; '
-                             f'pass a num_heads that divides every width of the model (the paper uses 4).')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = PixelLinear(dim, dim * 3, bias=False)
-        self.proj = PixelLinear(dim, dim, bias=False)
-
-    @torch.jit.export
-    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Query, key and value of one output (B, C, H, W), each (B, H, W, heads, head_dim)."""
-        B, _, H, W = x.shape
-        qkv = self.qkv(x).permute(0, 2, 3, 1)
-        q, k, v = qkv.reshape(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
-        # One copy each, now: the batched products that read them need contiguous heads, and would otherwise
-        # copy a cached key or value again at every later block.
-        return q.contiguous(), k.contiguous(), v.contiguous()
-
-    @torch.jit.export
-    def softmax_weights(
-            self,
-            query: torch.Tensor,
-            keys: List[torch.Tensor],
-            x: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Attention weights (B, H, W, heads, n) of each pixel's query over the n stored keys, oldest first.
-        ``x``, the output the query was projected from, lets training recompute the query instead of keeping it."""
-        weight = None if x is None else self.qkv.weight[:self.num_heads * self.head_dim]
-        return (_depth_scores(query, keys, x, weight) * self.scale).softmax(dim=-1)
-
-    @torch.jit.export
-    def weights(self, x: torch.Tensor, keys: List[torch.Tensor]) -> torch.Tensor:
-        """``softmax_weights`` for the newest output ``x`` over the cache plus ``x`` itself."""
-        query, key, _ = self.project(x)
-        return self.softmax_weights(query, keys + [key], None)
-
-    def forward(
-            self,
-            x: torch.Tensor,
-            keys: List[torch.Tensor],
-            values: List[torch.Tensor],
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(g (B, C, H, W), key of ``x``, value of ``x``): attention from ``x`` over the cache and ``x``."""
-        query, key, value = self.project(x)
-        keys = keys + [key]
-        values = values + [value]
-        out = _depth_mix(self.softmax_weights(query, keys, x), values)
-        g = self.proj(out.flatten(3).permute(0, 3, 1, 2))
-        return g, key, value
-
-
-class KVIdentity(nn.Module):
-    """Cache adapter of a stage that does not change resolution or width: nothing to adapt."""
-
-    def forward(self, keys: List[torch.Tensor], values: List[torch.Tensor]) -> Cache:
-        return keys, values
-
-
-class KVPool(nn.Module):
-    """AS_out's 1x1 pooling with stride 2 on the cached keys and values: keep every other pixel.
-
-    Projections and LayerNorm act per pixel, so this equals projecting the subsampled outputs.
-    """
-
-    def forward(self, keys: List[torch.Tensor], values: List[torch.Tensor]) -> Cache:
-        return [k[:, ::2, ::2] for k in keys], [v[:, ::2, ::2] for v in values]
-
-
-class KVConv(nn.Module):
-    """One 1x1 convolution for every cached key and one for every cached value (AS_KV, AS_stages).
-
-    Shared by all stored outputs at a stage transition and chained across transitions: an output of the first
-    stage passes through every later adapter.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, stride: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.key = nn.Conv2d(in_dim, out_dim, 1, stride=stride, bias=False)
-        self.value = nn.Conv2d(in_dim, out_dim, 1, stride=stride, bias=False)
-
-    def _to_cache(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        return x.permute(0, 2, 3, 1).reshape(B, H, W, self.num_heads, C // self.num_heads)
-
-    def forward(self, keys: List[torch.Tensor], values: List[torch.Tensor]) -> Cache:
-        # A cached (B, H, W, heads, head_dim) tensor is a channels-last map: the permute copies nothing.
-        keys = [self._to_cache(self.key(k.flatten(3).permute(0, 3, 1, 2))) for k in keys]
-        values = [self._to_cache(self.value(v.flatten(3).permute(0, 3, 1, 2))) for v in values]
-        return keys, values
-
-
 def _check_attn_sets(attn_sets: str) -> None:
     if attn_sets not in ATTN_SETS:
         raise ValueError(f"attn_sets={attn_sets!r} is not one of {ATTN_SETS}: 'shared' is one projection set for "
                          f"the network, 'stage' one per stage, 'block' one per block.")
+
+
+def _check_num_heads(num_heads: int, widths: Sequence[int]) -> None:
+    for width in widths:
+        if num_heads < 1 or width % num_heads:
+            raise ValueError(f'num_heads={num_heads} does not divide the attention width {width} (widths '
+                             f'{widths}); pass a num_heads that divides every width (the paper uses 4).')
 
 
 def _init_attention_weights(model: nn.Module) -> None:
@@ -421,7 +200,107 @@ class CifarStemResNet(ResNet):
                              for info, reduction in zip(self.feature_info, FEATURE_REDUCTIONS)]
 
 
-class AttentionShortcutNet(nn.Module):
+class AttentionShortcutBase(nn.Module):
+    """The timm surface of the attention-shortcut networks: head, features, intermediates, pruning, attention maps.
+
+    A subclass builds ``stages``, ``feature_info``, ``num_features`` and then the head (``reset_classifier``), and
+    writes ``_forward(x, take_indices, stop_index, weights)``: it runs the stem and the stages before ``stop_index``
+    and returns the last output with the outputs at ``take_indices`` (0 = stem), appending every attention step's
+    softmax weights (B, H, W, heads, n) to ``weights`` when a list is given; and ``_prune_stages(num_stages)``,
+    which keeps the first ``num_stages`` stages and the attention that reads for them.
+    """
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, [], len(self.stages))[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def attention_maps(self, x: torch.Tensor, reduce: bool = True) -> List[torch.Tensor]:
+        """Depth-attention routing: for each attention step, the softmax weights over the outputs it reads.
+
+        A step is a block in the AS-Nets and a stage in AS_stages. Entry t is for step t (0-based) and covers its
+        n = t + 1 memory elements, oldest (the stem output) first. ``reduce=True``: (B, n), averaged over pixels
+        and heads; ``reduce=False``: (B, heads, n, H, W).
+        """
+        weights: List[torch.Tensor] = []
+        self._forward(x, [], len(self.stages), weights)
+        return [w.mean(dim=(1, 2, 3)) if reduce else w.permute(0, 3, 4, 1, 2) for w in weights]
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Outputs of the stem (index 0) and of each stage: in the AS-Nets X_1 and each stage's last X_l, all
+        LayerNormed; in AS_stages the stem and stage outputs as ResNet's, before the attention path's LayerNorm.
+
+        Args:
+            x: Input images.
+            indices: Take the last n points if int, all if None, these indices if a sequence.
+            norm: Unused, kept for the timm interface.
+            stop_early: Stop after the last requested stage.
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return only the intermediates.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; use 'NCHW'.")
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        stop_index = max_index if stop_early else len(self.stages)
+        x, intermediates = self._forward(x, list(take_indices), stop_index)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last requested point, with the attention feeding only them, and then the head,
+        sized for the final output."""
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        if max_index < len(self.stages):
+            self._prune_stages(max_index)
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            prune_head = True
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+class AttentionShortcutNet(AttentionShortcutBase):
     """AS-Net-50 (AS_out and AS_KV): shortcut-free bottlenecks, each reading all earlier outputs by attention.
 
     Forward: ``X_1 = stem(image)``; for every block l, ``g = attention(query X_{l-1}, keys and values of
@@ -481,14 +360,10 @@ class AttentionShortcutNet(nn.Module):
             raise ValueError(
                 f"attn_sets={attn_sets!r} with kv_adapt={kv_adapt!r} needs one output width for every stage, but "
                 f"widths={widths}; use attn_sets='stage' or 'block' with kv_adapt='conv' (the AS_KV reading).")
-        for width in widths:
-            if num_heads < 1 or width % num_heads:
-                raise ValueError(f'num_heads={num_heads} does not divide the attention width {width} (widths '
-                                 f'{widths}); pass a num_heads that divides every width (the paper uses 4).')
+        _check_num_heads(num_heads, widths)
         act_layer = get_act_layer(act_layer)
         norm_layer = get_norm_layer(norm_layer)
 
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.num_heads = num_heads
@@ -532,17 +407,12 @@ class AttentionShortcutNet(nn.Module):
         self.attn_sets = nn.ModuleList([DepthAttention(width, num_heads) for width in set_widths])
 
         self.num_features = widths[-1]
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.reset_classifier(num_classes, global_pool)
         self.init_weights()
 
     @torch.jit.ignore
     def init_weights(self) -> None:
         _init_attention_weights(self)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -555,21 +425,6 @@ class AttentionShortcutNet(nn.Module):
                 (r'^kv_adapters\.(\d+)', (0,)),  # with the stage's first block, whose stride it follows
             ],
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return 'fc' if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def _attend(
             self,
@@ -609,6 +464,8 @@ class AttentionShortcutNet(nn.Module):
             weights: Optional[List[torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run stem and stages up to ``stop_index``: (last output, outputs at ``take_indices``, 0 = stem)."""
+        if weights is not None and self.grad_checkpointing:  # checkpointed steps hand out no weights
+            raise RuntimeError('attention_maps reads the forward pass; call set_grad_checkpointing(False) first.')
         x = self.stem(x)
         intermediates: List[torch.Tensor] = []
         if 0 in take_indices:
@@ -636,81 +493,15 @@ class AttentionShortcutNet(nn.Module):
                     intermediates.append(x)
         return x, intermediates
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x, [], len(self.stages))[0]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    @torch.jit.ignore
-    def attention_maps(self, x: torch.Tensor, reduce: bool = True) -> List[torch.Tensor]:
-        """Depth-attention routing: for each block, the softmax weights over the outputs it reads.
-
-        Entry l is for block l (0-based) and covers its n = l + 1 memory elements, oldest (the stem output)
-        first. ``reduce=True``: (B, n), averaged over pixels and heads; ``reduce=False``: (B, heads, n, H, W).
-        """
-        if self.grad_checkpointing:
-            raise RuntimeError('attention_maps reads the forward pass; call set_grad_checkpointing(False) first.')
-        weights: List[torch.Tensor] = []
-        self._forward(x, [], len(self.stages), weights)
-        return [w.mean(dim=(1, 2, 3)) if reduce else w.permute(0, 3, 4, 1, 2) for w in weights]
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Outputs of the stem (index 0, X_1) and of each stage (its last block's output, after the LayerNorm).
-
-        Args:
-            x: Input images.
-            indices: Take the last n points if int, all if None, these indices if a sequence.
-            norm: Unused (every output is already LayerNormed), kept for the timm interface.
-            stop_early: Stop after the last requested stage.
-            output_fmt: Only 'NCHW'.
-            intermediates_only: Return only the intermediates.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; use 'NCHW'.")
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        stop_index = max_index if stop_early else len(self.stages)
-        x, intermediates = self._forward(x, list(take_indices), stop_index)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages after the last requested point (and then the head, sized for the final output)."""
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        if max_index < len(self.stages):
-            self.stages = self.stages[:max_index]
-            self.kv_adapters = self.kv_adapters[:max_index]
-            num_steps = sum(len(stage) for stage in self.stages)
-            self.set_index = self.set_index[:num_steps]
-            self.attn_sets = self.attn_sets[:max(self.set_index) + 1] if num_steps else nn.ModuleList()
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-            prune_head = True
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
+    def _prune_stages(self, num_stages: int) -> None:
+        self.stages = self.stages[:num_stages]
+        self.kv_adapters = self.kv_adapters[:num_stages]
+        num_steps = sum(len(stage) for stage in self.stages)
+        self.set_index = self.set_index[:num_steps]
+        self.attn_sets = self.attn_sets[:max(self.set_index) + 1] if num_steps else nn.ModuleList()
 
 
-class AttentionShortcutResNet(nn.Module):
+class AttentionShortcutResNet(AttentionShortcutBase):
     """AS_stages-ResNet-50: the CIFAR ResNet-50 kept whole, each stage fed by attention over earlier stages.
 
     Memory elements are the stem output X_1 (64 ch) and the outputs of stages 1-3 (256, 512, 1024 ch). The input
@@ -764,7 +555,6 @@ class AttentionShortcutResNet(nn.Module):
                              "512 and 1024 wide; use attn_sets='stage'.")
         act_layer = get_act_layer(act_layer)
         norm_layer = get_norm_layer(norm_layer)
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
@@ -781,10 +571,7 @@ class AttentionShortcutResNet(nn.Module):
             for i, (info, reduction) in enumerate(zip(stage_info, FEATURE_REDUCTIONS[1:]))]
 
         memory_widths = [info['num_chs'] for info in self.feature_info[:-1]]
-        for width in memory_widths:
-            if num_heads < 1 or width % num_heads:
-                raise ValueError(f'num_heads={num_heads} does not divide the attention width {width} (widths '
-                                 f'{memory_widths}); pass a num_heads that divides every width (the paper uses 4).')
+        _check_num_heads(num_heads, memory_widths)
         self.memory_norms = nn.ModuleList([_layer_norm(width) for width in memory_widths])
         self.attn_sets = nn.ModuleList([DepthAttention(width, num_heads) for width in memory_widths])
         # Before stage s > 0, the cache follows stage s - 1's output to stage s's query width and resolution.
@@ -794,8 +581,7 @@ class AttentionShortcutResNet(nn.Module):
             for s in range(1, len(memory_widths))])
 
         self.num_features = self.feature_info[-1]['num_chs']
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.reset_classifier(num_classes, global_pool)
         self.init_weights(zero_init_last=zero_init_last)
 
     @torch.jit.ignore
@@ -807,10 +593,6 @@ class AttentionShortcutResNet(nn.Module):
                     module.zero_init_last()
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         attention = r'^(?:memory_norms|attn_sets|kv_adapters)\.(\d+)'  # what feeds stage N
         return dict(
@@ -820,21 +602,6 @@ class AttentionShortcutResNet(nn.Module):
                 (attention, (-1,)),  # its own group, just before the stage's first block
             ],
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return 'fc' if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def _forward(
             self,
@@ -868,75 +635,11 @@ class AttentionShortcutResNet(nn.Module):
                     intermediates.append(x)
         return x, intermediates
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x, [], len(self.stages))[0]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    @torch.jit.ignore
-    def attention_maps(self, x: torch.Tensor, reduce: bool = True) -> List[torch.Tensor]:
-        """Depth-attention routing: for each stage, the softmax weights over the outputs it reads.
-
-        Entry s is for stage s (0-based) and covers its n = s + 1 memory elements, the stem output first.
-        ``reduce=True``: (B, n), averaged over pixels and heads; ``reduce=False``: (B, heads, n, H, W).
-        """
-        weights: List[torch.Tensor] = []
-        self._forward(x, [], len(self.stages), weights)
-        return [w.mean(dim=(1, 2, 3)) if reduce else w.permute(0, 3, 4, 1, 2) for w in weights]
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Outputs of the stem (index 0, before its LayerNorm) and of each stage, as ResNet's.
-
-        Args:
-            x: Input images.
-            indices: Take the last n points if int, all if None, these indices if a sequence.
-            norm: Unused, kept for the timm interface.
-            stop_early: Stop after the last requested stage.
-            output_fmt: Only 'NCHW'.
-            intermediates_only: Return only the intermediates.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; use 'NCHW'.")
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        stop_index = max_index if stop_early else len(self.stages)
-        x, intermediates = self._forward(x, list(take_indices), stop_index)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and the attention feeding them) after the last requested point."""
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        if max_index < len(self.stages):
-            self.stages = self.stages[:max_index]
-            self.memory_norms = self.memory_norms[:max_index]
-            self.attn_sets = self.attn_sets[:max_index]
-            self.kv_adapters = self.kv_adapters[:max_index]
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-            prune_head = True
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
+    def _prune_stages(self, num_stages: int) -> None:
+        self.stages = self.stages[:num_stages]
+        self.memory_norms = self.memory_norms[:num_stages]
+        self.attn_sets = self.attn_sets[:num_stages]
+        self.kv_adapters = self.kv_adapters[:num_stages]
 
 
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> CifarStemResNet:
