@@ -61,7 +61,8 @@ def test_model_flags_reach_create_model_and_the_head():
                                    '0', '--head-init-bias', '0.5', '--grad-checkpointing'])
     info = argparse.Namespace(num_classes=10, in_chans=1, img_size=32)
     model = factory.create_model(args, info)
-    assert model.layer4[-1].drop_path.drop_prob > 0 and model.global_pool.pool_type == 'max' and model.grad_checkpointing
+    assert model.layer4[-1].drop_path.drop_prob > 0 and model.global_pool.pool_type == 'max'
+    assert model.grad_checkpointing
     assert torch.all(model.get_classifier().weight == 0) and torch.all(model.get_classifier().bias == 0.5)
     with pytest.raises(UserError, match="Cannot create 'gradattn_resnet18_rope'.*drop_path_rate"):
         factory.create_model(resolve_train_settings(['--drop-path', '0.1']), info)

@@ -141,9 +141,8 @@ def at_least(minimum: float, kind: Callable = int) -> Callable[[str], float]:
     def parse(text):
         value = _number(text, kind)
         if value < minimum:
-            raise argparse.ArgumentTypeError(
-                f'must {"be at least 1" if minimum == 1 else "not be negative" if minimum == 0 else f"be at least {minimum}"}'
-                f', got {text}')
+            bound = 'not be negative' if minimum == 0 else f'be at least {minimum}'
+            raise argparse.ArgumentTypeError(f'must {bound}, got {text}')
         return value
     parse.__name__ = 'whole number' if kind is int else 'number'  # what argparse names in 'invalid <type> value'
     return parse
@@ -328,7 +327,8 @@ def build_train_parser(add_help: bool = True) -> CommandLineParser:
     group.add_argument('--min-lr', type=at_least(0, float), default=None, help='Lower bound of the learning rate '
                                                                                '(recipe).')
     group.add_argument('--warmup-epochs', type=at_least(0), default=None, help='Linear warm-up epochs (recipe).')
-    group.add_argument('--warmup-lr', type=at_least(0, float), default=1e-5, help='Learning rate the warm-up starts at.')
+    group.add_argument('--warmup-lr', type=at_least(0, float), default=1e-5,
+                       help='Learning rate the warm-up starts at.')
     group.add_argument('--warmup-prefix', action='store_true',
                        help='Count the warm-up before the schedule instead of inside it.')
     group.add_argument('--cooldown-epochs', type=at_least(0), default=0,
