@@ -662,9 +662,8 @@ def _create_as_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 
 def _cfg(model_name: str, **kwargs: Any) -> Dict[str, Dict[str, Any]]:
     """The model's pretrained cfgs, one per tag; pool_size is the final map at the tag's input size."""
-    return dataset_cfgs(
-        model_name,
-        reduction=FEATURE_REDUCTIONS[-1], classifier='fc', fixed_input_size=False, **kwargs)
+    return dataset_cfgs(model_name, reduction=FEATURE_REDUCTIONS[-1], classifier='fc', fixed_input_size=False,
+                        **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
