@@ -14,10 +14,9 @@ from timm.models._features_fx import FeatureGraphNet, create_feature_extractor, 
 from timm.models._manipulate import group_parameters
 from timm.optim import create_optimizer_v2
 from timm_gradattn import DATASETS, MODEL_NAMES
-from timm_gradattn.config import ATTENTION_SHORTCUTS_MODELS
+from timm_gradattn.families import FAMILIES
 from timm_gradattn.models import model_tags
 from timm_gradattn.models.cnntention import ResidualCbam
-from timm_gradattn.models._pretrained import TAGS as GRADATTN_TAGS
 
 GRADATTN_NAMES = ('gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope')
 CNNTENTION_TAGS = ('cifar10', 'mnist', 'digits')
@@ -50,12 +49,12 @@ _GRADATTN = dict(
     feature_channels=(64, 64, 128, 256, 512),
     feature_reductions=(4, 4, 8, 16, 32),  # the first point is after the stem's max-pool
     num_features=256, features_shape=(5, 256),  # one token per extraction point
-    tags=GRADATTN_TAGS, channel_error='in_chans=3', sizes=(28, 32, 64, 96), rgb_sizes=(224,), feature_size=64)
+    tags=FAMILIES['gradattn'].tags, channel_error='in_chans=3', sizes=(28, 32, 64, 96), rgb_sizes=(224,), feature_size=64)
 _RESNET18 = dict(
     feature_channels=(64, 64, 128, 256, 512),
     feature_reductions=(2, 4, 8, 16, 32),  # timm's ResNet reads the stem before its max-pool
     num_features=512, features_shape=(512, 1, 1),
-    tags=GRADATTN_TAGS, channel_error='expected input.* to have 3 channels', sizes=(28, 32, 64, 96),
+    tags=FAMILIES['gradattn'].tags, channel_error='expected input.* to have 3 channels', sizes=(28, 32, 64, 96),
     rgb_sizes=(224,), feature_size=64)
 # CNNtention: counts are those of the authors' reference modules; the stem is not a feature point.
 _RESNET20 = dict(
@@ -194,7 +193,7 @@ def test_default_cfgs_point_at_real_modules(name, make_images):
             assert len(cfg['label_names']) == cfg['num_classes'], tag
         assert cfg['license'] == info.license and cfg['crop_pct'] == 1.0
         # One id or a tuple, the architecture's paper first; the Attention Shortcuts paper has no id known.
-        assert cfg['paper_name'] and (cfg.get('paper_ids') or name in ATTENTION_SHORTCUTS_MODELS), tag
+        assert cfg['paper_name'] and (cfg.get('paper_ids') or name in FAMILIES['attention-shortcuts'].models), tag
         if cfg['pool_size'] is not None:  # the final feature map at the tag's input size, as timm defines it
             model = _create(f'{name}.{tag}', num_classes=info.num_classes).eval()
             with torch.no_grad():

@@ -14,7 +14,7 @@ import torch.nn as nn
 import timm
 import timm_gradattn
 from timm_gradattn import DATASETS, MODEL_NAMES
-from timm_gradattn.config import ATTENTION_SHORTCUTS_MODELS
+from timm_gradattn.families import FAMILIES
 from timm_gradattn.models import model_tags
 from timm_gradattn.models._pretrained import pool_size_at
 
@@ -66,7 +66,7 @@ def test_license_and_papers_are_stated(name, tag):
     paper_ids = cfg.get('paper_ids')
     paper_ids = (paper_ids,) if isinstance(paper_ids, str) else tuple(paper_ids or ())
     # Every family states its paper; an identifier only where one exists (Attention Shortcuts has none known).
-    assert paper_ids or name in ATTENTION_SHORTCUTS_MODELS, 'no paper_ids'
+    assert paper_ids or name in FAMILIES['attention-shortcuts'].models, 'no paper_ids'
     for paper_id in paper_ids:
         assert PAPER_ID.fullmatch(paper_id), \
             f'paper id {paper_id!r} is neither arXiv:NNNN.NNNNN nor doi:10.NNNN/...; a citation belongs in paper_name'
