@@ -7,7 +7,8 @@
   dynamo exporter, runs in onnxruntime with PyTorch's outputs at another batch size than exported.
 - ``torch.export.export`` with a dynamic batch: the exported program computes what eager computes.
 
-Every registered model is checked (families added later join through ``MODEL_NAMES``) at 32 px, batch 2.
+Every registered model is checked (families added later join through ``MODEL_NAMES``) at 32 px, batch 2: one model
+per family by default, the rest of the zoo under the ``zoo`` marker (``tests/tiers.py``).
 """
 import json
 import sys
@@ -23,17 +24,16 @@ from safetensors.torch import save_file
 
 import timm
 from timm.utils.onnx import onnx_export
-from timm_gradattn import DATASETS, MODEL_NAMES
+from timm_gradattn import DATASETS
+from timm_gradattn.families import MODEL_NAMES
 from timm_gradattn.hub import export_hub_folder, place_in_hf_cache
 from timm_gradattn.models import model_tags
+from tiers import REPRESENTATIVES, is_representative, one_per_family
 
 SIZE, BATCH = 32, 2
 CHANNELS = (1, 3)
 HF_ATOL = 1e-5
 ONNX_ATOL = 1e-4
-# The dynamo ONNX exporter takes seconds per model: one model (the one with the most unusual ops: rotary
-# embedding, fused qkv) runs by default, the others are marked slow.
-DYNAMO_DEFAULT_MODEL = 'gradattn_resnet18_rope'
 
 
 def _tag_with_channels(name, chans):
@@ -89,7 +89,7 @@ def _logits(model, images):
 # --- transformers ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('chans', CHANNELS)
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', one_per_family())
 def test_export_config_suits_both_timm_and_transformers(name, chans, exported):
     folder, model = exported(name, chans)
     config = json.loads((folder / 'config.json').read_text())
@@ -103,7 +103,7 @@ def test_export_config_suits_both_timm_and_transformers(name, chans, exported):
 
 
 @pytest.mark.parametrize('chans', CHANNELS)
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', one_per_family())
 def test_transformers_model_gives_timms_logits(name, chans, exported):
     folder, model = exported(name, chans)
     hf_model = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
@@ -124,7 +124,7 @@ def test_transformers_model_gives_timms_logits(name, chans, exported):
 
 
 @pytest.mark.parametrize('chans', CHANNELS)
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', one_per_family())
 def test_transformers_image_processor_is_timms_eval_transform(name, chans, exported):
     folder, model = exported(name, chans)
     processor = transformers.AutoImageProcessor.from_pretrained(folder)
@@ -175,10 +175,25 @@ print(json.dumps(results))
 
 @pytest.fixture(scope='module')
 def offline_results(exported, tmp_path_factory, run_python_json):
-    """Every model's 3-channel export placed in a fresh Hugging Face cache and loaded in one offline interpreter."""
+    """``offline_results(name)``: what loading the model's 3-channel export from the Hugging Face cache offline gave.
+
+    The models of one tier (the families' representatives, or the rest of the zoo) are placed in a fresh cache and
+    loaded in one offline interpreter, when the first of them is asked for.
+    """
+    results = {}
+
+    def get(name):
+        if name not in results:
+            tier = [other for other in MODEL_NAMES if is_representative(other) == is_representative(name)]
+            results.update(_load_offline(tier, exported, tmp_path_factory, run_python_json))
+        return results[name]
+    return get
+
+
+def _load_offline(names, exported, tmp_path_factory, run_python_json):
     root = tmp_path_factory.mktemp('offline')
     cache, reference, repo_ids = root / 'hub', {}, {}
-    for name in MODEL_NAMES:
+    for name in names:
         folder, model = exported(name, 3)
         repo_id = repo_ids[name] = f'offline-test/{name}'
         place_in_hf_cache(folder, repo_id, cache_dir=cache)
@@ -192,9 +207,9 @@ def offline_results(exported, tmp_path_factory, run_python_json):
     return {name: results[repo_id] for name, repo_id in repo_ids.items()}
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', one_per_family())
 def test_transformers_and_timm_load_from_the_hub_cache_offline(name, offline_results):
-    result = offline_results[name]
+    result = offline_results(name)
     assert result['transformers'] <= HF_ATOL, result  # NaN fails here too
     assert result['timm'] == 0, result
     assert result['input_size'][0] == 3, result
@@ -222,19 +237,20 @@ def _check_onnx(name, path, use_dynamo):
     torch.testing.assert_close(_onnxruntime_outputs(path, images), _logits(model, images), atol=ONNX_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', one_per_family())
 def test_onnx_torchscript_export_matches_pytorch_in_onnxruntime(name, tmp_path):
     _check_onnx(name, tmp_path / f'{name}.onnx', use_dynamo=False)
 
 
-# The TorchScript exporter above covers the whole zoo; the dynamo exporter (minutes per ResNet-50-sized model on a
-# CPU) one model of each family.
-@pytest.mark.parametrize('name', (DYNAMO_DEFAULT_MODEL, 'resnet20_mha', pytest.param('asnet50_kv', marks=pytest.mark.slow)))
+# The TorchScript exporter above covers the whole zoo; the dynamo exporter one model of each family, the
+# ResNet-50-sized one (minutes on a CPU) marked slow.
+@pytest.mark.parametrize('name', [pytest.param(name, marks=pytest.mark.slow if family == 'attention-shortcuts' else ())
+                                  for family, name in REPRESENTATIVES.items()])
 def test_onnx_dynamo_export_matches_pytorch_in_onnxruntime(name, tmp_path):
     _check_onnx(name, tmp_path / f'{name}.onnx', use_dynamo=True)
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', one_per_family())
 def test_torch_export_matches_eager(name):
     model = _eval_model(name)
     program = torch.export.export(
@@ -244,6 +260,7 @@ def test_torch_export_matches_eager(name):
         torch.testing.assert_close(program.module()(images), model(images), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # a benchmark run end to end: an ONNX export and timed runs of two models
 def test_speed_benchmark_times_onnxruntime_beside_eager(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
     import speed  # benchmarks/speed.py

@@ -1,4 +1,9 @@
-"""The timm interface of every model in the zoo: sizes, cfgs, heads, features, scripting, tracing, compiling."""
+"""The timm interface of every model in the zoo: sizes, cfgs, heads, features, scripting, tracing, compiling.
+
+The structural checks run for every model by default; scripting, tracing, graph capture, the fx and getter feature
+wrappers and gradient checkpointing run for one model per family by default and for the rest of the zoo under the
+``zoo`` marker (``tests/tiers.py``). Each model is built once per session (the ``zoo_model`` fixture).
+"""
 import re
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -13,16 +18,19 @@ from timm.models._features import FeatureGetterNet, FeatureListNet
 from timm.models._features_fx import FeatureGraphNet, create_feature_extractor, get_graph_node_names
 from timm.models._manipulate import group_parameters
 from timm.optim import create_optimizer_v2
-from timm_gradattn import DATASETS, MODEL_NAMES
-from timm_gradattn.families import FAMILIES
+from timm_gradattn import DATASETS
+from timm_gradattn.families import FAMILIES, MODEL_NAMES
 from timm_gradattn.models import model_tags
 from timm_gradattn.models.cnntention import ResidualCbam
+from tiers import case, is_representative, one_per_family
 
-GRADATTN_NAMES = ('gradattn_resnet18_nope', 'gradattn_resnet18_lpe', 'gradattn_resnet18_rope')
-CNNTENTION_TAGS = ('cifar10', 'mnist', 'digits')
-ATTENTION_SHORTCUTS_NAMES = ('asnet50_out', 'asnet50_kv', 'as_resnet50_stages', 'resnet50_cifar', 'resnet50_cifar_050',
-                             'resnet50_cifar_plain')
-ATTENTION_SHORTCUTS_TAGS = ('cifar10', 'cifar100', 'digits')
+# The GradAttn designs (the family's other two models are timm's SE / CBAM ResNet-18).
+GRADATTN_NAMES = tuple(name for name in FAMILIES['gradattn'].models if name.startswith('gradattn_'))
+GRADATTN_TAGS = FAMILIES['gradattn'].tags
+CNNTENTION_NAMES = FAMILIES['cnntention'].models
+CNNTENTION_TAGS = FAMILIES['cnntention'].tags
+ATTENTION_SHORTCUTS_NAMES = FAMILIES['attention-shortcuts'].models
+ATTENTION_SHORTCUTS_TAGS = FAMILIES['attention-shortcuts'].tags
 
 
 @dataclass(frozen=True)
@@ -108,8 +116,7 @@ def _count(model):
 
 def test_registry_lists_every_model_and_tag():
     assert set(timm.list_models('gradattn_*')) == set(GRADATTN_NAMES)
-    cnntention = {'resnet20', 'resnet20_selfatt', 'resnet20_mha', 'resnet20_cbam'}
-    assert set(timm.list_models(['resnet20', 'resnet20_*'])) == cnntention
+    assert set(timm.list_models(['resnet20', 'resnet20_*'])) == set(CNNTENTION_NAMES)
     assert set(timm.list_models(['asnet50_*', 'as_resnet50_*', 'resnet50_cifar*'])) == set(ATTENTION_SHORTCUTS_NAMES)
     assert sorted(EXPECTED) == sorted(MODEL_NAMES), 'every registered model needs a row in EXPECTED'
     for name in MODEL_NAMES:
@@ -119,12 +126,12 @@ def test_registry_lists_every_model_and_tag():
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
-def test_parameter_count_matches_reference(name):
-    assert _count(_create(name)) == EXPECTED[name].params_3ch
+def test_parameter_count_matches_reference(name, zoo_model):
+    assert _count(zoo_model(name)) == EXPECTED[name].params_3ch
 
 
-def test_cbam_differs_from_the_reference_only_by_its_spatial_gate_batchnorm():
-    model = _create('resnet18_cbam')
+def test_cbam_differs_from_the_reference_only_by_its_spatial_gate_batchnorm(zoo_model):
+    model = zoo_model('resnet18_cbam')
     spatial_norm = [n for n, _ in model.named_parameters() if '.spatial.conv.bn.' in n]
     assert len(spatial_norm) == 2 * 8  # weight and bias, in each of the 8 blocks
     spatial_norm_params = sum(model.get_parameter(n).numel() for n in spatial_norm)
@@ -132,22 +139,22 @@ def test_cbam_differs_from_the_reference_only_by_its_spatial_gate_batchnorm():
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
-def test_parameter_count_with_one_input_channel(name):
-    assert _count(_create(name, in_chans=1)) == EXPECTED[name].params_1ch
+def test_parameter_count_with_one_input_channel(name, zoo_model):
+    assert _count(zoo_model(name, in_chans=1)) == EXPECTED[name].params_1ch
 
 
-@pytest.mark.parametrize('chans', (1, 3))
 @pytest.mark.parametrize('name', MODEL_NAMES)
-def test_output_shape_at_paper_input_sizes(name, chans, make_images):
-    model = _create(name, in_chans=chans).eval()
-    with torch.no_grad():
-        for size in EXPECTED[name].sizes:
-            out = model(make_images(batch=1, chans=chans, size=size))
-            assert out.shape == (1, 10), f'{size} px'
-            assert torch.isfinite(out).all()
-        if chans == 3:  # e.g. PAD-UFES-20's 224 px, once per model
-            for size in EXPECTED[name].rgb_sizes:
-                assert model(make_images(batch=1, chans=3, size=size)).shape == (1, 10), f'{size} px'
+def test_output_shape_at_paper_input_sizes(name, make_images, zoo_model):
+    for chans in (1, 3):
+        model = zoo_model(name, in_chans=chans).eval()
+        with case(f'{chans} channels'), torch.no_grad():
+            for size in EXPECTED[name].sizes:
+                out = model(make_images(batch=1, chans=chans, size=size))
+                assert out.shape == (1, 10), f'{size} px'
+                assert torch.isfinite(out).all()
+            if chans == 3:  # e.g. PAD-UFES-20's 224 px, once per model
+                for size in EXPECTED[name].rgb_sizes:
+                    assert model(make_images(batch=1, chans=3, size=size)).shape == (1, 10), f'{size} px'
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
@@ -174,9 +181,11 @@ def test_backward_reaches_every_parameter(name, make_images):
         assert param.grad.abs().sum() > 0, f'zero gradient for {param_name}'
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
-def test_default_cfgs_point_at_real_modules(name, make_images):
-    state_dict = _create(name).state_dict()
+# test_pretrained_cfgs.py checks these cfgs for every model and tag by default; this second reading of them runs for
+# one model per family, the rest of the zoo under the zoo marker.
+@pytest.mark.parametrize('name', one_per_family())
+def test_default_cfgs_point_at_real_modules(name, make_images, zoo_model):
+    state_dict = zoo_model(name).state_dict()
     for tag in model_tags(name):
         cfg = timm.models.get_pretrained_cfg(f'{name}.{tag}').to_dict()
         info = DATASETS[tag]
@@ -193,7 +202,7 @@ def test_default_cfgs_point_at_real_modules(name, make_images):
             assert len(cfg['label_names']) == cfg['num_classes'], tag
         assert cfg['license'] == info.license and cfg['crop_pct'] == 1.0
         # One id or a tuple, the architecture's paper first; the Attention Shortcuts paper has no id known.
-        assert cfg['paper_name'] and (cfg.get('paper_ids') or name in FAMILIES['attention-shortcuts'].models), tag
+        assert cfg['paper_name'] and (cfg.get('paper_ids') or name in ATTENTION_SHORTCUTS_NAMES), tag
         if cfg['pool_size'] is not None:  # the final feature map at the tag's input size, as timm defines it
             model = _create(f'{name}.{tag}', num_classes=info.num_classes).eval()
             with torch.no_grad():
@@ -216,8 +225,8 @@ def test_tagged_model_takes_classes_and_channels_from_its_cfg(name, tag, make_im
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
-def test_classifier_reset_and_pre_logits(name, make_images):
-    model = _create(name).eval()
+def test_classifier_reset_and_pre_logits(name, make_images, zoo_model):
+    model = zoo_model(name).eval()
     x = make_images(batch=2, size=32)
     assert model.get_classifier() is getattr(model, model.pretrained_cfg['classifier'])
     assert model.num_features == model.head_hidden_size == EXPECTED[name].num_features
@@ -242,8 +251,8 @@ def test_classifier_reset_and_pre_logits(name, make_images):
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
-def test_feature_info_names_the_extraction_points(name):
-    model = _create(name)
+def test_feature_info_names_the_extraction_points(name, zoo_model):
+    model = zoo_model(name)
     info = model.feature_info
     assert [i['num_chs'] for i in info] == list(EXPECTED[name].feature_channels)
     assert [i['reduction'] for i in info] == list(EXPECTED[name].feature_reductions)
@@ -251,8 +260,10 @@ def test_feature_info_names_the_extraction_points(name):
         model.get_submodule(point['module'])  # raises if the module does not exist
 
 
-@pytest.mark.parametrize('feature_cls', (None, 'getter', 'fx'))
-@pytest.mark.parametrize('name', MODEL_NAMES)
+# Every model's own wrapper by default; the getter and fx wrappers for one model per family, the rest under zoo.
+@pytest.mark.parametrize('name, feature_cls', [
+    pytest.param(name, feature_cls, marks=() if feature_cls is None or is_representative(name) else pytest.mark.zoo)
+    for name in MODEL_NAMES for feature_cls in (None, 'getter', 'fx')])
 def test_features_only_matches_feature_info(name, feature_cls, make_images):
     model = timm.create_model(name, features_only=True, feature_cls=feature_cls).eval()
     expected = EXPECTED[name]
@@ -284,8 +295,8 @@ def test_features_only_out_indices(name, out_indices, channels, feature_cls, mak
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
-def test_forward_intermediates_and_pruning(name, make_images):
-    model = _create(name).eval()
+def test_forward_intermediates_and_pruning(name, make_images, zoo_model):
+    model = zoo_model(name).eval()
     x = make_images(batch=1, size=32)
     with torch.no_grad():
         final, intermediates = model.forward_intermediates(x)
@@ -305,8 +316,8 @@ def test_forward_intermediates_and_pruning(name, make_images):
 
 
 @pytest.mark.parametrize('name', GRADATTN_NAMES)
-def test_pruning_only_the_head_keeps_the_token_sequence(name, make_images):
-    model = _create(name).eval()
+def test_pruning_only_the_head_keeps_the_token_sequence(name, make_images, zoo_model):
+    model = zoo_model(name).eval()
     x = make_images(batch=1, size=32)
     with torch.no_grad():
         tokens = model.forward_features(x)
@@ -315,10 +326,10 @@ def test_pruning_only_the_head_keeps_the_token_sequence(name, make_images):
         assert torch.allclose(model(x), tokens, atol=1e-5)
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
-def test_grad_checkpointing_gives_same_outputs_and_gradients(name, make_images):
+@pytest.mark.parametrize('name', one_per_family())
+def test_grad_checkpointing_gives_same_outputs_and_gradients(name, make_images, zoo_model):
     torch.manual_seed(0)
-    model = _create(name).eval()  # eval: no dropout, fixed BN statistics, so the two runs are comparable
+    model = zoo_model(name).eval()  # eval: no dropout, fixed BN statistics, so the two runs are comparable
     x = make_images(batch=1, size=32)
 
     def run():
@@ -336,8 +347,8 @@ def test_grad_checkpointing_gives_same_outputs_and_gradients(name, make_images):
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
-def test_group_matcher_covers_every_parameter(name):
-    model = _create(name)
+def test_group_matcher_covers_every_parameter(name, zoo_model):
+    model = zoo_model(name)
     names = [n for n, _ in model.named_parameters()]
     classifier = model.pretrained_cfg['classifier'] + '.'
     for coarse in (False, True):
@@ -357,8 +368,8 @@ def test_group_matcher_covers_every_parameter(name):
 
 
 @pytest.mark.parametrize('name', GRADATTN_NAMES)
-def test_no_weight_decay_names_only_the_position_embedding(name):
-    model = _create(name)
+def test_no_weight_decay_names_only_the_position_embedding(name, zoo_model):
+    model = zoo_model(name)
     assert model.no_weight_decay() == {'pos_embed'}
     optimizer = create_optimizer_v2(model, 'adam', lr=1e-3, weight_decay=1e-4)
     no_decay = {id(p) for group in optimizer.param_groups if group['weight_decay'] == 0 for p in group['params']}
@@ -370,27 +381,27 @@ def test_no_weight_decay_names_only_the_position_embedding(name):
     assert id(params['token_proj.0.weight']) not in no_decay
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
-def test_torchscript_matches_eager(name, make_images):
-    model = _create(name).eval()
+@pytest.mark.parametrize('name', one_per_family())
+def test_torchscript_matches_eager(name, make_images, zoo_model):
+    model = zoo_model(name).eval()
     scripted = torch.jit.script(model)
     x = make_images(batch=2, size=32)
     with torch.no_grad():
         assert torch.allclose(scripted(x), model(x), atol=1e-5)
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
-def test_fx_symbolic_trace_matches_eager(name, make_images):
-    model = _create(name).eval()
+@pytest.mark.parametrize('name', one_per_family())
+def test_fx_symbolic_trace_matches_eager(name, make_images, zoo_model):
+    model = zoo_model(name).eval()
     traced = torch.fx.symbolic_trace(model)
     x = make_images(batch=2, size=32)
     with torch.no_grad():
         assert torch.allclose(traced(x), model(x), atol=1e-5)
 
 
-@pytest.mark.parametrize('name', GRADATTN_NAMES)
-def test_timm_fx_feature_extractor(name, make_images):
-    model = _create(name).eval()
+@pytest.mark.parametrize('name', one_per_family(GRADATTN_NAMES))
+def test_timm_fx_feature_extractor(name, make_images, zoo_model):
+    model = zoo_model(name).eval()
     _, eval_nodes = get_graph_node_names(model)
     assert any(node.startswith('encoder.') for node in eval_nodes)
     extractor = create_feature_extractor(model, return_nodes={'stages.3': 'stage4', 'head': 'logits'})
@@ -401,19 +412,21 @@ def test_timm_fx_feature_extractor(name, make_images):
         assert torch.allclose(out['logits'], model(x), atol=1e-5)
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
-def test_dynamo_captures_one_graph_without_breaks(name, make_images):
+@pytest.mark.parametrize('name', one_per_family())
+def test_dynamo_captures_one_graph_without_breaks(name, make_images, zoo_model):
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(_create(name).eval())(make_images(batch=2, size=32))
+    explanation = torch._dynamo.explain(zoo_model(name).eval())(make_images(batch=2, size=32))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
 
+# Inductor takes tens of seconds per model on a CPU: slow. The Attention Shortcuts family's compile test is in
+# test_attention_shortcuts.py.
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ('gradattn_resnet18_rope', 'resnet20_mha'))
-def test_torch_compile_fullgraph_matches_eager(name, make_images):
+def test_torch_compile_fullgraph_matches_eager(name, make_images, zoo_model):
     torch._dynamo.reset()
-    model = _create(name).eval()
+    model = zoo_model(name).eval()
     compiled = torch.compile(model, fullgraph=True)
     x = make_images(batch=2, size=32)
     with torch.no_grad():
@@ -433,10 +446,10 @@ def test_unknown_tag_lists_the_known_tags():
 
 
 @pytest.mark.parametrize('name', GRADATTN_NAMES)
-def test_small_inputs_compute_without_an_artificial_minimum(name, make_images):
+def test_small_inputs_compute_without_an_artificial_minimum(name, make_images, zoo_model):
     # With the 7x7/2 stem and max-pool, 8 px reaches stage 2 as 1x1 and 15 px reaches stage 3 as 1x1:
     # stride-2 convolutions (padding 1) keep 1x1 maps, so nothing here fails and nothing is refused.
-    model = _create(name).eval()
+    model = zoo_model(name).eval()
     with torch.no_grad():
         for size in (8, 15):
             logits = model(make_images(batch=2, size=size))
@@ -445,8 +458,8 @@ def test_small_inputs_compute_without_an_artificial_minimum(name, make_images):
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
-def test_wrong_channel_count_is_refused(name, make_images):
-    model = _create(name, in_chans=3).eval()
+def test_wrong_channel_count_is_refused(name, make_images, zoo_model):
+    model = zoo_model(name, in_chans=3).eval()
     # GradAttn checks the input itself; timm's ResNet and the CIFAR ResNets leave it to the stem conv.
     with torch.no_grad(), pytest.raises((AssertionError, RuntimeError), match=EXPECTED[name].channel_error):
         model(make_images(batch=1, chans=1, size=32))

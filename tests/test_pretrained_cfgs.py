@@ -4,6 +4,10 @@ In the manner of timm's own ``tests/test_models.py`` (``test_model_default_cfgs`
 ``test_model_default_cfgs_non_std`` for token-output models such as ViTs), but over all tags rather than the
 default one: the names in the cfg are real modules, ``pool_size`` is the map ``forward_features`` really
 returns at the tag's input size, and the data facts are those of ``timm_gradattn.data.info``.
+
+One test per model loops over its tags. Every model's cfgs, modules and map sizes at every tag are checked by
+default; head removal and the pool-size rule at odd sizes for one model per family, the rest of the zoo under the
+``zoo`` marker (``tests/tiers.py``).
 """
 import re
 
@@ -13,12 +17,13 @@ import torch.nn as nn
 
 import timm
 import timm_gradattn
-from timm_gradattn import DATASETS, MODEL_NAMES
-from timm_gradattn.families import FAMILIES
+from timm_gradattn import DATASETS
+from timm_gradattn.families import FAMILIES, MODEL_NAMES
 from timm_gradattn.models import model_tags
 from timm_gradattn.models._pretrained import pool_size_at
+from tiers import case, one_per_family
 
-MODEL_TAGS = [(name, tag) for name in MODEL_NAMES for tag in model_tags(name)]
+ATTENTION_SHORTCUTS_MODELS = FAMILIES['attention-shortcuts'].models
 # An identifier a tool can resolve (timm writes 'arXiv:2010.11929'), not a citation: an arXiv id or a DOI.
 PAPER_ID = re.compile(r'arXiv:\d{4}\.\d{4,5}(v\d+)?|doi:10\.\d{4,9}/\S+')
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'lanczos', 'box', 'hamming')
@@ -40,8 +45,14 @@ def test_every_model_has_tags():
         assert model_tags(name), f'{name} has no pretrained tags'
 
 
-@pytest.mark.parametrize('name,tag', MODEL_TAGS)
-def test_data_fields_are_the_datasets(name, tag):
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_data_fields_are_the_datasets(name):
+    for tag in model_tags(name):
+        with case(tag):
+            _check_data_fields(name, tag)
+
+
+def _check_data_fields(name, tag):
     cfg = timm.models.get_pretrained_cfg(f'{name}.{tag}').to_dict()
     info = DATASETS[tag]
     assert tuple(cfg['input_size']) == info.input_size
@@ -56,8 +67,14 @@ def test_data_fields_are_the_datasets(name, tag):
     assert cfg['hf_hub_id'] == timm_gradattn.hub_repo_id(name, tag)
 
 
-@pytest.mark.parametrize('name,tag', MODEL_TAGS)
-def test_license_and_papers_are_stated(name, tag):
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_license_and_papers_are_stated(name):
+    for tag in model_tags(name):
+        with case(tag):
+            _check_license_and_papers(name, tag)
+
+
+def _check_license_and_papers(name, tag):
     cfg = timm.models.get_pretrained_cfg(f'{name}.{tag}').to_dict()
     license = cfg['license']
     assert isinstance(license, str) and license == license.strip().lower() and ' ' not in license and license, \
@@ -73,8 +90,14 @@ def test_license_and_papers_are_stated(name, tag):
     assert cfg['paper_name']
 
 
-@pytest.mark.parametrize('name,tag', MODEL_TAGS)
-def test_cfg_names_real_modules_and_the_real_map_size(name, tag):
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_cfg_names_real_modules_and_the_real_map_size(name):
+    for tag in model_tags(name):
+        with case(tag):
+            _check_modules_and_map_size(name, tag)
+
+
+def _check_modules_and_map_size(name, tag):
     model = _tagged_model(name, tag)
     cfg = model.pretrained_cfg
     channels = cfg['input_size'][0]
@@ -101,7 +124,7 @@ def test_cfg_names_real_modules_and_the_real_map_size(name, tag):
         assert cfg['pool_size'] is None
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', one_per_family())
 def test_head_removal_gives_pooled_and_unpooled_features(name):
     model = _tagged_model(name, model_tags(name)[0])
     cfg = model.pretrained_cfg
@@ -118,15 +141,16 @@ def test_head_removal_gives_pooled_and_unpooled_features(name):
             assert tuple(unpooled(images).shape[-2:]) == cfg['pool_size']
 
 
-@pytest.mark.parametrize('size', (15, 28, 33, 65))
-@pytest.mark.parametrize('name', MODEL_NAMES)
-def test_pool_size_rule_holds_at_odd_sizes(name, size):
+@pytest.mark.parametrize('name', one_per_family())
+def test_pool_size_rule_holds_at_odd_sizes(name):
     # pool_size_at (ceil of size over the total stride) against the real map, away from the tags' sizes.
     model = _tagged_model(name, model_tags(name)[0])
     if model.pretrained_cfg['pool_size'] is None:
         pytest.skip(f'{name} outputs tokens; it has no pool_size')
     channels = model.pretrained_cfg['input_size'][0]
-    with torch.no_grad():
-        features = model.forward_features(torch.randn(1, channels, size, size))
     reduction = model.feature_info[-1]['reduction']
-    assert tuple(features.shape[-2:]) == pool_size_at((channels, size, size), reduction)
+    for size in (15, 28, 33, 65):
+        with case(f'{size} px'):
+            with torch.no_grad():
+                features = model.forward_features(torch.randn(1, channels, size, size))
+            assert tuple(features.shape[-2:]) == pool_size_at((channels, size, size), reduction)

@@ -2,7 +2,8 @@
 
 Exports are written with timm's ``save_for_hf``; the Hub is never contacted. Checks that depend on
 environment variables huggingface_hub reads at import time (``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``,
-``HF_ENDPOINT``) and on ``TIMM_GRADATTN_HUB_NAMESPACE`` run in a fresh interpreter.
+``HF_ENDPOINT``) and on ``TIMM_GRADATTN_HUB_NAMESPACE`` run in a fresh interpreter. The per-model checks run for
+one model per family by default and for the rest of the zoo under the ``zoo`` marker (``tests/tiers.py``).
 """
 import os
 import re
@@ -17,22 +18,40 @@ from safetensors.torch import load_file, save_file
 import timm
 import timm_gradattn
 from timm.models import save_for_hf
-from timm_gradattn import MODEL_NAMES, MissingWeightsError
+from timm_gradattn import MissingWeightsError
+from timm_gradattn.families import FAMILIES, MODEL_NAMES
 from timm_gradattn.hub import place_in_hf_cache
+from tiers import one_per_family
 
 SOURCE_TAG = 'cifar10'  # 3 channels, 10 classes
 TEST_NAMESPACE = 'test-lab'  # set through TIMM_GRADATTN_HUB_NAMESPACE in the subprocess checks
 CACHED_MODELS = ('gradattn_resnet18_rope', 'resnet18_cbam')
 
 
+class _Exported(dict):
+    """``name -> value``, exporting the model ``name`` on first use (``export``)."""
+
+    def __init__(self, export, **given):
+        super().__init__(given)
+        self._export = export
+
+    def __missing__(self, name):
+        self._export(name)
+        return self[name]
+
+
 @pytest.fixture(scope='module')
 def exports(tmp_path_factory):
-    """Every model at tag cifar10, with trained-looking BN statistics, exported by timm; plus reference logits."""
+    """Models at tag cifar10, with trained-looking BN statistics, exported by timm; plus reference logits.
+
+    ``exports['folders'|'models'|'reference'][name]`` exports ``name`` on first use, so a run exports only the
+    models its tests read. ``exports['reference_file']()`` writes the images and the logits exported so far.
+    """
     root = tmp_path_factory.mktemp('exports')
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    folders, models, reference = {}, {}, {'images': images}
-    for index, name in enumerate(MODEL_NAMES):
-        torch.manual_seed(index)
+
+    def export(name):
+        torch.manual_seed(MODEL_NAMES.index(name))
         model = timm.create_model(f'{name}.{SOURCE_TAG}')
         with torch.no_grad():
             model.train()(torch.randn(4, 3, 32, 32))  # move BN running statistics off their defaults
@@ -40,8 +59,13 @@ def exports(tmp_path_factory):
             reference[name] = model(images)
         save_for_hf(model, root / name, safe_serialization=True)
         folders[name], models[name] = root / name, model
-    save_file(reference, root / 'reference.safetensors')
-    return dict(root=root, folders=folders, models=models, reference=reference)
+
+    def reference_file():
+        save_file(dict(reference), root / 'reference.safetensors')
+        return root / 'reference.safetensors'
+
+    folders, models, reference = _Exported(export), _Exported(export), _Exported(export, images=images)
+    return dict(root=root, folders=folders, models=models, reference=reference, reference_file=reference_file)
 
 
 def _logits(model, images):
@@ -59,7 +83,7 @@ def _truncated_copy(folder: Path, destination: Path) -> Path:
 
 # --- local folders and files -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', one_per_family())
 def test_local_dir_export_reloads_identically(name, exports):
     folder = exports['folders'][name]
     assert sorted(p.name for p in folder.iterdir()) == ['config.json', 'model.safetensors']
@@ -83,7 +107,7 @@ def test_file_overlay_and_checkpoint_path_reload_identically(name, exports):
     assert torch.equal(_logits(checkpoint, images), expected)
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', one_per_family())
 def test_pretrained_load_adapts_stem_to_one_channel_and_resets_head(name, exports):
     source = exports['models'][name]
     model = timm.create_model(f'local-dir:{exports["folders"][name]}', pretrained=True, in_chans=1, num_classes=5)
@@ -120,7 +144,7 @@ def test_missing_local_folder_is_named_in_the_error(tmp_path):
 
 # --- exports written before the encoder was built from timm's layers ----------------------------------------------
 
-GRADATTN_NAMES = tuple(name for name in MODEL_NAMES if name.startswith('gradattn_'))
+GRADATTN_NAMES = tuple(name for name in FAMILIES['gradattn'].models if name.startswith('gradattn_'))
 
 
 def _earlier_names(state):
@@ -128,7 +152,7 @@ def _earlier_names(state):
     return {re.sub(r'^(encoder\.\d+\.)(?:attn|mlp)\.', r'\1', key): value for key, value in state.items()}
 
 
-@pytest.mark.parametrize('name', GRADATTN_NAMES)
+@pytest.mark.parametrize('name', one_per_family(GRADATTN_NAMES))
 def test_export_under_earlier_names_still_loads(name, exports, tmp_path):
     source = exports['folders'][name]
     state = load_file(source / 'model.safetensors')
@@ -249,7 +273,9 @@ def hub_cache(exports, tmp_path_factory):
 
 
 def _run_hub_checks(run_python_json, exports, hub_cache, **env):
-    code = (HUB_CHECKS.replace('REFERENCE', repr(str(exports['root'] / 'reference.safetensors')))
+    for name in CACHED_MODELS:  # the logits the checks compare with
+        exports['reference'][name]
+    code = (HUB_CHECKS.replace('REFERENCE', repr(str(exports['reference_file']())))
             .replace('CACHED_MODELS', repr(CACHED_MODELS)).replace('NAMESPACE', repr(TEST_NAMESPACE)))
     return run_python_json(code, env=dict(
         HF_HUB_CACHE=str(hub_cache), TIMM_GRADATTN_HUB_NAMESPACE=TEST_NAMESPACE, HF_HUB_DISABLE_TELEMETRY='1', **env))
@@ -267,7 +293,8 @@ def unreachable_results(run_python_json, exports, hub_cache):
                            HF_ENDPOINT='http://127.0.0.1:9')
 
 
-@pytest.mark.parametrize('results', ('offline_results', 'unreachable_results'))
+# The unreachable-Hub variant builds a second cache in a fresh interpreter: the slow tier.
+@pytest.mark.parametrize('results', ('offline_results', pytest.param('unreachable_results', marks=pytest.mark.slow)))
 def test_cached_weights_load_by_tag_and_hf_hub_prefix(results, request):
     results = request.getfixturevalue(results)
     for key in (*CACHED_MODELS, 'hf_hub_prefix'):
@@ -277,7 +304,7 @@ def test_cached_weights_load_by_tag_and_hf_hub_prefix(results, request):
 
 @pytest.mark.parametrize('results, reason', (
     ('offline_results', 'HF_HUB_OFFLINE is set'),
-    ('unreachable_results', 'the Hugging Face Hub cannot be reached'),
+    pytest.param('unreachable_results', 'the Hugging Face Hub cannot be reached', marks=pytest.mark.slow),
 ))
 def test_missing_weights_error_names_repo_reason_and_remedies(results, reason, request):
     results = request.getfixturevalue(results)
