@@ -7,7 +7,8 @@ import torch
 
 from data_fixtures import label_value, write_image, write_image_folder
 from timm_gradattn.data import (
-    DatasetNotFoundError, UnreadableImageError, build_datasets, check_image_folder)
+    DatasetNotFoundError, ImageFileDataset, UnreadableImageError, build_datasets, check_image_folder, folder,
+    loader_workers, sample_geometry)
 from timm_gradattn.data.datasets import split_lengths
 from timm_gradattn.data.info import IMAGENET_MEAN
 
@@ -30,7 +31,8 @@ def test_flat_folder_is_split_70_15_15_reproducibly(tmp_path):
     assert list(splits.sizes().values()) == split_lengths(24, (0.7, 0.15, 0.15))
     info = splits.info
     assert (info.name, info.num_classes, info.label_names) == ('folder', 3, ('cat', 'dog', 'emu'))
-    assert info.input_size == (3, 224, 224) and info.mean == IMAGENET_MEAN and info.train_augment == 'folder'
+    # The images' own channels and size (32 px RGB), read from their headers.
+    assert info.input_size == (3, 32, 32) and info.mean == IMAGENET_MEAN and info.train_augment == 'folder'
     assert_labels_match_images(splits.val, info)
     assert_labels_match_images(splits.test, info)
 
@@ -73,11 +75,12 @@ def test_unreadable_image_is_named_on_load(tmp_path):
     write_image_folder(str(tmp_path), classes=2, per_class=4)
     bad = tmp_path / 'class_1' / 'broken.png'
     bad.write_bytes(b'this is not a png file')
-    splits = build_datasets('folder', str(tmp_path))  # a damaged file that is not empty passes the quick check
+    # A damaged file that is not empty passes the quick check; reading the folder's headers (or decoding a small
+    # folder once) names it, and so does a dataset that decodes it later.
     with pytest.raises(UnreadableImageError, match='broken.png'):
-        for dataset in (splits.train, splits.val, splits.test):
-            for index in range(len(dataset)):
-                dataset[index]
+        build_datasets('folder', str(tmp_path))
+    with pytest.raises(UnreadableImageError, match='broken.png'):
+        ImageFileDataset([(str(bad), 1)])[0]
     with pytest.raises(ValueError, match='broken.png'):
         check_image_folder(str(tmp_path), verify=True)
 
@@ -142,3 +145,85 @@ def test_splits_batch_and_pickle_for_worker_processes(tmp_path):
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
     copy = pickle.loads(pickle.dumps(splits.val))  # spawn-started DataLoader workers receive a pickled copy
     assert torch.equal(copy[0][0], splits.val[0][0]) and copy[0][1] == splits.val[0][1]
+
+
+# --- The images set the default input; small folders are decoded once -------------------------------------------
+def write_sized_folder(root, sizes, mode='RGB', per_class=6):
+    """Two classes of label-coded images, the i-th image of each class ``sizes[i % len(sizes)]`` (w, h)."""
+    from PIL import Image
+    for label in range(2):
+        for i in range(per_class):
+            width, height = sizes[i % len(sizes)]
+            path = os.path.join(root, f'class_{label}', f'{i:03d}.png')
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            color = {'L': label_value(label), 'LA': (label_value(label), 255)}.get(mode, (label_value(label),) * 3)
+            Image.new(mode, (width, height), color=color).save(path)
+    return str(root)
+
+
+@pytest.mark.parametrize('sizes, mode, expected', (
+    (((20, 20),), 'L', (1, 32, 32)),                              # digits-like: grey, raised to the 32 px floor
+    (((64, 48), (64, 48), (80, 60)), 'RGB', (3, 64, 64)),        # the median longer side
+    (((640, 480),), 'RGB', (3, 224, 224)),                       # photos: capped at timm's 224
+    (((40, 40),), 'LA', (1, 40, 40)),                            # grey with alpha is still grey
+))
+def test_folder_input_size_comes_from_its_images(tmp_path, sizes, mode, expected):
+    root = write_sized_folder(tmp_path / 'images', sizes, mode=mode)
+    splits = build_datasets('folder', root)
+    assert splits.info.input_size == expected
+    assert splits.train[0][0].shape == expected  # what the model is fed
+    kind = 'greyscale' if expected[0] == 1 else 'colour'
+    assert f'{kind}, ' in splits.notes[0] and f'read as {expected[0]}x{expected[1]}x{expected[2]}' in splits.notes[0]
+
+
+def test_flags_override_the_size_the_images_suggest(tmp_path):
+    root = write_sized_folder(tmp_path / 'images', [(20, 20)], mode='L')
+    assert build_datasets('folder', root, img_size=24, in_chans=3).info.input_size == (3, 24, 24)
+    assert build_datasets('folder', root, img_size=48).info.input_size == (1, 48, 48)
+
+
+def test_a_mix_of_grey_and_colour_images_is_read_as_colour(tmp_path):
+    root = write_sized_folder(tmp_path / 'images', [(32, 32)], mode='L')
+    write_image(os.path.join(root, 'class_0', 'colour.png'), size=32)
+    assert sample_geometry(sorted(str(p) for p in (tmp_path / 'images').rglob('*.png'))).in_chans == 3
+
+
+def test_small_folders_are_decoded_once_and_serve_the_same_images(tmp_path, monkeypatch):
+    root = write_image_folder(str(tmp_path / 'images'), classes=2, per_class=6, size=16)
+    preloaded = build_datasets('folder', root)
+    assert preloaded.train.base.in_memory and 'decoded once into memory' in preloaded.notes[-1]
+    monkeypatch.setattr(folder, 'PRELOAD_BYTES', 100)  # now too large to hold
+    from_disk = build_datasets('folder', root)
+    assert not from_disk.train.base.in_memory and len(from_disk.notes) == 1
+    for split in ('train', 'val', 'test'):
+        for index in range(len(getattr(preloaded, split))):
+            assert torch.equal(getattr(preloaded, split)[index][0], getattr(from_disk, split)[index][0])
+    # Loader workers: none for images in memory (they would compete with torch's threads), 2 for files, or as given.
+    assert loader_workers(None, preloaded.val, preloaded.test) == 0
+    assert loader_workers(None, from_disk.val) == 2 and loader_workers(3, preloaded.val) == 3
+
+
+def test_an_unreadable_sampled_header_names_the_file(tmp_path):
+    bad = tmp_path / 'broken.png'
+    bad.write_bytes(b'not an image')
+    with pytest.raises(UnreadableImageError, match='broken.png'):
+        sample_geometry([str(bad)])
+
+
+def test_train_settings_leave_a_folders_size_and_workers_to_its_images(tmp_path):
+    from timm_gradattn import factory
+    from timm_gradattn.settings import resolve_train_settings
+    root = write_sized_folder(tmp_path / 'images', [(20, 20)], mode='L')
+    args = resolve_train_settings(['--data-dir', root])
+    assert (args.img_size, args.in_chans, args.workers) == (None, None, None)
+    data = factory.load_data(args)
+    assert data.info.input_size == (1, 32, 32) and args.workers == 0  # 12 images of 20x20: held in memory
+    # Flags win; so do --pretrained weights' cfg (here a local-dir export's config.json, trained at 3x48x48).
+    assert factory.load_data(resolve_train_settings(['--data-dir', root, '--img-size', '40'])).info.input_size == (
+        1, 40, 40)
+    export = tmp_path / 'export'
+    export.mkdir()
+    (export / 'config.json').write_text('{"architecture": "resnet20", "pretrained_cfg": {"input_size": [3, 48, 48]}}')
+    args = resolve_train_settings(['--data-dir', root, '--model', f'local-dir:{export}', '--pretrained'])
+    assert factory.load_data(args).info.input_size == (3, 48, 48)
+    assert factory.pretrained_input_size('resnet20.mnist') == (1, 28, 28)  # a registry tag's cfg

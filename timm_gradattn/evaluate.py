@@ -40,7 +40,7 @@ from .analysis import (
 )
 from .checkpoint import load_weights
 from .cli import run_entry_point
-from .data import DATASETS, DatasetInfo, build_datasets
+from .data import DATASETS, DatasetInfo, build_datasets, loader_workers
 from .errors import UserError
 from .metrics import METRIC_KEYS, evaluate_logits, predict
 from .plots import (
@@ -139,7 +139,8 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
         mean=list(overrides.get('mean') or info.mean), std=list(overrides.get('std') or info.std))
     label_names = list(info.label_names or (getattr(model, 'pretrained_cfg', {}) or {}).get('label_names') or
                        [str(i) for i in range(info.num_classes)])
-    loading = args  # batch size and workers: the dataset's defaults, filled in with the settings
+    loading = argparse.Namespace(  # batch size and workers: the dataset's defaults, filled in with the settings
+        batch_size=args.batch_size, workers=loader_workers(args.workers, dataset))
     loader = DataLoader(dataset, batch_size=loading.batch_size, shuffle=False, num_workers=loading.workers,
                         pin_memory=accelerator.device.type == 'cuda')
     model, loader = accelerator.prepare(model, loader)

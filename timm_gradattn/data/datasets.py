@@ -39,6 +39,7 @@ class RawSplits:
     test: Optional[Dataset] = None
     groups: Optional[Sequence] = None
     info: Optional[DatasetInfo] = None  # filled in by adapters that learn facts from the files
+    notes: Tuple[str, ...] = ()          # what the adapter learnt or did that a user should hear, one line each
 
 
 @dataclass
@@ -48,9 +49,18 @@ class DataSplits:
     val: Dataset
     test: Dataset
     protocol: str = 'paper'
+    notes: Tuple[str, ...] = ()  # the adapter's lines for the user (e.g. the input size an image folder suggests)
 
     def sizes(self) -> Dict[str, int]:
         return {'train': len(self.train), 'val': len(self.val), 'test': len(self.test)}
+
+
+def loader_workers(workers: Optional[int], *splits: Dataset) -> int:
+    """``workers`` if given, else 0 for splits whose images are held decoded in memory (worker processes would only
+    compete with torch's threads for the cores), else 2."""
+    if workers is not None:
+        return workers
+    return 0 if all(getattr(getattr(split, 'base', split), 'in_memory', False) for split in splits) else 2
 
 
 class ArrayImageDataset(Dataset):
@@ -209,7 +219,7 @@ def build_datasets(
                 test, test_idx = train, idx
 
     splits = DataSplits(
-        info=info, protocol=protocol,
+        info=info, protocol=protocol, notes=raw.notes,
         train=TransformedDataset(train, train_idx, build_transform(info, train=True)),
         val=TransformedDataset(val, val_idx, build_transform(info, train=False)),
         test=TransformedDataset(test, test_idx, build_transform(info, train=False)))

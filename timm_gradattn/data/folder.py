@@ -4,9 +4,15 @@ A folder dataset is one sub-folder per class, either directly in ``data_dir`` (s
 seeded) or inside ``train/``, ``val/`` and an optional ``test/`` (missing splits are carved from train).
 File discovery uses timm's folder reader; loading goes through ``load_image``, which names the file
 that cannot be decoded instead of skipping it (timm's ImageDataset skips bad files with a warning).
+
+The images themselves set a folder's default input: a sample of headers (``sample_geometry``) gives the channels
+(1 when every sampled image is greyscale) and the side (the median longer side, kept within 32-224 px), which
+``--input-size`` / ``--in-chans`` / ``--img-size`` override. A folder whose decoded pixels fit in
+``PRELOAD_BYTES`` is decoded once, when the dataset is built, instead of in every epoch.
 """
 import logging
 import os
+import statistics
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,12 +27,19 @@ from .datasets import DatasetNotFoundError, RawSplits, register_adapter
 from .info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
 
 __all__ = ['UnreadableImageError', 'load_image', 'ImageFileDataset', 'FolderSummary', 'check_image_folder',
-           'SPLIT_FOLDERS']
+           'ImageGeometry', 'sample_geometry', 'SPLIT_FOLDERS', 'FIT_SIZES', 'PRELOAD_BYTES']
 
 _logger = logging.getLogger(__name__)
 
 # Sub-folder names recognised as a split, in order of preference.
 SPLIT_FOLDERS = {'train': ('train', 'training'), 'val': ('val', 'valid', 'validation'), 'test': ('test', 'testing')}
+# A folder's default side, from its images: at least the zoo's smallest paper input (28-32 px; below 32 px a
+# ResNet-18's last stage is already 1x1), at most timm's usual 224 px.
+FIT_SIZES = (32, 224)
+# PIL modes without colour: a folder whose sampled images all have one of these is read as 1 channel.
+GREY_MODES = frozenset(('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'))
+# Folders whose decoded RGB pixels take at most this much memory are decoded once rather than every epoch.
+PRELOAD_BYTES = 512 * 2 ** 20
 
 
 class UnreadableImageError(UserError, OSError):
@@ -45,17 +58,84 @@ def load_image(path: str) -> Image.Image:
 
 
 class ImageFileDataset(Dataset):
-    """(RGB PIL image, class index) for a list of (path, class index) samples."""
+    """(RGB PIL image, class index) for a list of (path, class index) samples; ``preload()`` decodes them once."""
 
     def __init__(self, samples: Sequence[Tuple[str, int]]):
         self.samples = [(str(path), int(target)) for path, target in samples]
+        self._images: Optional[List[Image.Image]] = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
         path, target = self.samples[index]
-        return load_image(path), target
+        return (self._images[index] if self._images is not None else load_image(path)), target
+
+    @property
+    def in_memory(self) -> bool:
+        return self._images is not None
+
+    def preload(self) -> None:
+        """Decode every image now and serve the decoded images from then on (transforms copy, never edit them).
+
+        Raises:
+            UnreadableImageError: naming every file that cannot be decoded (up to 5, and how many in all).
+        """
+        images, broken = [], []
+        for path, _ in self.samples:
+            try:
+                images.append(load_image(path))
+            except UnreadableImageError:
+                broken.append(path)
+        if broken:
+            raise UnreadableImageError(f'{len(broken)} image file(s) cannot be read: {_examples(broken)}. '
+                                       f'Replace or delete them.')
+        self._images = images
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """What the headers of a sample of image files say: colour or grey, and the median width and height."""
+    sampled: int
+    grey: bool
+    width: int
+    height: int
+
+    @property
+    def in_chans(self) -> int:
+        return 1 if self.grey else 3
+
+    @property
+    def img_size(self) -> int:
+        """The side a model sees by default: the median longer side, kept within ``FIT_SIZES``."""
+        low, high = FIT_SIZES
+        return min(high, max(low, self.width, self.height))
+
+    def describe(self) -> str:
+        kind = 'greyscale' if self.grey else 'colour'
+        return f'{kind}, {self.width}x{self.height} px (median of {self.sampled} sampled)'
+
+
+def sample_geometry(paths: Sequence[str], samples: int = 64) -> ImageGeometry:
+    """Read the headers (not the pixels) of up to ``samples`` files spread evenly over ``paths``.
+
+    Raises:
+        UnreadableImageError: a sampled file is not an image PIL can open.
+    """
+    if not paths:
+        raise ValueError('sample_geometry needs at least one image path.')
+    chosen = [paths[i * len(paths) // min(samples, len(paths))] for i in range(min(samples, len(paths)))]
+    modes, widths, heights = [], [], []
+    for path in chosen:
+        try:
+            with Image.open(path) as image:
+                modes.append(image.mode)
+                widths.append(image.width)
+                heights.append(image.height)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise UnreadableImageError(f'Cannot read image {path}: {error}. Replace or delete the file.') from error
+    return ImageGeometry(sampled=len(chosen), grey=all(mode in GREY_MODES for mode in modes),
+                         width=int(statistics.median_low(widths)), height=int(statistics.median_low(heights)))
 
 
 @dataclass
@@ -196,8 +276,20 @@ def load_image_folder(info: Optional[DatasetInfo], data_dir: Optional[str], down
                 f'Class folder(s) {unknown} in {summary.root} have no counterpart in {train_summary.root} '
                 f'(classes there: {classes}). Every class must have training images.')
         splits[split] = _image_folder_split(summary, class_to_idx)
+    geometry = sample_geometry([path for path, _ in splits['train'].samples])
+    size = geometry.img_size
+    notes = [f'Image folder {root}: {geometry.describe()}; read as {geometry.in_chans}x{size}x{size} unless '
+             f'--input-size (or --in-chans / --img-size) says otherwise.']
+    images = sum(len(split) for split in splits.values())
+    pixel_bytes = images * geometry.width * geometry.height * 3
+    if pixel_bytes <= PRELOAD_BYTES:
+        for split in splits.values():
+            split.preload()
+        notes.append(f'Image folder {root}: {images:,} images decoded once into memory '
+                     f'({pixel_bytes / 2 ** 20:.0f} MB) rather than in every epoch.')
     folder_info = DatasetInfo(
-        name='folder', title=os.path.basename(root) or root, num_classes=len(classes), input_size=(3, 224, 224),
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, label_names=tuple(classes), license='unknown', homepage='',
-        train_augment='folder')
-    return RawSplits(train=splits['train'], val=splits.get('val'), test=splits.get('test'), info=folder_info)
+        name='folder', title=os.path.basename(root) or root, num_classes=len(classes),
+        input_size=(geometry.in_chans, size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        label_names=tuple(classes), license='unknown', homepage='', train_augment='folder')
+    return RawSplits(train=splits['train'], val=splits.get('val'), test=splits.get('test'), info=folder_info,
+                     notes=tuple(notes))
