@@ -11,7 +11,8 @@ engine's ``create_optimizer``), loss and batch size on one fixed batch of the in
 first epoch and after every epoch, so that each epoch is compared with the bare step measured just before and
 just after it. Efficiency =
 pipeline / bare; the data-only figure (iterating the training loader without a model) shows how much of the
-gap is input work.
+gap is input work. A second, plain run of the same settings gives each epoch's overhead: (epoch wall time -
+training loop) / epoch wall time, the share spent validating, saving and logging (target: at most 10 %).
 """
 import argparse
 import json
@@ -85,6 +86,7 @@ def run_pipeline(args: argparse.Namespace, bare_img_s: Callable[[], float]) -> D
     bare = [bare_img_s()]
 
     def record(row: Dict) -> None:
+        row['wait_for_checkpoint']()  # the bare step is timed alone, not beside the checkpoint's writes
         bare.append(bare_img_s())
         images = row['train_images']
         epochs.append(dict(epoch=row['epoch'], images=images, seconds=round(row['train_loop_s'], 3),
@@ -96,6 +98,24 @@ def run_pipeline(args: argparse.Namespace, bare_img_s: Callable[[], float]) -> D
     results = train(args, on_epoch_end=record)
     seconds = time.perf_counter() - start
     return dict(epochs=epochs, bare_img_s=bare, engine_seconds=round(seconds, 2), test_top1=results.get('top1'))
+
+
+def run_overhead(args: argparse.Namespace) -> Dict:
+    """A plain run (nothing timed between its epochs, as a user's run): each epoch's wall time against its
+    training loop. Overhead = (epoch wall time - training loop) / epoch wall time: validation, best-weights and
+    checkpoint writes, logging; a checkpoint written on the writer thread counts where it slows the next loop."""
+    epochs: List[Dict] = []
+
+    def record(row: Dict) -> None:
+        wall, loop = row['epoch_wall_s'], row['train_loop_s']
+        epochs.append(dict(epoch=row['epoch'], wall_s=round(wall, 3), train_loop_s=round(loop, 3),
+                           validate_s=round(row['validate_s'], 3), checkpoint_s=round(row['checkpoint_s'], 3),
+                           overhead=(wall - loop) / wall))
+
+    start = time.perf_counter()
+    train(args.replace(experiment='overhead'), on_epoch_end=record)
+    return dict(epochs=epochs, engine_seconds=round(time.perf_counter() - start, 2),
+                overhead=statistics.median(e['overhead'] for e in epochs[1:]))
 
 
 def report(result: Dict) -> str:
@@ -133,6 +153,23 @@ def report(result: Dict) -> str:
         lines.append(f"| {e['epoch']} | {e['images']} | {e['seconds']:.2f} | {e['img_s']:.1f} | "
                      f"{e['bare_img_s']:.1f} | {100 * e['efficiency']:.1f} % | {e.get('predict_s', 0):.2f} | "
                      f"{e.get('save_training_state_s', 0):.2f} |")
+    overhead = result.get('overhead')
+    if overhead:
+        lines += [
+            '',
+            '## Time off the training loop',
+            '',
+            f"A second, plain run of the same settings (nothing timed between its epochs): **overhead "
+            f"{100 * overhead['overhead']:.1f} %** (median over epochs 2-{len(overhead['epochs'])} of (epoch wall "
+            f"time - training loop) / epoch wall time; target at most 10 %). Checkpoints are taken in the epoch "
+            f"(`checkpoint s`) and written on a thread of their own beside the next epoch's training.",
+            '',
+            '| epoch | wall s | training loop s | evaluation s | checkpoint s | overhead |',
+            '|---|---|---|---|---|---|',
+        ]
+        for e in overhead['epochs']:
+            lines.append(f"| {e['epoch']} | {e['wall_s']:.2f} | {e['train_loop_s']:.2f} | {e['validate_s']:.2f} | "
+                         f"{e['checkpoint_s']:.2f} | {100 * e['overhead']:.1f} % |")
     return '\n'.join(lines) + '\n'
 
 
@@ -170,6 +207,7 @@ def main(argv=None) -> None:
         started = time.time()
         bare_img_s = bare_step_timer(args, info, own.warmup, own.repeats)
         pipeline = run_pipeline(args, bare_img_s)
+        overhead = run_overhead(args)
         data_only = data_only_images_per_s(args, data, epochs=3)
         load_after = load_average()
 
@@ -182,7 +220,8 @@ def main(argv=None) -> None:
         warmup=own.warmup, repeats=own.repeats,
         pipeline_img_s=statistics.median(e['img_s'] for e in measured), data_only_img_s=data_only,
         efficiency=statistics.median(e['efficiency'] for e in measured),
-        data_share=statistics.median(e['bare_img_s'] for e in measured) / data_only, pipeline=pipeline)
+        data_share=statistics.median(e['bare_img_s'] for e in measured) / data_only, pipeline=pipeline,
+        overhead=overhead)
     own.out.mkdir(parents=True, exist_ok=True)
     (own.out / f'{own.name}.json').write_text(json.dumps(result, indent=2))
     text = report(result)

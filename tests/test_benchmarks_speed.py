@@ -58,6 +58,12 @@ def test_pipeline_speed_compares_each_epoch_with_the_bare_step(tmp_path):
     assert result['efficiency'] == pytest.approx(epochs[1]['img_s'] / epochs[1]['bare_img_s'])
     assert result['batch_size'] == 32 and result['fused_opt'] is False and result['opt'] == 'adam'
     assert 'Pipeline efficiency' in (tmp_path / 'p.md').read_text()
+    # The plain run: each epoch's wall time covers its training loop; overhead = the share outside it.
+    plain = result['overhead']['epochs']
+    assert [e['epoch'] for e in plain] == [1, 2] and all(e['wall_s'] >= e['train_loop_s'] > 0 for e in plain)
+    assert result['overhead']['overhead'] == pytest.approx(plain[1]['overhead'])
+    assert 0 <= plain[1]['overhead'] == pytest.approx(1 - plain[1]['train_loop_s'] / plain[1]['wall_s'], abs=2e-3)
+    assert 'Time off the training loop' in (tmp_path / 'p.md').read_text()
 
 
 def test_pipeline_speed_needs_two_epochs(tmp_path, capsys):

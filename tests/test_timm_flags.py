@@ -13,7 +13,7 @@ import yaml
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
-from timm_gradattn import factory
+from timm_gradattn import factory, precision
 from timm_gradattn.errors import UserError
 from timm_gradattn.settings import resolve_train_settings
 
@@ -68,9 +68,13 @@ def test_model_flags_reach_create_model_and_the_head():
         factory.create_model(resolve_train_settings(['--drop-path', '0.1']), info)
 
 
-def test_mixed_precision_precedence(monkeypatch, tmp_path):
+@pytest.mark.parametrize('native', (None, 'the CPU has AVX512-BF16'))
+def test_mixed_precision_precedence(monkeypatch, tmp_path, native):
     monkeypatch.delenv('ACCELERATE_MIXED_PRECISION', raising=False)
-    assert resolve_train_settings([]).mixed_precision == 'no'
+    monkeypatch.setattr(precision, 'native_bf16', lambda: native)
+    default = resolve_train_settings([])
+    assert default.mixed_precision == ('bf16' if native else 'no')  # bf16 by default only where it is native
+    assert default.mixed_precision_source.startswith('default: ') and 'mixed_precision_source' not in default.to_yaml()
     assert resolve_train_settings(['--amp']).mixed_precision == ('fp16' if torch.cuda.is_available() else 'bf16')
     assert resolve_train_settings(['--amp', '--amp-dtype', 'bfloat16']).mixed_precision == 'bf16'
     assert resolve_train_settings(['--mixed-precision', 'no']).mixed_precision == 'no'
@@ -79,6 +83,14 @@ def test_mixed_precision_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')
     assert resolve_train_settings([]).mixed_precision == 'bf16', 'accelerate launch --mixed_precision'
     assert resolve_train_settings(['--mixed-precision', 'no']).mixed_precision == 'no', 'the flag wins'
+    monkeypatch.delenv('ACCELERATE_MIXED_PRECISION')
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'config.yaml').write_text(resolve_train_settings(['--mixed-precision', 'bf16' if not native else 'no'])
+                                     .to_yaml())
+    resumed = resolve_train_settings(['--resume', str(run)])
+    assert resumed.mixed_precision == ('bf16' if not native else 'no'), 'a resume keeps the run\'s precision'
+    assert resumed.mixed_precision_source == 'the resumed run'
 
 
 def test_timm_flags_are_recorded_in_config_yaml_and_read_back(tmp_path):
@@ -91,6 +103,7 @@ def test_timm_flags_are_recorded_in_config_yaml_and_read_back(tmp_path):
     assert not {'amp', 'amp_dtype', 'no_aug', 'input_size', 'lr_base'} & set(saved), 'folded into other settings'
     (tmp_path / 'config.yaml').write_text(args.to_yaml())
     again = resolve_train_settings(['--config', str(tmp_path / 'config.yaml'), '--experiment', 'x'])
+    del args.mixed_precision_source, again.mixed_precision_source  # where it came from: this command line only
     assert vars(again) == dict(vars(args), config=str(tmp_path / 'config.yaml'))
 
 

@@ -27,8 +27,9 @@ import io
 import json
 import pickle
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -42,8 +43,8 @@ from .models import checkpoint_filter_fn
 from .preserve import capture_rng_state, restore_rng_state
 
 __all__ = ['LAST', 'STATE_FILE', 'atomic_save_weights', 'WeightsError', 'OptimizerStateError', 'load_weights',
-           'find_last_checkpoint', 'save_training_state', 'load_training_state', 'scheduler_state_dict',
-           'load_scheduler_state_dict']
+           'find_last_checkpoint', 'BackgroundWriter', 'cpu_copy', 'save_training_state', 'load_training_state',
+           'scheduler_state_dict', 'load_scheduler_state_dict']
 
 LAST = 'last'
 STATE_FILE = 'state.json'
@@ -186,6 +187,44 @@ def find_last_checkpoint(run_dir: PathLike) -> Optional[Path]:
     return None
 
 
+class BackgroundWriter:
+    """Checkpoint writes on one thread of their own, in the order they were submitted, while training goes on.
+
+    ``submit`` returns at once (with ``enabled=False`` it writes in the caller's thread); ``wait`` blocks until
+    every submitted write has finished and re-raises the first failure. Each write is atomic as ever, so a crash
+    or SIGKILL during one leaves the previous complete checkpoint, from which a resume repeats the epoch exactly.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-writer') if enabled else None
+        self._pending: List[Future] = []
+
+    def submit(self, write: Callable[..., Any], *args, **kwargs) -> None:
+        if self._pool is None:
+            write(*args, **kwargs)
+        else:
+            self._pending.append(self._pool.submit(write, *args, **kwargs))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+
+
+def cpu_copy(model_or_state: Union[nn.Module, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """A state dict whose tensors are CPU copies: what a background write may read while training changes the
+    originals."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    return {k: v.detach().to('cpu', copy=True) for k, v in state.items()}
+
+
 def save_training_state(
         run_dir: PathLike,
         accelerator,
@@ -193,34 +232,63 @@ def save_training_state(
         optimizer: torch.optim.Optimizer,
         state: Dict[str, Any],
         ema: Optional[nn.Module] = None,
-) -> Path:
+        writer: Optional[BackgroundWriter] = None,
+) -> None:
     """Write ``<run>/last/`` as a whole: every process calls this (each saves its own random state).
 
-    ``model`` is the unwrapped model, ``ema`` the EMA module (or None), ``state`` the JSON-ready rest.
+    ``model`` is the unwrapped model, ``ema`` the EMA module (or None), ``state`` the JSON-ready rest. What is
+    saved is taken now; with a ``writer`` and a single process, the files are written on the writer's thread.
     """
     run_dir = Path(run_dir)
-    final, tmp = run_dir / LAST, run_dir / f'{LAST}.tmp'
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
     rng = capture_rng_state()
-    atomic_save_weights(rng['tensors'], tmp / f'rng_state_{accelerator.process_index}.safetensors',
-                        metadata=dict(python=rng['python'], numpy=rng['numpy']))
+    snapshot = dict(rng=rng, state_json=json.dumps(dict(state, format=FORMAT_VERSION), indent=1))
     if accelerator.is_main_process:
-        metadata = {'model': str(state.get('model', '')), 'epochs_done': str(state['epochs_done'])}
-        atomic_save_weights(model, tmp / 'model.safetensors', metadata=metadata)
-        if ema is not None:
-            atomic_save_weights(ema, tmp / 'ema.safetensors', metadata=metadata)
         buffer = io.BytesIO()
-        torch.save(optimizer.state_dict(), buffer)
-        atomic_write_bytes(tmp / 'optimizer.pt', buffer.getvalue())
+        torch.save(optimizer.state_dict(), buffer)  # serialised now: the optimizer steps on meanwhile
+        metadata = {'model': str(state.get('model', '')), 'epochs_done': str(state['epochs_done'])}
+        snapshot.update(model=cpu_copy(model), ema=cpu_copy(ema) if ema is not None else None,
+                        optimizer=buffer.getvalue(), metadata=metadata)
+    if writer is not None and accelerator.num_processes == 1:
+        writer.submit(_write_checkpoint, run_dir, snapshot, accelerator.process_index, True)
+        return
+    # Several processes: written here, in step with the others.
+    if accelerator.is_main_process:
+        _start_checkpoint(run_dir)
+    accelerator.wait_for_everyone()
+    _write_checkpoint_files(run_dir, snapshot, accelerator.process_index, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_text(tmp / STATE_FILE, json.dumps(dict(state, format=FORMAT_VERSION), indent=1))
-        replace_folder(tmp, final)
+        _complete_checkpoint(run_dir, snapshot)
     accelerator.wait_for_everyone()
-    return final
+
+
+def _write_checkpoint(run_dir: Path, snapshot: Dict[str, Any], process_index: int, main: bool) -> None:
+    _start_checkpoint(run_dir)
+    _write_checkpoint_files(run_dir, snapshot, process_index, main)
+    _complete_checkpoint(run_dir, snapshot)
+
+
+def _start_checkpoint(run_dir: Path) -> None:
+    tmp = run_dir / f'{LAST}.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def _write_checkpoint_files(run_dir: Path, snapshot: Dict[str, Any], process_index: int, main: bool) -> None:
+    tmp, rng = run_dir / f'{LAST}.tmp', snapshot['rng']
+    atomic_save_weights(rng['tensors'], tmp / f'rng_state_{process_index}.safetensors',
+                        metadata=dict(python=rng['python'], numpy=rng['numpy']))
+    if main:
+        atomic_save_weights(snapshot['model'], tmp / 'model.safetensors', metadata=snapshot['metadata'])
+        if snapshot['ema'] is not None:
+            atomic_save_weights(snapshot['ema'], tmp / 'ema.safetensors', metadata=snapshot['metadata'])
+        atomic_write_bytes(tmp / 'optimizer.pt', snapshot['optimizer'])
+
+
+def _complete_checkpoint(run_dir: Path, snapshot: Dict[str, Any]) -> None:
+    tmp = run_dir / f'{LAST}.tmp'
+    atomic_write_text(tmp / STATE_FILE, snapshot['state_json'])  # last: its presence marks a complete checkpoint
+    replace_folder(tmp, run_dir / LAST)
 
 
 class OptimizerStateError(ValueError):

@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 from timm.data import Mixup
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 
-from . import factory
+from . import factory, precision
 from .analysis import gradient_norms, read_grad_norms
 from .checkpoint import (
-    OptimizerStateError, atomic_save_weights, find_last_checkpoint, load_scheduler_state_dict, load_training_state,
-    load_weights, save_training_state, scheduler_state_dict,
+    BackgroundWriter, OptimizerStateError, atomic_save_weights, cpu_copy, find_last_checkpoint,
+    load_scheduler_state_dict, load_training_state, load_weights, save_training_state, scheduler_state_dict,
 )
 from .cpu import keep_freed_memory
 from .data import DataSplits
@@ -76,6 +76,8 @@ class Run:
     ema: Optional[ModelEmaV3]
     loaders: Tuple[DataLoader, DataLoader, DataLoader]
     state: Dict[str, Any] = field(default_factory=dict)
+    # Checkpoints are written beside the next epoch's training (one process) or in step with the others.
+    writer: BackgroundWriter = field(default_factory=BackgroundWriter)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -178,9 +180,11 @@ def train(args: argparse.Namespace, on_epoch_end: Optional[Callable[[Dict[str, A
     """Run the job described by ``args`` (``timm_gradattn.settings.resolve_train_settings``); returns results.json's
     content.
 
-    ``on_epoch_end``, if given, is called on every process after each epoch's checkpoint with the epoch's
-    summary.csv row plus the training images and the seconds its training loop, validation pass and checkpoint
-    took (``train_images``, ``train_loop_s``, ``validate_s``, ``checkpoint_s``); the benchmarks time it so.
+    ``on_epoch_end``, if given, is called on every process once each epoch's checkpoint is taken, with the epoch's
+    summary.csv row plus the training images and the seconds its training loop, validation pass, checkpoint
+    (taking it; a single process writes it on a thread of its own, beside the next epoch) and the whole epoch took
+    (``train_images``, ``train_loop_s``, ``validate_s``, ``checkpoint_s``, ``epoch_wall_s``), and
+    ``wait_for_checkpoint``, which blocks until the files are written; the benchmarks time it so.
 
     Raises:
         UserError: a problem with the settings or the data, explained (most are found before training starts);
@@ -194,10 +198,13 @@ def train(args: argparse.Namespace, on_epoch_end: Optional[Callable[[Dict[str, A
                 break
             run_epoch(run, epoch, on_epoch_end)
     except KeyboardInterrupt:
+        run.writer.wait()  # the checkpoint being written completes: it is the one the message names
         done = run.state['epochs_done']
         kept = f'the state after epoch {done} is kept in {run.run_dir / "last"}' if done else 'no epoch had finished'
         raise TrainingInterrupted(f'Interrupted in epoch {epoch + 1}; {kept}. Continue with: python train.py '
                                   f'--resume {run.run_dir}') from None
+    finally:
+        run.writer.close()  # whatever ended the loop, the checkpoint being written is completed
     return finish(run)
 
 
@@ -213,12 +220,21 @@ def setup(args: argparse.Namespace) -> Run:
         raise UserError(f'--resume {run_dir}: the run has no complete checkpoint in last/. Start a new run instead.')
 
     data = factory.load_data(args)
+    for note in data.notes:
+        accelerator.print(note)
     info = data.info
     per_process_batch = factory.check_batch_size(args, accelerator)
     model = factory.create_model(args, info)
     factory.check_model_computes(model, args, info, len(data.train), per_process_batch, accelerator.num_processes)
     if args.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    accelerator.print(f"Mixed precision {accelerator.mixed_precision}: "
+                      f"{getattr(args, 'mixed_precision_source', 'as given')}.")
+    if accelerator.mixed_precision == 'bf16' and accelerator.device.type == 'cpu':
+        precision.guard_one_pixel_convolutions(model)  # a PyTorch bf16 bug on 1x1 maps: those run in fp32
+    if args.channels_last is None:  # settings is args: config.yaml records the choice, and a resume keeps it
+        args.channels_last, why = precision.default_channels_last(accelerator.device.type, info.img_size)
+        accelerator.print(f"Channels-last {'on' if args.channels_last else 'off'}: {why}.")
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = factory.create_optimizer(args, model, accelerator.device)
@@ -233,7 +249,7 @@ def setup(args: argparse.Namespace) -> Run:
     model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
     ema = factory.create_ema(args, bare(accelerator, model))
     run = Run(args, settings, accelerator, run_dir, data, model, optimizer, scheduler, loss_fn, mixup_fn, ema,
-              tuple(loaders))
+              tuple(loaders), writer=BackgroundWriter(enabled=accelerator.num_processes == 1))
 
     run.state = dict(model=args.model, epochs_done=0, num_updates=0, best_top1=-1.0, best_epoch=0, bad_epochs=0,
                      stopped_early=False, summary_rows=[])
@@ -267,7 +283,7 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
         epoch, run.model, train_loader, run.optimizer, run.scheduler, run.loss_fn, accelerator, args,
         state['num_updates'], run.mixup_fn, run.ema)
     trained = time.perf_counter()
-    _stop_unless_finite(epoch, run.model, run.ema, accelerator, args)
+    _stop_unless_finite(epoch, run.model, run.ema, accelerator)
     val = evaluate_logits(*predict(run.eval_model, val_loader, accelerator), run.data.info.num_classes).metrics
     validated = time.perf_counter()
     row = dict(epoch=epoch + 1, **train_stats, val_loss=val['nll'], val_top1=val['top1'], val_top5=val['top5'],
@@ -276,8 +292,9 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
     if val['top1'] > state['best_top1']:
         state.update(best_top1=val['top1'], best_epoch=epoch + 1, bad_epochs=0)
         if accelerator.is_main_process:
-            atomic_save_weights(bare(accelerator, run.eval_model), run.run_dir / 'model_best.safetensors',
-                                metadata=dict(model=args.model, epoch=str(epoch + 1), val_top1=str(val['top1'])))
+            run.writer.submit(atomic_save_weights, cpu_copy(bare(accelerator, run.eval_model)),
+                              run.run_dir / 'model_best.safetensors',
+                              metadata=dict(model=args.model, epoch=str(epoch + 1), val_top1=str(val['top1'])))
     else:
         state['bad_epochs'] += 1
     if run.scheduler is not None:
@@ -294,11 +311,14 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
         _record_grad_norms(epoch, run)
     saved = time.perf_counter()
     save_training_state(run.run_dir, accelerator, bare(accelerator, run.model), run.optimizer,
-                        dict(state, epochs_done=epoch + 1), ema=run.ema.module if run.ema is not None else None)
-    state['epochs_done'] = epoch + 1  # only once its checkpoint is complete: what Ctrl-C reports as kept
+                        dict(state, epochs_done=epoch + 1), ema=run.ema.module if run.ema is not None else None,
+                        writer=run.writer)
+    state['epochs_done'] = epoch + 1  # its checkpoint is complete once the writer has finished (Ctrl-C waits)
     if on_epoch_end is not None:
+        now = time.perf_counter()
         on_epoch_end(dict(row, train_images=len(run.data.train), train_loop_s=trained - start,
-                          validate_s=validated - trained, checkpoint_s=time.perf_counter() - saved))
+                          validate_s=validated - trained, checkpoint_s=now - saved, epoch_wall_s=now - start,
+                          wait_for_checkpoint=run.writer.wait))
     if state['stopped_early']:
         accelerator.print(f"Early stopping: no better val top-1 for {args.patience} epochs "
                           f"(best {state['best_top1']:.2f} at epoch {state['best_epoch']}).")
@@ -348,8 +368,7 @@ def finish(run: Run) -> Dict[str, Any]:
     return results
 
 
-def _stop_unless_finite(epoch: int, model: nn.Module, ema: Optional[ModelEmaV3], accelerator: Accelerator,
-                        args: argparse.Namespace) -> None:
+def _stop_unless_finite(epoch: int, model: nn.Module, ema: Optional[ModelEmaV3], accelerator: Accelerator) -> None:
     """Stop before an epoch whose weights are NaN or infinite is validated or saved.
 
     The loss check inside the epoch sees the loss before each step; a non-finite gradient in the epoch's
@@ -360,13 +379,10 @@ def _stop_unless_finite(epoch: int, model: nn.Module, ema: Optional[ModelEmaV3],
     if finite:
         return
     kept = f'the state after epoch {epoch} is kept' if epoch else 'no epoch had finished'
-    hint = (' On CPU, bf16 autocast has given garbage gradients for a stride-2 3x3 convolution on 1x1 feature '
-            'maps (inputs of 16 px or less through an ImageNet stem); use --mixed-precision no or a larger '
-            '--img-size.' if args.mixed_precision == 'bf16' and accelerator.device.type == 'cpu' else '')
     raise NonFiniteLossError(
         f'The weights became NaN or infinite during epoch {epoch + 1}: a non-finite gradient reached the optimizer. '
         f'Training stopped and {kept}. Lower --lr or train without --mixed-precision, then continue with --resume '
-        f'or start again.{hint}')
+        f'or start again.')
 
 
 def _resume(folder: Path, run: Run) -> Dict[str, Any]:

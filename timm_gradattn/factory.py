@@ -7,6 +7,7 @@ Accelerate owns devices, precision and processes.
 """
 import argparse
 import inspect
+import json
 import os
 import time
 import warnings
@@ -30,7 +31,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from .checkpoint import load_weights
-from .data import DataSplits, build_datasets
+from .data import DataSplits, build_datasets, loader_workers
 from .errors import UserError
 from .preserve import preserved_state
 
@@ -101,9 +102,15 @@ def _choose_run_dir(args: argparse.Namespace) -> Tuple[str, Optional[str]]:
 
 
 def load_data(args: argparse.Namespace) -> DataSplits:
+    """The run's splits. An image folder's input size and channels come from the flags, else from ``--pretrained``
+    weights' cfg, else from its images; its loader workers (unless given) are 0 once its images are in memory."""
+    img_size, in_chans = args.img_size, args.in_chans
+    if args.dataset == 'folder' and args.pretrained and None in (img_size, in_chans):
+        chans, _, side = pretrained_input_size(args.model) or (None, None, None)
+        img_size, in_chans = img_size or side, in_chans or chans
     try:
         data = build_datasets(args.dataset, data_dir=args.data_dir, protocol=args.protocol, download=args.download,
-                              seed=args.seed, img_size=args.img_size, in_chans=args.in_chans, mean=args.mean,
+                              seed=args.seed, img_size=img_size, in_chans=in_chans, mean=args.mean,
                               std=args.std, augment=args.train_augment, val_fraction=args.val_fraction)
     # The data pipeline's messages name the problem and the fix (ImportError: a missing reader package).
     except (ValueError, FileNotFoundError, ImportError) as error:
@@ -118,12 +125,33 @@ def load_data(args: argparse.Namespace) -> DataSplits:
             raise UserError(f'Dataset {args.dataset!r}, {split} split: {error}') from error
     if args.train_subset:
         data.train = Subset(data.train, range(min(args.train_subset, len(data.train))))
+    args.workers = loader_workers(args.workers, data.val, data.test)
     return data
 
 
+def pretrained_input_size(model: str) -> Optional[Tuple[int, int, int]]:
+    """The (C, H, W) that ``--pretrained`` weights of ``model`` were trained at, where it is known before any
+    download: a registry name's pretrained cfg, a ``local-dir:`` export's config.json; None otherwise."""
+    source, name = parse_model_name(model)
+    if source == 'local-dir':
+        try:
+            cfg = json.loads((Path(name) / 'config.json').read_text()).get('pretrained_cfg', {})
+        except (OSError, ValueError):
+            return None  # check_model_name reports a missing export; a broken one fails to load
+    elif source is None:
+        cfg = get_pretrained_cfg(name)
+        cfg = cfg.to_dict() if cfg is not None else {}
+    else:
+        return None
+    size = cfg.get('input_size')
+    return tuple(size) if size and len(size) == 3 else None
+
+
 def _check_image_files(data: DataSplits) -> None:
-    """Image files (folder datasets): check every header now rather than fail when an epoch reaches the file."""
+    """Image files (folder datasets): check every header now rather than fail when an epoch reaches the file
+    (images already decoded into memory were checked by decoding them)."""
     files = {path for split in (data.train, data.val, data.test)
+             if not getattr(getattr(split, 'base', None), 'in_memory', False)
              for path, _ in getattr(getattr(split, 'base', None), 'samples', ())}
     broken = []
     for path in sorted(files):

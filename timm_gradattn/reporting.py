@@ -14,6 +14,8 @@ import torch
 import accelerate
 import timm
 
+from .precision import native_bf16
+
 __all__ = ['markdown_cell', 'markdown_table', 'describe_machine', 'machine_line', 'load_average',
            'read_summary_csv']
 
@@ -54,7 +56,10 @@ def describe_machine(device: Optional[Union[str, torch.device]] = None, **extra:
     """
     device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
     return dict(
-        cpu=_cpu_name(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(device),
+        cpu=_cpu_name(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        # the vector instructions torch's CPU kernels use (e.g. AVX2, AVX512) and what computes bf16 natively, if
+        # anything: two machines sold under one CPU name can differ several-fold in both
+        cpu_capability=torch.backends.cpu.get_cpu_capability(), native_bf16=native_bf16(), device=str(device),
         gpu=torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
         gpu_count=torch.cuda.device_count(), os=platform.platform(), python=platform.python_version(),
         torch=torch.__version__, timm=timm.__version__, accelerate=accelerate.__version__, **extra)
@@ -70,7 +75,8 @@ def machine_line(machine: Union[str, Dict[str, Any]]) -> str:
     gpu = machine.get('gpu') or ', '.join(machine.get('gpus') or [])
     cores = machine.get('cpu_count', machine.get('cores'))
     threads = machine.get('torch_threads', machine.get('threads'))
-    cpu = f"{machine.get('cpu')} ({cores} cores" + (f', {threads} torch threads)' if threads else ')')
+    capability = f", {machine['cpu_capability']}" if machine.get('cpu_capability') else ''
+    cpu = f"{machine.get('cpu')} ({cores} cores{capability}" + (f', {threads} torch threads)' if threads else ')')
     device = f'{gpu} with {cpu}' if gpu else cpu
     versions = ', '.join(f'{name} {machine[name]}' for name in ('torch', 'timm', 'accelerate', 'python')
                          if machine.get(name))

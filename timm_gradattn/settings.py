@@ -7,8 +7,8 @@ defaults and the command line is parsed over them):
     (or the run's ``config.yaml`` with ``--resume``) < flags given on the command line
 
 Then the values that depend on the dataset (batch size, loader workers) and on the machine (mixed precision:
-``--mixed-precision``, else timm's ``--amp``, else ``accelerate launch --mixed_precision``, else none) are
-filled in, and every rule that can be checked without data is checked: a problem is one ``UserError`` line. A run
+``--mixed-precision``, else timm's ``--amp``, else the resumed run's, else ``accelerate launch --mixed_precision``,
+else bf16 where the machine computes it natively and fp32 elsewhere: ``precision.py``) are filled in, and every rule that can be checked without data is checked: a problem is one ``UserError`` line. A run
 writes the resolved settings to ``<run>/config.yaml`` (``Settings.to_yaml``), which ``--config`` accepts again.
 The engine and the evaluation read a ``Settings``; they never come back here.
 """
@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -32,6 +32,7 @@ from . import cli
 from .data.info import DATASETS, DatasetInfo
 from .errors import UserError
 from .families import RECIPES
+from .precision import default_mixed_precision
 from .models import model_tags  # importing the zoo registers its models with timm
 
 __all__ = ['Settings', 'IDENTITY_KEYS', 'NOT_SAVED_KEYS', 'SCHEDULERS', 'resolve_train_settings',
@@ -44,7 +45,7 @@ _logger = logging.getLogger(__name__)
 IDENTITY_KEYS = ('model', 'model_kwargs', 'dataset', 'data_dir', 'protocol', 'seed', 'num_classes', 'in_chans',
                  'img_size', 'train_subset', 'val_fraction')
 # Settings that name this invocation rather than the training; kept out of config.yaml.
-NOT_SAVED_KEYS = ('config', 'resume', 'experiment', 'output')
+NOT_SAVED_KEYS = ('config', 'resume', 'experiment', 'output', 'mixed_precision_source')
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'constant', 'none')
 # Flags that only say how this invocation was typed: folded into other settings, not kept.
 _FOLDED_KEYS = ('input_size', 'amp', 'amp_dtype', 'no_aug', 'lr_base', 'lr_base_size', 'lr_base_scale')
@@ -90,7 +91,7 @@ def resolve_train_settings(argv: Optional[Sequence[str]] = None) -> Settings:
     explicit = {**from_yaml, **given}
     if args.no_aug:
         args.train_augment = 'none'
-    args.mixed_precision = _mixed_precision(args, explicit, saved)
+    args.mixed_precision, args.mixed_precision_source = _mixed_precision(args, explicit, saved)
     args = args.replace(**dataset_defaults(args))
     if args.lr_base is not None and 'lr' not in explicit:
         args.lr = _scaled_lr(args)
@@ -128,20 +129,24 @@ def _folder_notice(data_dir: str, job: str) -> None:
                     f'as timm does; pass --dataset NAME if it holds a named dataset such as cifar10.')
 
 
-def _mixed_precision(args: Settings, explicit: Dict[str, Any], saved: Dict[str, Any]) -> str:
-    """``--mixed-precision``, else timm's ``--amp`` (``--amp-dtype``; bfloat16 on CPU), else the resumed run's,
-    else ``accelerate launch --mixed_precision``, else 'no'."""
+def _mixed_precision(args: Settings, explicit: Dict[str, Any], saved: Dict[str, Any]) -> Tuple[str, str]:
+    """(precision, where it came from): ``--mixed-precision``, else timm's ``--amp`` (``--amp-dtype``; bfloat16 on
+    CPU), else the resumed run's, else ``accelerate launch --mixed_precision``, else bf16 where the machine computes
+    it natively and 'no' elsewhere (``precision.default_mixed_precision``)."""
     if explicit.get('mixed_precision'):
         if args.amp and cli.AMP_DTYPES.get(args.amp_dtype or '', args.mixed_precision) != args.mixed_precision:
             raise UserError(f'--mixed-precision {args.mixed_precision} and --amp --amp-dtype {args.amp_dtype} '
                             f'disagree; pass only one of them.')
-        return args.mixed_precision
+        return args.mixed_precision, '--mixed-precision'
     if args.amp or args.amp_dtype:
         default = 'float16' if torch.cuda.is_available() else 'bfloat16'
-        return cli.AMP_DTYPES[args.amp_dtype or default]
+        return cli.AMP_DTYPES[args.amp_dtype or default], f'--amp --amp-dtype {args.amp_dtype or default}'
     if saved.get('mixed_precision'):
-        return saved['mixed_precision']
-    return os.environ.get('ACCELERATE_MIXED_PRECISION', 'no')
+        return saved['mixed_precision'], 'the resumed run'
+    if os.environ.get('ACCELERATE_MIXED_PRECISION'):
+        return os.environ['ACCELERATE_MIXED_PRECISION'], "accelerate launch's --mixed_precision (or its config)"
+    precision, why = default_mixed_precision()
+    return precision, f'default: {why}'
 
 
 def _scaled_lr(args: Settings) -> float:
@@ -156,12 +161,12 @@ def _scaled_lr(args: Settings) -> float:
 
 def dataset_defaults(args: argparse.Namespace) -> Dict[str, Any]:
     """The settings whose default depends on the dataset: the batch size (the dataset's paper batch size) and
-    loader workers (0 for digits, which is held in memory, else 2)."""
+    loader workers (0 for digits, which is held in memory; for an image folder, decided once it is read; else 2)."""
     key = args.dataset.strip().lower().replace('-', '_')
     info = DATASETS.get(key)
     batch_size = info.batch_size if info else DatasetInfo.__dataclass_fields__['batch_size'].default
-    return dict(batch_size=args.batch_size or batch_size,
-                workers=(0 if key == 'digits' else 2) if args.workers is None else args.workers)
+    workers = {'digits': 0, 'folder': None}.get(key, 2)
+    return dict(batch_size=args.batch_size or batch_size, workers=workers if args.workers is None else args.workers)
 
 
 def recipe_settings(recipe: str, model: str, dataset: str) -> Dict[str, Any]:
@@ -400,7 +405,7 @@ def resolve_evaluate_settings(argv: Optional[Sequence[str]] = None, gradient_mod
         _folder_notice(args.data_dir, 'evaluating')
         args.dataset = 'folder'
     if args.amp or args.amp_dtype:
-        args.mixed_precision = args.mixed_precision or _mixed_precision(args, {}, {})
+        args.mixed_precision = args.mixed_precision or _mixed_precision(args, {}, {})[0]
     del args.amp, args.amp_dtype
     _check_fp16(args.mixed_precision)
     _check_data_dir(args.data_dir)
