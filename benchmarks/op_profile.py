@@ -20,10 +20,8 @@ Attention Shortcuts family the kinds split out what its per-pixel depth attentio
 (products and sums of the scores and weighted values, softmax, stacking and copying the K/V cache).
 """
 import argparse
-import json
 import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -33,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from speed import (BASELINE, BATCH_SIZES, FAMILIES, GRADATTN_VARIANTS, NUM_CLASSES, RESULTS_DIR, FamilyBenchmark,
                    create_model, family_choice, flop_counter, interleaved_medians, load_average, machine_description,
-                   make_steps, wait_for_quiet)
+                   make_steps, wait_for_quiet, write_results)
 from timm_gradattn.cpu import keep_freed_memory
 
 MODELS = (BASELINE, *GRADATTN_VARIANTS)
@@ -213,11 +211,7 @@ def main(argv: List[str] = None) -> None:
                   command=' '.join(['python', 'benchmarks/op_profile.py', *(sys.argv[1:] if argv is None else argv)]))
     if family:
         result.update(family=args.family, baseline=baseline, kinds=kinds)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f'{name}.json').write_text(json.dumps(result, indent=2))
-    text = report(result)
-    (args.out / f'{name}.md').write_text(text)
-    print(text)
+    write_results(args.out, name, result, report(result))
 
 
 if __name__ == '__main__':

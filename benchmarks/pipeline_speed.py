@@ -15,7 +15,6 @@ gap is input work. A second, plain run of the same settings gives each epoch's o
 training loop) / epoch wall time, the share spent validating, saving and logging (target: at most 10 %).
 """
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader
 
 import timm
 
-from speed import RESULTS_DIR, load_average, machine_description, wait_for_quiet
+from speed import RESULTS_DIR, load_average, machine_description, wait_for_quiet, write_results
 from timm_gradattn.settings import resolve_train_settings
 from timm_gradattn.engine import train
 from timm_gradattn.factory import create_optimizer
@@ -222,11 +221,7 @@ def main(argv=None) -> None:
         efficiency=statistics.median(e['efficiency'] for e in measured),
         data_share=statistics.median(e['bare_img_s'] for e in measured) / data_only, pipeline=pipeline,
         overhead=overhead)
-    own.out.mkdir(parents=True, exist_ok=True)
-    (own.out / f'{own.name}.json').write_text(json.dumps(result, indent=2))
-    text = report(result)
-    (own.out / f'{own.name}.md').write_text(text)
-    print(text)
+    write_results(own.out, own.name, result, report(result))
     print(f"wrote {own.out / own.name}.json/.md in {result['seconds']:.0f} s")
 
 

@@ -76,6 +76,14 @@ TARGET_SIZES = (32, 64, 224)
 TARGET_EFFICIENCY = 1.05
 NUM_CLASSES = 10
 RESULTS_DIR = Path(__file__).parent / 'results'
+
+
+def write_results(out: Path, stem: str, result: Dict, markdown: str) -> None:
+    """``<out>/<stem>.json`` (the measurements) and ``<out>/<stem>.md`` (the report); prints the report."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'{stem}.json').write_text(json.dumps(result, indent=2))
+    (out / f'{stem}.md').write_text(markdown)
+    print(markdown)
 MATERIALISED = 'materialised'
 
 
@@ -797,13 +805,9 @@ def main(argv=None) -> None:
                       did_not_fit=[dict(model=name, size=size, batch_size=batch_sizes[size])
                                    for (name, size), mb in memory_mb.items() if mb is None])
     stem = args.name or ('speed_quick' if args.quick else f'speed_{args.family}' if family else 'speed')
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f'{stem}.json').write_text(json.dumps(result, indent=2))
-    text = report(result)
-    (args.out / f'{stem}.md').write_text(text)
+    write_results(args.out, stem, result, report(result))
     if not family:  # the plot draws ratios across sizes; a family runs at one
         plot(rows, args.out / f'{stem}.png')
-    print(text)
     print(f"wrote {args.out / stem}.json/.md{'' if family else '/.png'} in {time.time() - started:.0f} s")
 
 

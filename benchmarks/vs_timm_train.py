@@ -22,8 +22,6 @@ ours: above 1 means ours is faster. Targets: 1.4 against timm's default, 1.0 aga
 higher than timm's.
 """
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +32,7 @@ from typing import Dict, List, Optional
 
 from PIL import Image
 
-from speed import RESULTS_DIR, load_average, machine_description, wait_for_quiet
+from speed import RESULTS_DIR, load_average, machine_description, wait_for_quiet, write_results
 from timm_gradattn.data import build_datasets
 from timm_gradattn.families import DEFAULT_MODEL
 
@@ -179,11 +177,7 @@ def main(argv=None) -> None:
         timm_commit=git_commit(args.timm_train.resolve()), model=args.model, images=counts, pairs=args.pairs,
         epochs=args.epochs, our_precision=default_mixed_precision()[0],
         pinned=' '.join(common_flags(args.model, 0)[:-2]), **ratios, ratios=ratios, summary=summary, targets=TARGETS)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f'{args.name}.json').write_text(json.dumps(result, indent=2))
-    text = report(result)
-    (args.out / f'{args.name}.md').write_text(text)
-    print(text)
+    write_results(args.out, args.name, result, report(result))
     print(f"wrote {args.out / args.name}.json/.md in {result['seconds']:.0f} s")
 
 
