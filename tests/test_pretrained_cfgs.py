@@ -21,7 +21,7 @@ from timm_gradattn import DATASETS
 from timm_gradattn.families import FAMILIES, MODEL_NAMES
 from timm_gradattn.models import model_tags
 from timm_gradattn.models._pretrained import pool_size_at
-from tiers import case, one_per_family
+from tiers import case, for_each_tag, one_per_family
 
 ATTENTION_SHORTCUTS_MODELS = FAMILIES['attention-shortcuts'].models
 # An identifier a tool can resolve (timm writes 'arXiv:2010.11929'), not a citation: an arXiv id or a DOI.
@@ -47,9 +47,7 @@ def test_every_model_has_tags():
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
 def test_data_fields_are_the_datasets(name):
-    for tag in model_tags(name):
-        with case(tag):
-            _check_data_fields(name, tag)
+    for_each_tag(name, _check_data_fields)
 
 
 def _check_data_fields(name, tag):
@@ -69,9 +67,7 @@ def _check_data_fields(name, tag):
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
 def test_license_and_papers_are_stated(name):
-    for tag in model_tags(name):
-        with case(tag):
-            _check_license_and_papers(name, tag)
+    for_each_tag(name, _check_license_and_papers)
 
 
 def _check_license_and_papers(name, tag):
@@ -92,9 +88,7 @@ def _check_license_and_papers(name, tag):
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
 def test_cfg_names_real_modules_and_the_real_map_size(name):
-    for tag in model_tags(name):
-        with case(tag):
-            _check_modules_and_map_size(name, tag)
+    for_each_tag(name, _check_modules_and_map_size)
 
 
 def _check_modules_and_map_size(name, tag):

@@ -10,7 +10,7 @@ markers hold the rest, which ``.ci/run`` runs as well (``python -m pytest -q -m 
   their files or listed in ``conftest.py``.
 """
 import contextlib
-from typing import Iterable, Iterator, List
+from typing import Callable, Iterable, Iterator, List
 
 import pytest
 
@@ -37,6 +37,14 @@ def is_representative(name: str) -> bool:
 def one_per_family(names: Iterable[str] = MODEL_NAMES) -> List:
     """``names`` as parameters: each family's representative in the default tier, the others marked ``zoo``."""
     return [pytest.param(name, marks=() if is_representative(name) else pytest.mark.zoo) for name in names]
+
+
+def for_each_tag(name: str, check: Callable[[str, str], None]) -> None:
+    """``check(name, tag)`` for every pretrained tag of ``name``; a failure names the tag."""
+    from timm_gradattn.models import model_tags
+    for tag in model_tags(name):
+        with case(tag):
+            check(name, tag)
 
 
 @contextlib.contextmanager
