@@ -55,7 +55,8 @@ def fresh_accelerator_state():
 
 @pytest.fixture
 def no_plots(monkeypatch):
-    monkeypatch.setattr(engine, '_write_plots', lambda *args, **kwargs: None)
+    monkeypatch.setattr(engine, '_plot_curves', lambda *args, **kwargs: None)
+    monkeypatch.setattr(engine, '_plot_test', lambda *args, **kwargs: None)
 
 
 def train(argv, output: Path, experiment: str) -> dict:

@@ -38,7 +38,7 @@ RUN_FILES = {'config.yaml', 'summary.csv', 'results.json', 'model_best.safetenso
              'training_curves.png', 'reliability.png', 'confusion_matrix.png'}
 RESULT_FACTS = {'model', 'dataset', 'protocol', 'seed', 'num_classes', 'label_names', 'best_epoch', 'epochs_run',
                 'val_top1_best', 'train_top1_at_best', 'train_val_gap', 'seconds_per_epoch', 'num_params', 'machine',
-                'pretrained_from'}
+                'pretrained_from', 'train_img_s', 'peak_rss_mb'}
 
 
 def run_train(args: List[str], output: Path, experiment: str, launcher: List[str] = (),
@@ -189,6 +189,23 @@ def test_test_metrics_come_from_the_best_epoch(output):
     assert results['top1'] == pytest.approx(best_top1, abs=1e-9)
     assert results['top1'] > last_top1 + 10, (best_top1, last_top1)
     assert results['train_top1_at_best'] == pytest.approx(float(rows[results['best_epoch'] - 1]['train_top1']))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_tests_the_best_epoch_from_before_the_resume(output):
+    # The best weights are tested from memory when this session saved them, else from model_best.safetensors:
+    # here epoch 3 wrecks the model (learning rate x1000 from epoch 3), so the best epoch is 1 or 2, saved by the
+    # first process; the resumed process trains epoch 3 and must test the file's weights.
+    wreck = TINY + ['--sched', 'step', '--decay-epochs', '2', '--decay-rate', '1000']
+    run_train(wreck + ['--epochs', '2'], output, 'resumed_best')
+    run_dir = output / 'resumed_best'
+    done = subprocess.run([sys.executable, TRAIN, '--resume', str(run_dir), '--epochs', '3'], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_json(run_dir / 'results.json')
+    assert results['best_epoch'] <= 2 and results['epochs_run'] == 3, results
+    assert results['top1'] == pytest.approx(evaluate_top1(run_dir, run_dir / 'model_best.safetensors'), abs=1e-9)
+    assert results['top1'] > results['test_last_epoch']['top1'] + 10, results
 
 
 @pytest.mark.slow

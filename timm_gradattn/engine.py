@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -43,7 +44,7 @@ from .files import atomic_write_csv, atomic_write_text
 from .hub import export_hub_folder
 from .metrics import ClassificationResult, evaluate_logits, predict
 from .preserve import preserved_state
-from .reporting import describe_machine
+from .reporting import describe_machine, peak_rss_mb
 
 __all__ = ['train', 'train_one_epoch', 'NonFiniteLossError', 'TrainingInterrupted', 'GRAD_STATS_BATCHES']
 
@@ -78,6 +79,8 @@ class Run:
     state: Dict[str, Any] = field(default_factory=dict)
     # Checkpoints are written beside the next epoch's training (one process) or in step with the others.
     writer: BackgroundWriter = field(default_factory=BackgroundWriter)
+    # The best epoch's weights as saved this session (main process): tested without waiting for their file.
+    best_weights: Optional[Dict[str, torch.Tensor]] = None
 
     @property
     def eval_model(self) -> nn.Module:
@@ -193,19 +196,21 @@ def train(args: argparse.Namespace, on_epoch_end: Optional[Callable[[Dict[str, A
     run = setup(args)
     epoch = run.state['epochs_done']
     try:
-        for epoch in range(run.state['epochs_done'], run.args.epochs):
-            if run.state['stopped_early'] or _reached_max_updates(run.args, run.state['num_updates']):
-                break
-            run_epoch(run, epoch, on_epoch_end)
-    except KeyboardInterrupt:
-        run.writer.wait()  # the checkpoint being written completes: it is the one the message names
-        done = run.state['epochs_done']
-        kept = f'the state after epoch {done} is kept in {run.run_dir / "last"}' if done else 'no epoch had finished'
-        raise TrainingInterrupted(f'Interrupted in epoch {epoch + 1}; {kept}. Continue with: python train.py '
-                                  f'--resume {run.run_dir}') from None
+        try:
+            for epoch in range(run.state['epochs_done'], run.args.epochs):
+                if run.state['stopped_early'] or _reached_max_updates(run.args, run.state['num_updates']):
+                    break
+                run_epoch(run, epoch, on_epoch_end)
+        except KeyboardInterrupt:
+            run.writer.wait()  # the checkpoint being written completes: it is the one the message names
+            done = run.state['epochs_done']
+            kept = (f'the state after epoch {done} is kept in {run.run_dir / "last"}' if done
+                    else 'no epoch had finished')
+            raise TrainingInterrupted(f'Interrupted in epoch {epoch + 1}; {kept}. Continue with: python train.py '
+                                      f'--resume {run.run_dir}') from None
+        return finish(run)  # the last checkpoint is written meanwhile
     finally:
-        run.writer.close()  # whatever ended the loop, the checkpoint being written is completed
-    return finish(run)
+        run.writer.close()  # whatever ended the run, the checkpoint being written is completed (or its error raised)
 
 
 def setup(args: argparse.Namespace) -> Run:
@@ -283,6 +288,9 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
         epoch, run.model, train_loader, run.optimizer, run.scheduler, run.loss_fn, accelerator, args,
         state['num_updates'], run.mixup_fn, run.ema)
     trained = time.perf_counter()
+    # Throughput of the training loops alone, over the whole run (a resumed run adds to the saved counts).
+    state['train_loop_s'] = state.get('train_loop_s', 0.0) + trained - start
+    state['train_images'] = state.get('train_images', 0) + len(run.data.train)
     _stop_unless_finite(epoch, run.model, run.ema, accelerator)
     val = evaluate_logits(*predict(run.eval_model, val_loader, accelerator), run.data.info.num_classes).metrics
     validated = time.perf_counter()
@@ -292,8 +300,8 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
     if val['top1'] > state['best_top1']:
         state.update(best_top1=val['top1'], best_epoch=epoch + 1, bad_epochs=0)
         if accelerator.is_main_process:
-            run.writer.submit(atomic_save_weights, cpu_copy(bare(accelerator, run.eval_model)),
-                              run.run_dir / 'model_best.safetensors',
+            run.best_weights = cpu_copy(bare(accelerator, run.eval_model))
+            run.writer.submit(atomic_save_weights, run.best_weights, run.run_dir / 'model_best.safetensors',
                               metadata=dict(model=args.model, epoch=str(epoch + 1), val_top1=str(val['top1'])))
     else:
         state['bad_epochs'] += 1
@@ -327,30 +335,41 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
 
 
 def finish(run: Run) -> Dict[str, Any]:
-    """Test the last epoch's and the best epoch's weights, export, write results.json and the plots."""
+    """Test the last epoch's and the best epoch's weights, export, write results.json and the plots.
+
+    The plots are drawn on a thread of their own beside the test passes and the export (the main process's
+    matplotlib import and drawing took about 4 s of a 2-core CPU, longer than everything else here)."""
     args, accelerator, state, info = run.args, run.accelerator, run.state, run.data.info
     test_loader = run.loaders[2]
-    # The test split sees the last epoch's weights (what both CNNtention and Attention Shortcuts report), then the
-    # best validation epoch's, reloaded from their file: the run's headline figures.
-    accelerator.wait_for_everyone()
-    last_epoch = len(state['summary_rows'])
-    test_last = None
-    if state['best_epoch'] != last_epoch:
-        test_last = evaluate_logits(*predict(run.eval_model, test_loader, accelerator), info.num_classes).metrics
-    load_weights(bare(accelerator, run.model), run.run_dir / 'model_best.safetensors', what='Best weights')
-    test = evaluate_logits(*predict(run.model, test_loader, accelerator), info.num_classes)
-    results = _results(run, test.metrics)
-    results['test_last_epoch'] = dict(test_last or test.metrics, epoch=last_epoch)
-    if accelerator.is_main_process:
-        label_names = info.head_label_names(len(test.confusion))
-        export_hub_folder(
-            bare(accelerator, run.model), run.run_dir / 'hub', label_names=label_names,
-            input_size=info.input_size, mean=info.mean, std=info.std,
-            pretrained_cfg=dict(tag=info.name, license=info.license, notes=(
-                f'Trained on {info.title} with timm-gradattn train.py (recipe {args.recipe}); '
-                f'best validation top-1 {state["best_top1"]:.2f} at epoch {state["best_epoch"]}.',)))
-        atomic_write_text(run.run_dir / 'results.json', json.dumps(results, indent=2))
-        _write_plots(run.run_dir, state['summary_rows'], test, label_names)
+    plots = ThreadPoolExecutor(1, thread_name_prefix='plots') if accelerator.is_main_process else None
+    try:
+        if plots is not None:
+            curves = plots.submit(_plot_curves, run.run_dir, state['summary_rows'])
+        # The test split sees the last epoch's weights (what both CNNtention and Attention Shortcuts report), then
+        # the best validation epoch's: the run's headline figures.
+        accelerator.wait_for_everyone()
+        last_epoch = len(state['summary_rows'])
+        test_last = None
+        if state['best_epoch'] != last_epoch:
+            test_last = evaluate_logits(*predict(run.eval_model, test_loader, accelerator), info.num_classes).metrics
+        _load_best_weights(run)
+        test = evaluate_logits(*predict(run.model, test_loader, accelerator), info.num_classes)
+        results = _results(run, test.metrics)
+        results['test_last_epoch'] = dict(test_last or test.metrics, epoch=last_epoch)
+        if plots is not None:
+            label_names = info.head_label_names(len(test.confusion))
+            test_plots = plots.submit(_plot_test, run.run_dir, test, label_names)
+            export_hub_folder(
+                bare(accelerator, run.model), run.run_dir / 'hub', label_names=label_names,
+                input_size=info.input_size, mean=info.mean, std=info.std,
+                pretrained_cfg=dict(tag=info.name, license=info.license, notes=(
+                    f'Trained on {info.title} with timm-gradattn train.py (recipe {args.recipe}); '
+                    f'best validation top-1 {state["best_top1"]:.2f} at epoch {state["best_epoch"]}.',)))
+            atomic_write_text(run.run_dir / 'results.json', json.dumps(results, indent=2))
+            curves.result(), test_plots.result()  # a failed plot is raised here
+    finally:
+        if plots is not None:
+            plots.shutdown()
     accelerator.wait_for_everyone()
     run_dir = run.run_dir
     accelerator.print(
@@ -428,15 +447,30 @@ def _record_grad_norms(epoch: int, run: Run) -> None:
         f.write(json.dumps({'epoch': epoch + 1, 'norms': norms}) + '\n')
 
 
-def _write_plots(run_dir: Path, summary_rows: List[Dict], test: ClassificationResult, label_names) -> None:
-    """PNGs next to results.json: curves from summary.csv, and calibration and confusion on the test split."""
-    from .plots import plot_confusion_matrix, plot_gradient_norms, plot_reliability_diagram, plot_training_curves
+def _load_best_weights(run: Run) -> None:
+    """The best validation epoch's weights into the model: those kept this session, else (a resumed run whose best
+    epoch came before it, or another process) from model_best.safetensors."""
+    model = bare(run.accelerator, run.model)
+    if run.best_weights is not None:
+        model.load_state_dict(run.best_weights)
+    else:
+        load_weights(model, run.run_dir / 'model_best.safetensors', what='Best weights')
+
+
+def _plot_curves(run_dir: Path, summary_rows: List[Dict]) -> None:
+    """PNGs next to results.json: the curves from summary.csv (and the gradient norms where recorded)."""
+    from .plots import plot_gradient_norms, plot_training_curves
     plot_training_curves(summary_rows, run_dir / 'training_curves.png', title=run_dir.name)
+    if (run_dir / 'grad_norms.jsonl').exists():
+        plot_gradient_norms(read_grad_norms(run_dir / 'grad_norms.jsonl'), run_dir / 'gradient_norms.png')
+
+
+def _plot_test(run_dir: Path, test: ClassificationResult, label_names) -> None:
+    """PNGs next to results.json: calibration and confusion on the test split."""
+    from .plots import plot_confusion_matrix, plot_reliability_diagram
     plot_reliability_diagram(test.reliability, run_dir / 'reliability.png', title=f'reliability (test): {run_dir.name}')
     plot_confusion_matrix(test.confusion, run_dir / 'confusion_matrix.png', label_names,
                           title=f'confusion (test): {run_dir.name}')
-    if (run_dir / 'grad_norms.jsonl').exists():
-        plot_gradient_norms(read_grad_norms(run_dir / 'grad_norms.jsonl'), run_dir / 'gradient_norms.png')
 
 
 def _results(run: Run, test: Dict[str, float]) -> Dict:
@@ -455,6 +489,10 @@ def _results(run: Run, test: Dict[str, float]) -> Dict:
         val_top1_best=state['best_top1'], train_top1_at_best=best['train_top1'],
         train_val_gap=abs(best['train_top1'] - best['val_top1']),
         seconds_per_epoch=sum(r['epoch_time_s'] for r in rows) / len(rows),
+        # Training images a second over the training loops (this process's share under several processes), and
+        # the process's peak resident memory (in a grid run in one process: the peak so far).
+        train_img_s=state['train_images'] / state['train_loop_s'] if state.get('train_loop_s') else None,
+        peak_rss_mb=peak_rss_mb(),
         num_params=sum(p.numel() for p in bare(accelerator, run.model).parameters()),
         mixed_precision=accelerator.mixed_precision,
         machine=describe_machine(accelerator.device, num_processes=accelerator.num_processes,

@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -81,6 +82,21 @@ def machine_line(machine: Union[str, Dict[str, Any]]) -> str:
     versions = ', '.join(f'{name} {machine[name]}' for name in ('torch', 'timm', 'accelerate', 'python')
                          if machine.get(name))
     return f"{device}, {machine.get('num_processes', 1)} process(es), {versions}"
+
+
+def peak_rss_mb() -> Optional[float]:
+    """This process's peak resident memory in MB (Linux's VmHWM; else ``ru_maxrss``); None where neither exists."""
+    try:
+        with open('/proc/self/status') as status:
+            return next(int(line.split()[1]) for line in status if line.startswith('VmHWM:')) / 1024
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return peak / (1024 * 1024 if sys.platform == 'darwin' else 1024)
 
 
 def load_average() -> Optional[List[float]]:
