@@ -118,7 +118,7 @@ def load_data(args: argparse.Namespace) -> DataSplits:
     if data.info.num_classes < 2:
         raise UserError(f'Dataset {args.dataset!r} has {data.info.num_classes} class; a classifier needs at least 2.')
     _check_image_files(data)
-    for split in ('train', 'val', 'test'):
+    for split in ('train', 'val', 'test') if data.has_validation else ('train', 'test'):
         try:  # decode one image per split now rather than fail mid-epoch
             getattr(data, split)[0]
         except OSError as error:

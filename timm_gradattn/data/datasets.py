@@ -54,6 +54,12 @@ class DataSplits:
     def sizes(self) -> Dict[str, int]:
         return {'train': len(self.train), 'val': len(self.val), 'test': len(self.test)}
 
+    @property
+    def has_validation(self) -> bool:
+        """False for ``val_fraction=0`` under the official protocol: ``val`` is empty, and the whole official
+        training split is ``train``."""
+        return len(self.val) > 0
+
 
 def loader_workers(workers: Optional[int], *splits: Dataset) -> int:
     """``workers`` if given, else 0 for splits whose images are held decoded in memory (worker processes would only
@@ -181,16 +187,24 @@ def build_datasets(
             ``info`` states what was used.
         split: Override of the (train, val, test) fractions.
         val_fraction: Share of the official training split carved out as validation when the dataset has no
-            validation split of its own (default: the validation fraction of ``split``).
+            validation split of its own (default: the validation fraction of ``split``). 0, with the official
+            protocol, carves nothing: ``train`` is the whole official training split and ``val`` is empty. It is
+            refused for a dataset with an official validation split (which it would not change) and for one with
+            no official split at all (whose seeded split always has a validation part).
 
     Raises:
         DatasetNotFoundError: The files are missing (the message gives the expected layout and how to get them).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f'Unknown protocol {protocol!r}; choose one of {PROTOCOLS}.')
-    if val_fraction is not None and not 0 < val_fraction < 1:
+    if val_fraction is not None and not 0 <= val_fraction < 1:
         raise ValueError(f'val_fraction (--val-fraction) {val_fraction} must be a share of the training images '
-                         f'between 0 and 1, e.g. 0.1.')
+                         f'from 0 (no validation split) up to 1, e.g. 0.1.')
+    no_validation = val_fraction == 0
+    if no_validation and protocol != 'official':
+        raise ValueError(f"val_fraction 0 (--val-fraction 0: no validation split) trains on a dataset's whole "
+                         f"official training split; protocol {protocol!r} re-splits the data with a validation part. "
+                         f"Pass --protocol official, or a --val-fraction above 0.")
     key = name.strip().lower().replace('-', '_')
     info = None if key == 'folder' else get_dataset_info(key)
     if key not in ADAPTERS:
@@ -201,6 +215,9 @@ def build_datasets(
     fractions = info.split
     train_idx = val_idx = test_idx = None
     train, val, test = raw.train, raw.val, raw.test
+    if no_validation:
+        _check_no_validation(info, raw)
+        val, val_idx = train, []
     if protocol == 'paper' and info.name in _POOLED_IN_PAPER or (train is not None and val is None and test is None):
         pool = _concat([d for d in (train, val, test) if d is not None])
         train_idx, val_idx, test_idx = paper_split(len(pool), fractions, seed, raw.groups)
@@ -224,12 +241,27 @@ def build_datasets(
         val=TransformedDataset(val, val_idx, build_transform(info, train=False)),
         test=TransformedDataset(test, test_idx, build_transform(info, train=False)))
     for split_name, size in splits.sizes().items():
-        if size == 0:
+        if size == 0 and not (split_name == 'val' and no_validation):
             raise ValueError(
                 f'The {split_name} split of {info.name} is empty: it gets {info.split} of the images as '
                 f'(train, val, test). Add more images, give an image folder its own train/, val/ and test/ '
                 f'sub-folders, or pass build_datasets(split=...) fractions that leave every split an image.')
     return splits
+
+
+def _check_no_validation(info: DatasetInfo, raw: RawSplits) -> None:
+    """``val_fraction=0`` needs official training and test splits and no official validation split."""
+    if raw.val is not None:
+        raise ValueError(
+            f'{info.name} has an official validation split ({len(raw.val):,} images), which --val-fraction does not '
+            f'change, so --val-fraction 0 cannot remove it. Drop --val-fraction 0: the run then trains on the '
+            f'official training split and keeps the weights of the best epoch on the official validation split.')
+    if raw.test is None:
+        raise ValueError(
+            f'{info.name} has no official training and test splits: under --protocol official it is split '
+            f'{"/".join(f"{round(100 * f)}" for f in info.split)} (seeded), always with a validation part, so '
+            f'--val-fraction 0 does not apply. Drop --val-fraction 0, or train on a dataset with official splits '
+            f'(e.g. cifar10, fashion_mnist, svhn).')
 
 
 def _concat(datasets: List[Dataset]) -> Dataset:
