@@ -171,3 +171,22 @@ def test_resume_with_other_optimizer_groups_names_the_flags(tmp_path, capsys):
     assert 'optimizer state does not fit' in message and '--decay-norm-and-bias' in message
     assert 'config.yaml' in message and '--model the run was trained with' not in message
     assert (tmp_path / 'run' / 'last' / 'optimizer.pt').is_file()  # nothing of the run was lost
+
+
+@pytest.mark.parametrize('argv, names, fix', [
+    (['--val-fraction', '0'], '--protocol paper pools the official splits', 'Add --protocol official'),
+    (['--protocol', 'official', '--val-fraction', '0', '--sched', 'plateau'], '--sched plateau lowers the rate',
+     'e.g. --sched cosine'),
+    (['--protocol', 'official', '--val-fraction', '0', '--patience', '3'], '--patience 3 stops early',
+     'pass --patience 0'),
+    (['--recipe', 'paper', '--protocol', 'official', '--val-fraction', '0'],
+     '--sched plateau (from --recipe paper) lowers the rate when validation top-1 stops improving and --patience 7 '
+     '(from --recipe paper)', 'pass --patience 0'),
+], ids=['protocol-paper', 'plateau', 'patience', 'recipe-paper'])
+def test_no_validation_split_refuses_what_needs_one(argv, names, fix, tmp_path, capsys):
+    # --val-fraction 0 leaves no validation split: a protocol that re-splits, a schedule on validation top-1 and
+    # early stopping are each one line, naming the fix and the other way out, before any data or run folder.
+    message = fails(argv, tmp_path, capsys)
+    assert message.count('\n') == 1 and names in message and fix in message, message
+    assert 'or pass a --val-fraction above 0' in message
+    assert not any(tmp_path.iterdir())

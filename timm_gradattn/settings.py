@@ -82,7 +82,8 @@ def resolve_train_settings(argv: Optional[Sequence[str]] = None) -> Settings:
     # A recipe may depend on the model and the dataset, which any later source can set.
     model, dataset = (next((source[key] for source in (given, from_yaml, saved) if source.get(key) is not None),
                            parser.get_default(key)) for key in ('model', 'dataset'))
-    parser.set_defaults(**recipe_settings(recipe, model, dataset))
+    from_recipe = recipe_settings(recipe, model, dataset)
+    parser.set_defaults(**from_recipe)
     parser.set_defaults(**saved)
     parser.set_defaults(**from_yaml)
     args = Settings(**vars(parser.parse_args(argv)))
@@ -98,6 +99,9 @@ def resolve_train_settings(argv: Optional[Sequence[str]] = None) -> Settings:
     for key in _FOLDED_KEYS:
         delattr(args, key)
     _check_rules(args)
+    if args.val_fraction == 0:
+        _check_no_validation(args, {key: value for key, value in from_recipe.items()
+                                     if key not in explicit and key not in saved})
     _check_paths(args)
     check_model_name(args.model)
     return args
@@ -242,6 +246,30 @@ def _check_rules(args: Settings) -> None:
         if args.torchcompile.lower() not in backends:
             raise UserError(f'--torchcompile {args.torchcompile!r} is not a torch.compile backend Accelerate knows; '
                             f'use one of {backends} (inductor is torch\'s default).')
+
+
+def _check_no_validation(args: Settings, from_recipe: Dict[str, Any]) -> None:
+    """``--val-fraction 0`` (no validation split): refuse, in one line, the protocol and the settings that need one.
+    ``from_recipe`` holds the values the recipe set and nothing later overrode, so that the message names their
+    source. The model EMA needs none: without validation the last epoch's EMA weights are kept."""
+    if args.protocol != 'official':
+        raise UserError(f'--val-fraction 0 (no validation split) trains on the whole official training split, which '
+                        f'only --protocol official keeps; --protocol {args.protocol} pools the official splits and '
+                        f're-splits them with a validation part. Add --protocol official, or pass a --val-fraction '
+                        f'above 0.')
+    def origin(key: str) -> str:
+        return f' (from --recipe {args.recipe})' if key in from_recipe else ''
+    needs = []
+    if args.sched == 'plateau':
+        needs.append((f'--sched plateau{origin("sched")} lowers the rate when validation top-1 stops improving',
+                      'choose a schedule that needs no validation, e.g. --sched cosine, or --sched multistep '
+                      '--decay-milestones ...'))
+    if args.patience:
+        needs.append((f'--patience {args.patience}{origin("patience")} stops early when validation top-1 stops '
+                      f'improving', 'pass --patience 0 (the run then keeps the last epoch\'s weights)'))
+    if needs:
+        raise UserError(f'--val-fraction 0 leaves no validation split, but {" and ".join(n for n, _ in needs)}: '
+                        f'{"; ".join(fix for _, fix in needs)}; or pass a --val-fraction above 0.')
 
 
 def _check_schedule(args: Settings) -> None:
