@@ -95,3 +95,20 @@ def test_spatial_attention_plot(tmp_path, chans):
     _assert_png(path)
     with pytest.raises(ValueError, match='2 images for the attention maps of 3'):
         plot_spatial_attention(attention, images[:2], tmp_path / 'bad.png')
+
+
+def test_training_curves_without_validation_draw_the_test_curve(tmp_path, monkeypatch):
+    # A run without a validation split, with --test-every-epoch: no validation line and no best-epoch marker, and the
+    # test columns drawn dashed as the curve that selected nothing.
+    import timm_gradattn.plots as plots
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, '_save', lambda fig, path: figures.append(fig) or save(fig, path))
+    rows = [dict(epoch=epoch, train_loss=2 / epoch, train_top1=50 + 5 * epoch, test_loss=2.2 / epoch,
+                 test_top1=45 + 4 * epoch, lr=1e-3, epoch_time_s=1.5) for epoch in range(1, 6)]
+    _assert_png(plot_training_curves(rows, tmp_path / 'curves.png'))
+    ax_acc, ax_loss, _ = figures[0].axes
+    for ax in (ax_acc, ax_loss):
+        assert [line.get_label() for line in ax.get_lines()] == ['train', 'test (not used for selection)']
+        assert ax.get_lines()[1].get_linestyle() == '--'
+    assert list(ax_acc.get_lines()[1].get_ydata()) == [49, 53, 57, 61, 65]

@@ -273,7 +273,10 @@ def build_train_parser(add_help: bool = True) -> CommandLineParser:
     group.add_argument('--val-fraction', type=in_range(0, 1), default=None, metavar='FRACTION',
                        help="Share of the official training images held out for validation when the dataset has no "
                             "validation split (--protocol official; default: the dataset's validation share, 0.15 "
-                            "for most).")
+                            "for most). 0: no validation split, as the CNNtention and Attention Shortcuts papers "
+                            "trained: the whole official training split, no validation pass, no early stopping, and "
+                            "the last epoch's weights are the run's (datasets with official train and test splits "
+                            "only).")
     group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN',
                        help="Normalisation mean, one value per channel (default: the dataset's).")
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD',
@@ -416,6 +419,11 @@ def build_train_parser(add_help: bool = True) -> CommandLineParser:
                        help='Run folder name (default: <model>-<dataset>-<timestamp>).')
     group.add_argument('--resume', default=None, metavar='RUN_DIR',
                        help='Continue the run in this folder from its last finished epoch, with its settings.')
+    group.add_argument('--test-every-epoch', action=argparse.BooleanOptionalAction, default=False,
+                       help='Also evaluate the test split after every epoch: test_loss and test_top1 columns in '
+                            'summary.csv and a test curve in training_curves.png (e.g. the per-epoch test error of '
+                            "Attention Shortcuts' Figure 2). Reporting only: never used to select weights, stop early "
+                            'or step the schedule, and it leaves the training itself unchanged.')
     group.add_argument('--log-interval', type=at_least(1), default=20, metavar='N',
                        help='Update the progress bar (one device sync) every N steps.')
     group.add_argument('--grad-stats-every', type=at_least(0), default=0, metavar='N',

@@ -8,8 +8,11 @@ A run folder ``<output>/<experiment>/`` holds ``config.yaml``, ``summary.csv``, 
 ``last/`` (see ``timm_gradattn.checkpoint``), ``results.json``, ``hub/`` and, with ``--grad-stats-every``,
 ``grad_norms.jsonl``. Epochs are numbered from 1 in every file. ``results.json`` holds the test metrics of the
 best validation epoch's weights and, under ``test_last_epoch``, those of the last epoch's (a run stopped by
-``--max-updates`` ends with a partial epoch, validated and saved like the others). Ctrl-C ends a run with one line
-that says how to continue it; the state of the last finished epoch is kept.
+``--max-updates`` ends with a partial epoch, validated and saved like the others); its ``selection`` says which.
+A run without a validation split (``--protocol official --val-fraction 0``) has no validation pass and no early
+stopping, and its weights are the last epoch's. ``--test-every-epoch`` adds the test split's loss and top-1 to every
+summary.csv row, for the curve only. Ctrl-C ends a run with one line that says how to continue it; the state of the
+last finished epoch is kept.
 """
 import argparse
 import json
@@ -46,9 +49,13 @@ from .metrics import ClassificationResult, evaluate_logits, predict
 from .preserve import preserved_state
 from .reporting import describe_machine, peak_rss_mb
 
-__all__ = ['train', 'train_one_epoch', 'NonFiniteLossError', 'TrainingInterrupted', 'GRAD_STATS_BATCHES']
+__all__ = ['train', 'train_one_epoch', 'NonFiniteLossError', 'TrainingInterrupted', 'GRAD_STATS_BATCHES',
+           'SELECTED_ON_VALIDATION', 'LAST_EPOCH_WITHOUT_VALIDATION']
 
 GRAD_STATS_BATCHES = 5
+# results.json's ``selection``: whose weights the run keeps, exports and reports at the top level.
+SELECTED_ON_VALIDATION = 'best validation top-1'
+LAST_EPOCH_WITHOUT_VALIDATION = 'last epoch (no validation split)'
 bare = factory.bare
 
 
@@ -85,6 +92,10 @@ class Run:
     @property
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def validates(self) -> bool:
+        return self.data.has_validation
 
 
 # --- one epoch of training ----------------------------------------------------------------------------------
@@ -184,9 +195,10 @@ def train(args: argparse.Namespace, on_epoch_end: Optional[Callable[[Dict[str, A
     content.
 
     ``on_epoch_end``, if given, is called on every process once each epoch's checkpoint is taken, with the epoch's
-    summary.csv row plus the training images and the seconds its training loop, validation pass, checkpoint
-    (taking it; a single process writes it on a thread of its own, beside the next epoch) and the whole epoch took
-    (``train_images``, ``train_loop_s``, ``validate_s``, ``checkpoint_s``, ``epoch_wall_s``), and
+    summary.csv row plus the training images and the seconds its training loop, validation pass, test pass
+    (``--test-every-epoch``), checkpoint (taking it; a single process writes it on a thread of its own, beside the
+    next epoch) and the whole epoch took (``train_images``, ``train_loop_s``, ``validate_s``, ``test_s``,
+    ``checkpoint_s``, ``epoch_wall_s``; 0 for a pass not run), and
     ``wait_for_checkpoint``, which blocks until the files are written; the benchmarks time it so.
 
     Raises:
@@ -269,6 +281,15 @@ def setup(args: argparse.Namespace) -> Run:
         f'{info.num_classes} classes, {info.input_size[0]}x{info.img_size}x{info.img_size}), '
         f'{accelerator.num_processes} process(es) on {accelerator.device}, batch {args.batch_size} '
         f'({per_process_batch} per process), mixed precision {accelerator.mixed_precision}, run folder {run_dir}')
+    if not run.validates:
+        ema_weights = ' EMA weights' if ema is not None else ''
+        accelerator.print(
+            "No validation split (--protocol official --val-fraction 0): no validation pass, no early stopping; the "
+            f"run's weights are the last epoch's{ema_weights} (model_best.safetensors), and results.json's test "
+            "figures are theirs.")
+    if args.test_every_epoch:
+        accelerator.print('Test split evaluated after every epoch (--test-every-epoch): test_loss and test_top1 in '
+                          'summary.csv, for the curve only; never used for selection, stopping or the schedule.')
     return run
 
 
@@ -278,9 +299,11 @@ def epochs_for(args: argparse.Namespace, updates_per_epoch: int) -> int:
 
 
 def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
-    """Train one epoch, validate, keep the best weights and write the resumable state."""
+    """Train one epoch, validate, keep the best weights (the last epoch's without a validation split), test if
+    asked (for the curve only) and write the resumable state."""
     args, accelerator, state = run.args, run.accelerator, run.state
-    train_loader, val_loader, _ = run.loaders
+    train_loader, val_loader, test_loader = run.loaders
+    num_classes = run.data.info.num_classes
     start = time.perf_counter()
     lr = run.optimizer.param_groups[0]['lr']
     train_loader.set_epoch(epoch)  # data order depends on (seed, epoch) only, so a resumed run sees the same
@@ -292,29 +315,47 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
     state['train_loop_s'] = state.get('train_loop_s', 0.0) + trained - start
     state['train_images'] = state.get('train_images', 0) + len(run.data.train)
     _stop_unless_finite(epoch, run.model, run.ema, accelerator)
-    val = evaluate_logits(*predict(run.eval_model, val_loader, accelerator), run.data.info.num_classes).metrics
+    val = None
+    if run.validates:
+        val = evaluate_logits(*predict(run.eval_model, val_loader, accelerator), num_classes).metrics
     validated = time.perf_counter()
-    row = dict(epoch=epoch + 1, **train_stats, val_loss=val['nll'], val_top1=val['top1'], val_top5=val['top5'],
-               val_f1_macro=val['f1_macro'], lr=lr, epoch_time_s=time.perf_counter() - start)
+    test = None
+    if args.test_every_epoch:
+        with preserved_state():  # the test loader's iteration draws a seed: the training's random stream is kept
+            test = evaluate_logits(*predict(run.eval_model, test_loader, accelerator), num_classes).metrics
+    tested = time.perf_counter()
+    row = dict(epoch=epoch + 1, **train_stats)
+    if val is not None:
+        row.update(val_loss=val['nll'], val_top1=val['top1'], val_top5=val['top5'], val_f1_macro=val['f1_macro'])
+    if test is not None:
+        row.update(test_loss=test['nll'], test_top1=test['top1'])
+    row.update(lr=lr, epoch_time_s=time.perf_counter() - start)
     state['summary_rows'].append(row)
-    if val['top1'] > state['best_top1']:
-        state.update(best_top1=val['top1'], best_epoch=epoch + 1, bad_epochs=0)
+    # The test figures above never reach this: selection is on validation top-1, or, without a validation split,
+    # each epoch's weights replace the previous epoch's (the run keeps the last epoch's).
+    if val is None or val['top1'] > state['best_top1']:
+        state.update(best_epoch=epoch + 1, bad_epochs=0)
+        if val is not None:
+            state['best_top1'] = val['top1']
         if accelerator.is_main_process:
+            why = dict(val_top1=str(val['top1'])) if val is not None else dict(selection=LAST_EPOCH_WITHOUT_VALIDATION)
             run.best_weights = cpu_copy(bare(accelerator, run.eval_model))
             run.writer.submit(atomic_save_weights, run.best_weights, run.run_dir / 'model_best.safetensors',
-                              metadata=dict(model=args.model, epoch=str(epoch + 1), val_top1=str(val['top1'])))
+                              metadata=dict(model=args.model, epoch=str(epoch + 1), **why))
     else:
         state['bad_epochs'] += 1
     if run.scheduler is not None:
-        run.scheduler.step(epoch + 1, val['top1'])
+        run.scheduler.step(epoch + 1, val['top1'] if val is not None else None)
     state['stopped_early'] = bool(args.patience) and state['bad_epochs'] >= args.patience
     state['scheduler'] = scheduler_state_dict(run.scheduler)
     if accelerator.is_main_process:
         atomic_write_csv(run.run_dir / 'summary.csv', state['summary_rows'])
+    passes = ''.join(f"{split} loss {row[f'{split}_loss']:.4f} top1 {row[f'{split}_top1']:.2f}  "
+                     for split in ('val', 'test') if f'{split}_loss' in row)
+    best = val is not None and state['best_epoch'] == epoch + 1
     accelerator.print(
         f"epoch {epoch + 1}/{args.epochs}  train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}  "
-        f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}  lr {lr:.2e}  "
-        f"{row['epoch_time_s']:.1f}s{'  *best' if state['best_epoch'] == epoch + 1 else ''}")
+        f"{passes}lr {lr:.2e}  {row['epoch_time_s']:.1f}s{'  *best' if best else ''}")
     if args.grad_stats_every and (epoch + 1) % args.grad_stats_every == 0:
         _record_grad_norms(epoch, run)
     saved = time.perf_counter()
@@ -325,8 +366,8 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
     if on_epoch_end is not None:
         now = time.perf_counter()
         on_epoch_end(dict(row, train_images=len(run.data.train), train_loop_s=trained - start,
-                          validate_s=validated - trained, checkpoint_s=now - saved, epoch_wall_s=now - start,
-                          wait_for_checkpoint=run.writer.wait))
+                          validate_s=validated - trained, test_s=tested - validated, checkpoint_s=now - saved,
+                          epoch_wall_s=now - start, wait_for_checkpoint=run.writer.wait))
     if state['stopped_early']:
         accelerator.print(f"Early stopping: no better val top-1 for {args.patience} epochs "
                           f"(best {state['best_top1']:.2f} at epoch {state['best_epoch']}).")
@@ -335,7 +376,8 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
 
 
 def finish(run: Run) -> Dict[str, Any]:
-    """Test the last epoch's and the best epoch's weights, export, write results.json and the plots.
+    """Test the last epoch's and the best epoch's weights (one and the same without a validation split), export,
+    write results.json and the plots.
 
     The plots are drawn on a thread of their own beside the test passes and the export (the main process's
     matplotlib import and drawing took about 4 s of a 2-core CPU, longer than everything else here)."""
@@ -364,7 +406,8 @@ def finish(run: Run) -> Dict[str, Any]:
                 input_size=info.input_size, mean=info.mean, std=info.std,
                 pretrained_cfg=dict(tag=info.name, license=info.license, notes=(
                     f'Trained on {info.title} with timm-gradattn train.py (recipe {args.recipe}); '
-                    f'best validation top-1 {state["best_top1"]:.2f} at epoch {state["best_epoch"]}.',)))
+                    + (f'best validation top-1 {state["best_top1"]:.2f} at epoch {state["best_epoch"]}.'
+                       if run.validates else f'no validation split: the weights of the last epoch, {last_epoch}.'),)))
             atomic_write_text(run.run_dir / 'results.json', json.dumps(results, indent=2))
             curves.result(), test_plots.result()  # a failed plot is raised here
     finally:
@@ -372,14 +415,19 @@ def finish(run: Run) -> Dict[str, Any]:
             plots.shutdown()
     accelerator.wait_for_everyone()
     run_dir = run.run_dir
+    if run.validates:
+        weights = (f"(weights of epoch {state['best_epoch']}, val top-1 {state['best_top1']:.2f}); "
+                   f"last epoch {last_epoch}: top-1 {results['test_last_epoch']['top1']:.2f}")
+    else:
+        weights = f'(weights of the last epoch, {last_epoch}: no validation split)'
+    kept = 'best validation' if run.validates else "the last epoch's"
     accelerator.print(
         f"Test top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  F1 (macro) {results['f1_macro']:.4f}  "
-        f"ECE {results['ece']:.4f}  (weights of epoch {state['best_epoch']}, val top-1 {state['best_top1']:.2f}); "
-        f"last epoch {last_epoch}: top-1 {results['test_last_epoch']['top1']:.2f}\n"
+        f"ECE {results['ece']:.4f}  {weights}\n"
         f'Run folder {run_dir}:\n'
         f'  results.json            test metrics and run facts\n'
         f'  summary.csv             one row per epoch\n'
-        f'  model_best.safetensors  best validation weights\n'
+        f'  model_best.safetensors  {kept} weights\n'
         f'  *.png                   training curves, reliability diagram, confusion matrix (test split)\n'
         f'  hub/                    timm.create_model("local-dir:{run_dir / "hub"}", pretrained=True)\n'
         f'  last/                   resumable state: python train.py --resume {run_dir}')
@@ -476,7 +524,7 @@ def _plot_test(run_dir: Path, test: ClassificationResult, label_names) -> None:
 def _results(run: Run, test: Dict[str, float]) -> Dict:
     args, state, data, accelerator = run.args, run.state, run.data, run.accelerator
     rows = state['summary_rows']
-    best = next(row for row in rows if row['epoch'] == state['best_epoch'])
+    best = next(row for row in rows if row['epoch'] == state['best_epoch'])  # the last row without validation
     info = data.info
     backend = accelerator.state.dynamo_plugin.backend
     return dict(
@@ -484,10 +532,12 @@ def _results(run: Run, test: Dict[str, float]) -> Dict:
         model=args.model, dataset=info.name, protocol=args.protocol, seed=args.seed, recipe=args.recipe,
         num_classes=info.num_classes, label_names=list(info.label_names) if info.label_names else None,
         split_sizes=data.sizes(),
+        # Whose weights the top-level test figures are; best_epoch is that epoch either way.
+        selection=SELECTED_ON_VALIDATION if run.validates else LAST_EPOCH_WITHOUT_VALIDATION,
         best_epoch=state['best_epoch'], epochs_run=len(rows), stopped_early=state['stopped_early'],
         num_updates=state['num_updates'], stopped_at_max_updates=_reached_max_updates(args, state['num_updates']),
-        val_top1_best=state['best_top1'], train_top1_at_best=best['train_top1'],
-        train_val_gap=abs(best['train_top1'] - best['val_top1']),
+        val_top1_best=state['best_top1'] if run.validates else None, train_top1_at_best=best['train_top1'],
+        train_val_gap=abs(best['train_top1'] - best['val_top1']) if run.validates else None,
         seconds_per_epoch=sum(r['epoch_time_s'] for r in rows) / len(rows),
         # Training images a second over the training loops (this process's share under several processes), and
         # the process's peak resident memory (in a grid run in one process: the peak so far).

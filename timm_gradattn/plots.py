@@ -27,7 +27,7 @@ __all__ = ['plot_confusion_matrix', 'plot_depth_routing', 'plot_gradient_norms',
 
 PathLike = Union[str, Path]
 _DPI = 120
-_TRAIN_COLOR, _VAL_COLOR = '#1f77b4', '#d62728'
+_TRAIN_COLOR, _VAL_COLOR, _TEST_COLOR = '#1f77b4', '#d62728', '#7f7f7f'
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -56,7 +56,9 @@ def plot_training_curves(
 ) -> Path:
     """Accuracy, loss and learning rate per epoch from ``summary.csv`` (or its rows).
 
-    The epoch with the best validation accuracy (the one early stopping restores) is marked.
+    The epoch with the best validation accuracy (the one early stopping restores) is marked. A run without a
+    validation split has no validation curve; the test columns of ``--test-every-epoch`` are drawn dashed, as a
+    curve that selected nothing.
     """
     rows = read_summary_csv(summary) if isinstance(summary, (str, Path)) else list(summary)
     if not rows:
@@ -70,7 +72,11 @@ def plot_training_curves(
     ax_acc, ax_loss, ax_lr = fig.subplots(1, 3)
     for ax, key, label in ((ax_acc, 'top1', 'top-1 accuracy (%)'), (ax_loss, 'loss', 'cross-entropy loss')):
         ax.plot(epochs, column(f'train_{key}'), '-o', ms=3, color=_TRAIN_COLOR, label='train')
-        ax.plot(epochs, column(f'val_{key}'), '-o', ms=3, color=_VAL_COLOR, label='validation')
+        for split, style, color, name in (('val', '-o', _VAL_COLOR, 'validation'),
+                                          ('test', '--s', _TEST_COLOR, 'test (not used for selection)')):
+            values = column(f'{split}_{key}')
+            if np.isfinite(values).any():
+                ax.plot(epochs, values, style, ms=3, color=color, label=name)
         ax.set_xlabel('epoch')
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
