@@ -427,6 +427,16 @@ def test_every_family_template_renders(digits_run, architecture, family):
     assert '${' not in text
 
 
+def test_card_of_a_run_without_validation_says_whose_weights_it_holds(digits_run):
+    # --protocol official --val-fraction 0: the last epoch's weights, no validation figures to show.
+    run = _synthetic_run(digits_run, selection='last epoch (no validation split)', best_epoch=3, epochs_run=3,
+                         val_top1_best=None, train_val_gap=None, split_sizes=dict(train=1257, val=0, test=271))
+    table = card_fields(run, f'my-lab/{MODEL}.digits')['run_table']
+    assert '| Weights kept | last epoch (no validation split) |' in table
+    assert '| Epoch of the weights kept | 3 |' in table
+    assert 'validation top-1' not in table and 'Train-validation gap' not in table
+
+
 def test_every_family_cites_a_paper_the_bib_has():
     keys = re.findall(r'^@\w+\{([^,\s]+),', (HUB_CARDS_DIR / 'citations.bib').read_text(), re.MULTILINE)
     assert len(keys) == len(set(keys))

@@ -62,7 +62,8 @@ CARD_METRICS: Tuple[Tuple[str, str, Optional[str], str], ...] = tuple(
 _RUN_FACTS = (
     ('recipe', 'Recipe'),
     ('split_sizes', 'Images per split'),
-    ('best_epoch', 'Best epoch (by validation top-1)'),
+    ('selection', 'Weights kept'),
+    ('best_epoch', 'Epoch of the weights kept'),
     ('epochs_run', 'Epochs run'),
     ('val_top1_best', 'Best validation top-1 (%)'),
     ('train_top1_at_best', 'Train top-1 at the best epoch (%)'),
