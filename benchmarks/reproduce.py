@@ -1113,8 +1113,7 @@ def study_markdown(study: Study, rows: Sequence[Dict[str, Any]], records: Sequen
     finished = [r for r in rows if r['n_seeds']]
     published = {r['model']: published_top1(dataset, r['model']) for r in rows}
     literature = {r['model']: literature_figure(dataset, r['model']) for r in rows}
-    family_column = any(r['vs_family_baseline'] for r in rows) or any(
-        r['family'].baseline != STUDY_BASELINE for r in rows)
+    family_column = any(r['family'].baseline != STUDY_BASELINE for r in rows)  # a second family in the study
     header = ['model', 'family', 'top-1 (%)', 'seeds', 'top-5 (%)', f'Δ top-1 vs {STUDY_BASELINE}']
     header += ['Δ top-1 vs family baseline'] if family_column else []
     header += ['GMACs', 'params (M)', 'train img/s', 'peak RSS (MB)', 'precision', 'wall time / cell']
@@ -1215,10 +1214,10 @@ def _study_notes(study: Study, rows, records, published, literature) -> List[str
     if differing:
         notes.append('Settings that differ between cells (compare with care): ' + '; '.join(
             f'{key}: {", ".join(map(str, values))}' for key, values in differing.items()) + '.')
-    cores = {r['results']['machine'].get('cpu_count') for r in records}
+    cores = [r['results']['machine'].get('cpu_count') for r in records if r['results']['machine'].get('cpu_count')]
     loads = [r['load_average_5_min'] for r in records if r['load_average_5_min'] is not None]
     if cores and loads:
-        notes += _load_notes(dict(cores=max(c for c in cores if c), cell_loads=loads, run_load=None))
+        notes += _load_notes(dict(cores=min(cores), cell_loads=loads, run_load=None))
     return notes
 
 
