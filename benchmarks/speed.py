@@ -152,11 +152,12 @@ def family_choice(name: str) -> str:
     return key if key in FAMILIES else name
 
 
-def create_model(spec: str) -> nn.Module:
-    """The timm model ``spec`` names, with NUM_CLASSES outputs; ``name:materialised`` switches every module with a
-    ``fused_attn`` flag (timm's attention, the zoo's spatial self-attention) to its explicit path."""
+def create_model(spec: str, **kwargs) -> nn.Module:
+    """The timm model ``spec`` names, with NUM_CLASSES outputs unless ``kwargs`` (timm.create_model's) say otherwise;
+    ``name:materialised`` switches every module with a ``fused_attn`` flag (timm's attention, the zoo's spatial
+    self-attention) to its explicit path."""
     name, _, variant = spec.partition(':')
-    model = timm.create_model(name, num_classes=NUM_CLASSES)
+    model = timm.create_model(name, **{'num_classes': NUM_CLASSES, **kwargs})
     if variant:
         switched = [module for module in model.modules() if hasattr(module, 'fused_attn')]
         if variant != MATERIALISED or not switched:
@@ -200,9 +201,10 @@ def _taps_inside(in_size: int, out_size: int, kernel: int, stride: int, padding:
                for o in range(out_size))
 
 
-def forward_flops(name: str, size: int) -> Tuple[int, int]:
-    """(counted, executed) forward FLOPs per image: FlopCounterMode's, and the same without padding taps."""
-    model = create_model(name).eval()
+def forward_flops(name: str, size: int, in_chans: int = 3, **kwargs) -> Tuple[int, int]:
+    """(counted, executed) forward FLOPs per image of ``size`` px and ``in_chans`` channels: FlopCounterMode's, and
+    the same without padding taps. ``kwargs`` go to timm.create_model (e.g. ``num_classes``)."""
+    model = create_model(name, in_chans=in_chans, **kwargs).eval()
     padding_flops = [0]
 
     def count_padding_taps(module: nn.Conv2d, inputs, output):
@@ -218,7 +220,7 @@ def forward_flops(name: str, size: int) -> Tuple[int, int]:
     hooks = [m.register_forward_hook(count_padding_taps) for m in model.modules() if isinstance(m, nn.Conv2d)]
     counter = flop_counter()
     with counter, torch.no_grad():
-        model(torch.randn(1, 3, size, size))
+        model(torch.randn(1, in_chans, size, size))
     for hook in hooks:
         hook.remove()
     counted = counter.get_total_flops()
