@@ -6,11 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
+from timm_gradattn import plots
 from timm_gradattn.analysis import DepthRoutingSummary, RoutingSummary, SpatialAttention, read_grad_norms
 from timm_gradattn.metrics import confusion_matrix, reliability_bins
 from timm_gradattn.plots import (
-    plot_confusion_matrix, plot_depth_routing, plot_gradient_norms, plot_reliability_diagram, plot_routing,
-    plot_spatial_attention, plot_training_curves, read_summary_csv,
+    plot_cam, plot_cam_grid, plot_confusion_matrix, plot_depth_routing, plot_gradient_norms, plot_reliability_diagram,
+    plot_routing, plot_spatial_attention, plot_training_curves, read_summary_csv,
 )
 
 
@@ -112,3 +113,29 @@ def test_training_curves_without_validation_draw_the_test_curve(tmp_path, monkey
         assert [line.get_label() for line in ax.get_lines()] == ['train', 'test (not used for selection)']
         assert ax.get_lines()[1].get_linestyle() == '--'
     assert list(ax_acc.get_lines()[1].get_ydata()) == [49, 53, 57, 61, 65]
+
+
+def test_cam_grid_has_a_row_per_model_under_the_same_images(tmp_path, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 1, 28, 28, generator=generator)
+    maps = {name: torch.rand(3, 28, 28, generator=generator).numpy() for name in ('gradattn', 'resnet20_mha')}
+    labels = ['cat', 'dog', 'bird']
+    predictions = {'gradattn': ['cat', 'cat', 'bird'], 'resnet20_mha': labels}
+    one = plot_cam(images, maps['gradattn'], tmp_path / 'cam.png', labels, predictions['gradattn'])
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, '_save', lambda fig, path: figures.append(fig) or save(fig, path))
+    grid = plot_cam_grid(images, maps, tmp_path / 'cam_grid.png', labels=labels, predictions_by_model=predictions)
+    _assert_png(one, min_side=250)
+    _assert_png(grid)
+    with Image.open(one) as single, Image.open(grid) as several:
+        assert several.width == single.width and several.height > 1.3 * single.height  # one more row of maps
+    # Panels titled row by row: the true classes over the images, each model's predictions over its maps, red where
+    # the prediction is wrong.
+    titled = [(ax.get_title(), ax.title.get_color()) for ax in figures[0].axes if ax.get_title()]
+    assert [title for title, _ in titled] == labels + predictions['gradattn'] + predictions['resnet20_mha']
+    assert [index for index, (_, colour) in enumerate(titled) if colour == plots._VAL_COLOR] == [4]
+    with pytest.raises(ValueError, match=r'resnet20_mha: maps of shape \(2, 28, 28\) for 3 images'):
+        plot_cam_grid(images, dict(maps, resnet20_mha=maps['resnet20_mha'][:2]), tmp_path / 'bad.png')
+    with pytest.raises(ValueError, match='gradattn: 2 predictions for 3 images'):
+        plot_cam_grid(images, maps, tmp_path / 'bad.png', predictions_by_model={'gradattn': ['cat', 'dog']})

@@ -1,6 +1,7 @@
 """PNG figures for runs and evaluations: training curves, reliability diagram, confusion matrix,
 per-layer gradient norms across training, attention routing over the extraction points (GradAttn) or
-over earlier outputs (Attention Shortcuts), and spatial attention drawn over images (CNNtention).
+over earlier outputs (Attention Shortcuts), spatial attention drawn over images (CNNtention), and
+Grad-CAM maps over images, for one model or the same images across models.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects and rendered by the Agg canvas, never through
 pyplot, so nothing here touches a user's interactive backend or leaks open figures. Every function
@@ -8,6 +9,7 @@ takes plain data (lists, tensors or the records the analysis returns) and a path
 returns the path.
 """
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -22,8 +24,9 @@ from .analysis import REFERENCE_BAND, DepthRoutingSummary, RoutingSummary, Spati
 from .metrics import ReliabilityBins
 from .reporting import read_summary_csv
 
-__all__ = ['plot_confusion_matrix', 'plot_depth_routing', 'plot_gradient_norms', 'plot_reliability_diagram',
-           'plot_routing', 'plot_spatial_attention', 'plot_training_curves', 'read_summary_csv']
+__all__ = ['plot_cam', 'plot_cam_grid', 'plot_confusion_matrix', 'plot_depth_routing', 'plot_gradient_norms',
+           'plot_reliability_diagram', 'plot_routing', 'plot_spatial_attention', 'plot_training_curves',
+           'read_summary_csv']
 
 PathLike = Union[str, Path]
 _DPI = 120
@@ -419,3 +422,94 @@ def plot_spatial_attention(
     fig.suptitle(title or 'spatial attention (mean over heads): from the centre (+) and received on average',
                  fontsize=10)
     return _save(fig, path)
+
+
+# --- Grad-CAM --------------------------------------------------------------------------------------------------
+
+def plot_cam_grid(
+        images: Any,
+        maps_by_model: Dict[str, Any],
+        path: PathLike,
+        labels: Optional[Sequence[str]] = None,
+        predictions_by_model: Optional[Dict[str, Sequence[str]]] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        columns: int = 8,
+        title: Optional[str] = None,
+) -> Path:
+    """The same images across models: a row of the images (titled with ``labels``, the true classes), then one row
+    per model with its Grad-CAM map over each image (titled with its prediction, in red where it is not the label).
+
+    ``images`` (N, C, H, W) are in [0, 1], or normalised with ``mean``/``std``; each model's maps are (N, h, w),
+    stretched over the images and coloured from 0 to their own maximum. More than ``columns`` images wrap into
+    further blocks of rows.
+    """
+    images = np.asarray(images, dtype=float)
+    if images.ndim != 4:
+        raise ValueError(f'images must be (N, C, H, W), got shape {images.shape}.')
+    if not maps_by_model:
+        raise ValueError('No maps to plot: maps_by_model is empty.')
+    num_images = images.shape[0]
+    maps_by_model = {name: np.asarray(maps, dtype=float) for name, maps in maps_by_model.items()}
+    predictions_by_model = predictions_by_model or {}
+    for name, maps in maps_by_model.items():
+        if maps.ndim != 3 or maps.shape[0] != num_images:
+            raise ValueError(f'{name}: maps of shape {maps.shape} for {num_images} images; pass one (h, w) map '
+                             f'per image.')
+        if name in predictions_by_model and len(predictions_by_model[name]) != num_images:
+            raise ValueError(f'{name}: {len(predictions_by_model[name])} predictions for {num_images} images.')
+    if labels is not None and len(labels) != num_images:
+        raise ValueError(f'{len(labels)} labels for {num_images} images.')
+    shown = [_displayable(image, mean, std) for image in images]
+    shown = [np.repeat(im[..., None], 3, axis=-1) if im.ndim == 2 else im for im in shown]
+
+    columns = max(1, min(columns, num_images))
+    blocks = math.ceil(num_images / columns)
+    rows_per_block = 1 + len(maps_by_model)
+    panel = 1.15  # inches per image
+    width = max(panel * columns + 1.6, 4.5)
+    title = title or 'Grad-CAM: true class above each image, prediction above each map (red: wrong)'
+    title = textwrap.fill(title, int(width * 11))  # about 11 characters an inch at 10 pt
+    fig = _new_figure(width, panel * 1.18 * blocks * rows_per_block + 0.4 + 0.2 * title.count('\n'))
+    axes = fig.subplots(blocks * rows_per_block, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for index in range(num_images):
+        block, column = divmod(index, columns)
+        rows = axes[block * rows_per_block:(block + 1) * rows_per_block, column]
+        truth = labels[index] if labels is not None else None
+        rows[0].imshow(shown[index], interpolation='nearest')
+        rows[0].set_title(_short(truth, 14) if truth is not None else f'#{index}', fontsize=7)
+        for ax, (name, maps) in zip(rows[1:], maps_by_model.items()):
+            ax.imshow(np.clip(_overlay(shown[index], maps[index], alpha=0.5), 0, 1), interpolation='nearest')
+            predicted = predictions_by_model.get(name)
+            if predicted is not None:
+                wrong = truth is not None and predicted[index] != truth
+                ax.set_title(_short(str(predicted[index]), 14), fontsize=7, color=_VAL_COLOR if wrong else 'black')
+    # Row names in the first column, where set_axis_off would hide a y-label.
+    for block in range(blocks):
+        for offset, name in enumerate(['image'] + list(maps_by_model)):
+            ax = axes[block * rows_per_block + offset, 0]
+            ax.text(-0.08, 0.5, _short(name, 22), transform=ax.transAxes, ha='right', va='center', fontsize=8)
+    fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap='inferno'), ax=axes, shrink=0.6, pad=0.01,
+                 label='Grad-CAM / the map\'s maximum')
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_cam(
+        images: Any,
+        maps: Any,
+        path: PathLike,
+        labels: Optional[Sequence[str]] = None,
+        predictions: Optional[Sequence[str]] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        model_name: str = 'Grad-CAM',
+        columns: int = 8,
+        title: Optional[str] = None,
+) -> Path:
+    """One model's Grad-CAM maps over its images: ``plot_cam_grid`` with one row of maps under the images."""
+    return plot_cam_grid(images, {model_name: maps}, path, labels=labels,
+                         predictions_by_model=None if predictions is None else {model_name: predictions},
+                         mean=mean, std=std, columns=columns, title=title)
