@@ -1,5 +1,6 @@
 """Grad-CAM for every family: the layers it reads at 28 and 32 px, maps that show something and leave the model as
-they found it, feature maps in other layouts, and the one-line error without grad-cam."""
+they found it, feature maps in other layouts, ``evaluate --cam``, and the one-line error without grad-cam."""
+import json
 import sys
 
 import numpy as np
@@ -7,9 +8,12 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from timm.models import save_for_hf
 
 import timm_gradattn  # noqa: F401  (registers the zoo's models)
 from timm_gradattn.analysis import CAM_INSTALL, cam_target_layers, class_activation_maps, feature_maps
+from timm_gradattn.errors import UserError
+from timm_gradattn.evaluate import cli, main, parse_args
 from tiers import REPRESENTATIVES, case, one_per_family
 
 # What each model reads: (feature_info module, module hooked, grid at 28 px, grid at 32 px). GradAttn's stage 4 is
@@ -152,11 +156,26 @@ def test_channels_last_and_token_maps_are_read_in_their_layout(make_images):
     assert (result.maps.max(axis=(1, 2)) - result.maps.min(axis=(1, 2)) > 0.1).all()
 
 
-def test_without_grad_cam_the_error_says_what_to_install(monkeypatch, make_images):
+def test_without_grad_cam_the_error_says_what_to_install(monkeypatch, tmp_path, capsys, make_images):
     monkeypatch.setitem(sys.modules, 'pytorch_grad_cam', None)  # as if it were not installed
     with pytest.raises(ImportError) as raised:
         class_activation_maps(_ChannelsLastNet(), make_images(batch=1, size=16))
     assert CAM_INSTALL in str(raised.value) and '\n' not in str(raised.value)
+
+    def not_before_the_check(*args, **kwargs):
+        raise AssertionError('evaluation work started before the grad-cam check')
+    monkeypatch.setattr('timm_gradattn.evaluate.create_eval_model', not_before_the_check)
+    monkeypatch.setattr('timm_gradattn.evaluate.build_datasets', not_before_the_check)
+    assert cli(['--model', 'resnet20', '--dataset', 'digits', '--cam', '4', '--output', str(tmp_path / 'eval')]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].endswith(f'--cam: Grad-CAM needs the grad-cam package, which is not '
+                                                 f'installed: {CAM_INSTALL}')
+
+
+@pytest.mark.parametrize('count', ['0', '-2', 'two'])
+def test_cam_needs_a_count_of_at_least_one(count):
+    with pytest.raises(UserError, match='--cam must be'):
+        parse_args(['--model', 'resnet20', '--dataset', 'digits', '--cam', count])
 
 
 @pytest.mark.slow  # a fresh interpreter
@@ -166,3 +185,22 @@ def test_grad_cam_is_imported_only_when_used(run_python_json):
         'import timm_gradattn, timm_gradattn.analysis, timm_gradattn.evaluate, timm_gradattn.plots\n'
         'print(json.dumps({"loaded": sorted(m for m in ("pytorch_grad_cam", "cv2") if m in sys.modules)}))')
     assert loaded == {'loaded': []}
+
+
+def test_evaluate_draws_grad_cam_over_the_first_images_of_the_split(tmp_path):
+    # A small GradAttn: at 32 px its stage 4 is 1x1, its stage 2 4x4.
+    model_args = dict(TINY['gradattn_resnet18_rope'], in_chans=1, num_classes=10)
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model('gradattn_resnet18_rope.digits', **model_args), tmp_path / 'export',
+                model_args=model_args, safe_serialization=True)
+    output_dir = tmp_path / 'eval'
+    main(['--model', f'local-dir:{tmp_path / "export"}', '--dataset', 'digits', '--split', 'test', '-b', '136',
+          '-j', '0', '--cam', '5', '--output', str(output_dir)])
+    cam = json.loads((output_dir / 'metrics.json').read_text())['cam']
+    assert cam['indices'] == [0, 1, 2, 3, 4] and len(cam['labels']) == len(cam['predictions']) == 5
+    assert [(layer['feature'], layer['grid']) for layer in cam['layers']] == [('stages.1', [4, 4])]
+    assert (output_dir / 'cam.png').stat().st_size > 10_000
+    saved = np.load(output_dir / 'cam.npz')
+    assert saved['maps'].shape == (5, 32, 32) and saved['images'].shape == (5, 1, 32, 32)
+    assert 0 <= saved['images'].min() and saved['images'].max() <= 1
+    assert [str(target) for target in saved['targets']] == cam['labels']  # digits' label names are the digits

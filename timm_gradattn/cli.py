@@ -459,6 +459,9 @@ def build_evaluate_parser(gradient_modes: Sequence[str] = ('parameters', 'output
     parser.add_argument('--gradient-mode', default='outputs', choices=tuple(gradient_modes),
                         help="'outputs' is the paper's measurement (gradient w.r.t. each layer output).")
     parser.add_argument('--gradient-batches', type=at_least(1), default=20)
+    parser.add_argument('--cam', type=at_least(1), default=None, metavar='N',
+                        help='Grad-CAM maps over the first N images of the split, drawn in cam.png (needs the '
+                             'grad-cam package: pip install "timm-gradattn[cam]").')
     parser.add_argument('--output', default=None,
                         help='Folder for metrics.json and the plots; default output/eval/<model>-<dataset>-<split>.')
     return parser

@@ -15,7 +15,8 @@ matrix, label names and per-class scores), ``reliability.png`` and ``confusion_m
 ``--routing`` the attention analysis the model exposes (``routing.png``: GradAttn's routing over its extraction
 points; ``depth_routing.png``: which earlier outputs each Attention Shortcuts block reads; ``attention_maps.png``:
 CNNtention SelfAtt / MHA spatial attention over a few images per class), with ``--gradient-health``
-``gradient_norms.png``.
+``gradient_norms.png``, with ``--cam N`` ``cam.png`` (Grad-CAM over the first N images of the split; the maps in
+``cam.npz``, the layers read in metrics.json; needs ``pip install "timm-gradattn[cam]"``).
 """
 import argparse
 import json
@@ -26,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+import numpy as np
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
@@ -34,9 +36,9 @@ from accelerate import Accelerator
 from timm.models import parse_model_name, safe_model_name
 
 from .analysis import (
-    ATTENTION_MODELS, GRADIENT_MODES, REFERENCE_BAND, ROUTING_METHODS, attention_kind, depth_routing_summary,
-    extraction_point_names, gradient_health_report, gradient_norms, images_per_class, routing_summary,
-    spatial_attention,
+    ATTENTION_MODELS, GRADIENT_MODES, REFERENCE_BAND, ROUTING_METHODS, attention_kind, class_activation_maps,
+    depth_routing_summary, extraction_point_names, gradient_health_report, gradient_norms, images_per_class,
+    import_grad_cam, routing_summary, spatial_attention,
 )
 from .checkpoint import load_weights
 from .cli import run_entry_point
@@ -44,7 +46,7 @@ from .data import DATASETS, DatasetInfo, build_datasets, loader_workers
 from .errors import UserError
 from .metrics import METRIC_KEYS, evaluate_logits, predict
 from .plots import (
-    plot_confusion_matrix, plot_depth_routing, plot_gradient_norms, plot_reliability_diagram, plot_routing,
+    plot_cam, plot_confusion_matrix, plot_depth_routing, plot_gradient_norms, plot_reliability_diagram, plot_routing,
     plot_spatial_attention,
 )
 from .settings import resolve_evaluate_settings
@@ -109,6 +111,11 @@ def _data_overrides(model: nn.Module, img_size: Optional[int]) -> Dict[str, Any]
 
 def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None) -> Dict[str, Any]:
     """Run the evaluation described by parsed command-line ``args``; returns what metrics.json holds."""
+    if args.cam:
+        try:  # before any model or data is loaded
+            import_grad_cam()
+        except ImportError as error:
+            raise UserError(f'--cam: {error}') from error
     accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision)
     data_args = dict(data_dir=args.data_dir, protocol=args.protocol, download=args.download, seed=args.seed)
     key = args.dataset.strip().lower().replace('-', '_')
@@ -192,6 +199,16 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
         norms = gradient_norms(core, local_loader, mode=args.gradient_mode, max_batches=args.gradient_batches)
         results['gradient_norms'] = dict(mode=args.gradient_mode, batches=args.gradient_batches, norms=norms)
         results['gradient_health'] = gradient_health_report(norms)
+    if args.cam and accelerator.is_main_process:
+        # The first N images in split order, so that evaluations of different models show the same images.
+        count = min(args.cam, len(dataset))
+        cam_images, cam_targets = next(iter(DataLoader(dataset, batch_size=count, shuffle=False, num_workers=0)))
+        cams = class_activation_maps(core, cam_images.to(accelerator.device))
+        cam_labels = [label_names[int(c)] for c in cam_targets]
+        cam_predictions = [label_names[c] for c in cams.predictions.tolist()]
+        results['cam'] = dict(
+            method='Grad-CAM (grad-cam)', explains='predicted class', num_images=count, indices=list(range(count)),
+            layers=[asdict(layer) for layer in cams.layers], labels=cam_labels, predictions=cam_predictions)
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +226,16 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
         if 'spatial_attention' in results:
             plot_spatial_attention(spatial, picture_images, output_dir / 'attention_maps.png', picture_labels,
                                    preprocessing['mean'], preprocessing['std'], title=f'spatial attention: {name}')
+        if 'cam' in results:
+            cam_title = f'Grad-CAM at {", ".join(layer.module for layer in cams.layers)}: {name}'
+            plot_cam(cam_images, cams.maps, output_dir / 'cam.png', cam_labels, cam_predictions,
+                     preprocessing['mean'], preprocessing['std'], title=cam_title)
+            # The maps and the images they cover (in [0, 1]) for a figure across models (plots.plot_cam_grid).
+            mean, std = (np.asarray(preprocessing[key], dtype=np.float32)[:, None, None] for key in ('mean', 'std'))
+            np.savez_compressed(output_dir / 'cam.npz', maps=cams.maps,
+                                images=np.clip(cam_images.float().numpy() * std + mean, 0, 1),
+                                targets=cam_targets.numpy(), predictions=cams.predictions,
+                                indices=np.arange(count))
         if 'gradient_norms' in results:
             plot_gradient_norms([dict(epoch=f'{args.split} split', norms=results['gradient_norms']['norms'])],
                                 output_dir / 'gradient_norms.png', band=REFERENCE_BAND,
