@@ -229,7 +229,7 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
         if 'cam' in results:
             cam_title = f'Grad-CAM at {", ".join(layer.module for layer in cams.layers)}: {name}'
             plot_cam(cam_images, cams.maps, output_dir / 'cam.png', cam_labels, cam_predictions,
-                     preprocessing['mean'], preprocessing['std'], title=cam_title)
+                     mean=preprocessing['mean'], std=preprocessing['std'], title=cam_title)
             # The maps and the images they cover (in [0, 1]) for a figure across models (plots.plot_cam_grid).
             mean, std = (np.asarray(preprocessing[key], dtype=np.float32)[:, None, None] for key in ('mean', 'std'))
             np.savez_compressed(output_dir / 'cam.npz', maps=cams.maps,

@@ -9,7 +9,6 @@ takes plain data (lists, tensors or the records the analysis returns) and a path
 returns the path.
 """
 import math
-import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -445,10 +444,9 @@ def plot_cam_grid(
     further blocks of rows.
     """
     images = np.asarray(images, dtype=float)
-    if images.ndim != 4:
-        raise ValueError(f'images must be (N, C, H, W), got shape {images.shape}.')
-    if not maps_by_model:
-        raise ValueError('No maps to plot: maps_by_model is empty.')
+    if images.ndim != 4 or not maps_by_model:
+        raise ValueError(f'Pass images shaped (N, C, H, W) and maps of one model or more; got images of shape '
+                         f'{images.shape} and {len(maps_by_model)} models.')
     num_images = images.shape[0]
     maps_by_model = {name: np.asarray(maps, dtype=float) for name, maps in maps_by_model.items()}
     predictions_by_model = predictions_by_model or {}
@@ -467,10 +465,7 @@ def plot_cam_grid(
     blocks = math.ceil(num_images / columns)
     rows_per_block = 1 + len(maps_by_model)
     panel = 1.15  # inches per image
-    width = max(panel * columns + 1.6, 4.5)
-    title = title or 'Grad-CAM: true class above each image, prediction above each map (red: wrong)'
-    title = textwrap.fill(title, int(width * 11))  # about 11 characters an inch at 10 pt
-    fig = _new_figure(width, panel * 1.18 * blocks * rows_per_block + 0.4 + 0.2 * title.count('\n'))
+    fig = _new_figure(max(panel * columns + 1.6, 4.5), panel * 1.18 * blocks * rows_per_block + 0.8)
     axes = fig.subplots(blocks * rows_per_block, columns, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
@@ -493,23 +488,14 @@ def plot_cam_grid(
             ax.text(-0.08, 0.5, _short(name, 22), transform=ax.transAxes, ha='right', va='center', fontsize=8)
     fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap='inferno'), ax=axes, shrink=0.6, pad=0.01,
                  label='Grad-CAM / the map\'s maximum')
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title or 'Grad-CAM: true class above each image, prediction above each map (red: wrong)',
+                 fontsize=10, wrap=True)
     return _save(fig, path)
 
 
-def plot_cam(
-        images: Any,
-        maps: Any,
-        path: PathLike,
-        labels: Optional[Sequence[str]] = None,
-        predictions: Optional[Sequence[str]] = None,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
-        model_name: str = 'Grad-CAM',
-        columns: int = 8,
-        title: Optional[str] = None,
-) -> Path:
-    """One model's Grad-CAM maps over its images: ``plot_cam_grid`` with one row of maps under the images."""
-    return plot_cam_grid(images, {model_name: maps}, path, labels=labels,
-                         predictions_by_model=None if predictions is None else {model_name: predictions},
-                         mean=mean, std=std, columns=columns, title=title)
+def plot_cam(images: Any, maps: Any, path: PathLike, labels: Optional[Sequence[str]] = None,
+             predictions: Optional[Sequence[str]] = None, **kwargs: Any) -> Path:
+    """One model's Grad-CAM maps (N, h, w) under its images: ``plot_cam_grid`` (and its keywords: ``mean``, ``std``,
+    ``columns``, ``title``) with one row of maps."""
+    return plot_cam_grid(images, {'Grad-CAM': maps}, path, labels=labels, **kwargs,
+                         predictions_by_model=None if predictions is None else {'Grad-CAM': predictions})
