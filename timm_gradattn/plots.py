@@ -436,13 +436,10 @@ def plot_cam_grid(
         columns: int = 8,
         title: Optional[str] = None,
 ) -> Path:
-    """The same images across models: a row of the images (titled with ``labels``, the true classes), then one row
-    per model with its Grad-CAM map over each image (titled with its prediction, in red where it is not the label).
-
-    ``images`` (N, C, H, W) are in [0, 1], or normalised with ``mean``/``std``; each model's maps are (N, h, w),
-    stretched over the images and coloured from 0 to their own maximum. More than ``columns`` images wrap into
-    further blocks of rows.
-    """
+    """The same images across models: the images, titled with ``labels`` (the true classes), then a row per model of
+    its Grad-CAM maps over them, titled with its predictions (red where wrong). ``images`` (N, C, H, W) are in [0, 1]
+    or normalised with ``mean``/``std``; maps (N, h, w) are stretched over them and coloured from 0 to each map's
+    maximum. More than ``columns`` images wrap into further blocks of rows."""
     images = np.asarray(images, dtype=float)
     if images.ndim != 4 or not maps_by_model:
         raise ValueError(f'Pass images shaped (N, C, H, W) and maps of one model or more; got images of shape '
@@ -452,14 +449,12 @@ def plot_cam_grid(
     predictions_by_model = predictions_by_model or {}
     for name, maps in maps_by_model.items():
         if maps.ndim != 3 or maps.shape[0] != num_images:
-            raise ValueError(f'{name}: maps of shape {maps.shape} for {num_images} images; pass one (h, w) map '
-                             f'per image.')
+            raise ValueError(f'{name}: maps of shape {maps.shape} for {num_images} images; pass one map per image.')
         if name in predictions_by_model and len(predictions_by_model[name]) != num_images:
             raise ValueError(f'{name}: {len(predictions_by_model[name])} predictions for {num_images} images.')
     if labels is not None and len(labels) != num_images:
         raise ValueError(f'{len(labels)} labels for {num_images} images.')
-    shown = [_displayable(image, mean, std) for image in images]
-    shown = [np.repeat(im[..., None], 3, axis=-1) if im.ndim == 2 else im for im in shown]
+    shown = [np.dstack([im] * 3) if im.ndim == 2 else im for im in (_displayable(i, mean, std) for i in images)]
 
     columns = max(1, min(columns, num_images))
     blocks = math.ceil(num_images / columns)
@@ -486,8 +481,7 @@ def plot_cam_grid(
         for offset, name in enumerate(['image'] + list(maps_by_model)):
             ax = axes[block * rows_per_block + offset, 0]
             ax.text(-0.08, 0.5, _short(name, 22), transform=ax.transAxes, ha='right', va='center', fontsize=8)
-    fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap='inferno'), ax=axes, shrink=0.6, pad=0.01,
-                 label='Grad-CAM / the map\'s maximum')
+    fig.colorbar(ScalarMappable(Normalize(0, 1), 'inferno'), ax=axes, shrink=0.6, pad=0.01, label='Grad-CAM / maximum')
     fig.suptitle(title or 'Grad-CAM: true class above each image, prediction above each map (red: wrong)',
                  fontsize=10, wrap=True)
     return _save(fig, path)
