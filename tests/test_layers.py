@@ -16,7 +16,8 @@ MODELS_MAY_IMPORT = ('timm_gradattn.models', 'timm_gradattn.families', 'timm_gra
 # Imports left inside functions, each for a reason: optional heavy packages and dataset readers, a torch version
 # fallback, matplotlib for the plots.
 LAZY_ALLOWED = ('matplotlib', 'timm_gradattn.plots', 'sklearn', 'torchvision.datasets', 'medmnist', 'datasets',
-                'torch.fx', 'h5py', 'scipy', 'onnx', 'onnxruntime', 'transformers', 'pytorch_grad_cam')
+                'torch.fx', 'h5py', 'scipy', 'onnx', 'onnxruntime', 'transformers', 'pytorch_grad_cam',
+                'resource')  # resource: Unix only (Windows has none)
 
 
 def _module_name(path: Path) -> str:

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from data_fixtures import write_fashion_mnist, write_image_folder
-from timm_gradattn import engine
+from timm_gradattn import engine, run_files
 from timm_gradattn.data import build_datasets
 from timm_gradattn.settings import resolve_train_settings as parse_args
 
@@ -46,8 +46,8 @@ def fresh_accelerator_state():
 
 @pytest.fixture
 def no_plots(monkeypatch):
-    monkeypatch.setattr(engine, '_plot_curves', lambda *args, **kwargs: None)
-    monkeypatch.setattr(engine, '_plot_test', lambda *args, **kwargs: None)
+    monkeypatch.setattr(run_files, 'plot_curves', lambda *args, **kwargs: None)
+    monkeypatch.setattr(run_files, 'plot_test', lambda *args, **kwargs: None)
 
 
 @pytest.fixture(scope='module')

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import timm
 import timm_gradattn  # noqa: F401  registers the models
-from timm_gradattn import engine, factory
+from timm_gradattn import engine, factory, run_files
 from timm_gradattn.checkpoint import load_weights
 from timm_gradattn.errors import UserError
 from timm_gradattn.families import FAMILIES, RECIPES
@@ -55,8 +55,8 @@ def fresh_accelerator_state():
 
 @pytest.fixture
 def no_plots(monkeypatch):
-    monkeypatch.setattr(engine, '_plot_curves', lambda *args, **kwargs: None)
-    monkeypatch.setattr(engine, '_plot_test', lambda *args, **kwargs: None)
+    monkeypatch.setattr(run_files, 'plot_curves', lambda *args, **kwargs: None)
+    monkeypatch.setattr(run_files, 'plot_test', lambda *args, **kwargs: None)
 
 
 def train(argv, output: Path, experiment: str) -> dict:

@@ -22,20 +22,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DynamoBackend, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from timm.data import Mixup
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 
-from . import factory, precision
-from .analysis import gradient_norms, read_grad_norms
+from . import factory, precision, run_files
+from .analysis import gradient_norms
 from .checkpoint import (
     BackgroundWriter, OptimizerStateError, atomic_save_weights, cpu_copy, find_last_checkpoint,
     load_scheduler_state_dict, load_training_state, load_weights, save_training_state, scheduler_state_dict,
@@ -45,17 +45,14 @@ from .data import DataSplits
 from .errors import UserError
 from .files import atomic_write_csv, atomic_write_text
 from .hub import export_hub_folder
-from .metrics import ClassificationResult, evaluate_logits, predict
+from .metrics import evaluate_logits, predict
 from .preserve import preserved_state
-from .reporting import describe_machine, peak_rss_mb
+from .run_files import LAST_EPOCH_WITHOUT_VALIDATION, SELECTED_ON_VALIDATION
 
 __all__ = ['train', 'train_one_epoch', 'NonFiniteLossError', 'TrainingInterrupted', 'GRAD_STATS_BATCHES',
            'SELECTED_ON_VALIDATION', 'LAST_EPOCH_WITHOUT_VALIDATION']
 
 GRAD_STATS_BATCHES = 5
-# results.json's ``selection``: whose weights the run keeps, exports and reports at the top level.
-SELECTED_ON_VALIDATION = 'best validation top-1'
-LAST_EPOCH_WITHOUT_VALIDATION = 'last epoch (no validation split)'
 bare = factory.bare
 
 
@@ -386,7 +383,7 @@ def finish(run: Run) -> Dict[str, Any]:
     plots = ThreadPoolExecutor(1, thread_name_prefix='plots') if accelerator.is_main_process else None
     try:
         if plots is not None:
-            curves = plots.submit(_plot_curves, run.run_dir, state['summary_rows'])
+            curves = plots.submit(run_files.plot_curves, run.run_dir, state['summary_rows'])
         # The test split sees the last epoch's weights (what both CNNtention and Attention Shortcuts report), then
         # the best validation epoch's: the run's headline figures.
         accelerator.wait_for_everyone()
@@ -396,11 +393,13 @@ def finish(run: Run) -> Dict[str, Any]:
             test_last = evaluate_logits(*predict(run.eval_model, test_loader, accelerator), info.num_classes).metrics
         _load_best_weights(run)
         test = evaluate_logits(*predict(run.model, test_loader, accelerator), info.num_classes)
-        results = _results(run, test.metrics)
+        results = run_files.results_record(
+            run.args, state, run.data, accelerator, bare(accelerator, run.model), run.validates, test.metrics,
+            stopped_at_max_updates=_reached_max_updates(args, state['num_updates']))
         results['test_last_epoch'] = dict(test_last or test.metrics, epoch=last_epoch)
         if plots is not None:
             label_names = info.head_label_names(len(test.confusion))
-            test_plots = plots.submit(_plot_test, run.run_dir, test, label_names)
+            test_plots = plots.submit(run_files.plot_test, run.run_dir, test, label_names)
             export_hub_folder(
                 bare(accelerator, run.model), run.run_dir / 'hub', label_names=label_names,
                 input_size=info.input_size, mean=info.mean, std=info.std,
@@ -414,23 +413,7 @@ def finish(run: Run) -> Dict[str, Any]:
         if plots is not None:
             plots.shutdown()
     accelerator.wait_for_everyone()
-    run_dir = run.run_dir
-    if run.validates:
-        weights = (f"(weights of epoch {state['best_epoch']}, val top-1 {state['best_top1']:.2f}); "
-                   f"last epoch {last_epoch}: top-1 {results['test_last_epoch']['top1']:.2f}")
-    else:
-        weights = f'(weights of the last epoch, {last_epoch}: no validation split)'
-    kept = 'best validation' if run.validates else "the last epoch's"
-    accelerator.print(
-        f"Test top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  F1 (macro) {results['f1_macro']:.4f}  "
-        f"ECE {results['ece']:.4f}  {weights}\n"
-        f'Run folder {run_dir}:\n'
-        f'  results.json            test metrics and run facts\n'
-        f'  summary.csv             one row per epoch\n'
-        f'  model_best.safetensors  {kept} weights\n'
-        f'  *.png                   training curves, reliability diagram, confusion matrix (test split)\n'
-        f'  hub/                    timm.create_model("local-dir:{run_dir / "hub"}", pretrained=True)\n'
-        f'  last/                   resumable state: python train.py --resume {run_dir}')
+    accelerator.print(run_files.closing_message(results, state, run.run_dir, run.validates))
     accelerator.end_training()
     return results
 
@@ -503,50 +486,3 @@ def _load_best_weights(run: Run) -> None:
         model.load_state_dict(run.best_weights)
     else:
         load_weights(model, run.run_dir / 'model_best.safetensors', what='Best weights')
-
-
-def _plot_curves(run_dir: Path, summary_rows: List[Dict]) -> None:
-    """PNGs next to results.json: the curves from summary.csv (and the gradient norms where recorded)."""
-    from .plots import plot_gradient_norms, plot_training_curves
-    plot_training_curves(summary_rows, run_dir / 'training_curves.png', title=run_dir.name)
-    if (run_dir / 'grad_norms.jsonl').exists():
-        plot_gradient_norms(read_grad_norms(run_dir / 'grad_norms.jsonl'), run_dir / 'gradient_norms.png')
-
-
-def _plot_test(run_dir: Path, test: ClassificationResult, label_names) -> None:
-    """PNGs next to results.json: calibration and confusion on the test split."""
-    from .plots import plot_confusion_matrix, plot_reliability_diagram
-    plot_reliability_diagram(test.reliability, run_dir / 'reliability.png', title=f'reliability (test): {run_dir.name}')
-    plot_confusion_matrix(test.confusion, run_dir / 'confusion_matrix.png', label_names,
-                          title=f'confusion (test): {run_dir.name}')
-
-
-def _results(run: Run, test: Dict[str, float]) -> Dict:
-    args, state, data, accelerator = run.args, run.state, run.data, run.accelerator
-    rows = state['summary_rows']
-    best = next(row for row in rows if row['epoch'] == state['best_epoch'])  # the last row without validation
-    info = data.info
-    backend = accelerator.state.dynamo_plugin.backend
-    return dict(
-        test,
-        model=args.model, dataset=info.name, protocol=args.protocol, seed=args.seed, recipe=args.recipe,
-        num_classes=info.num_classes, label_names=list(info.label_names) if info.label_names else None,
-        split_sizes=data.sizes(),
-        # Whose weights the top-level test figures are; best_epoch is that epoch either way.
-        selection=SELECTED_ON_VALIDATION if run.validates else LAST_EPOCH_WITHOUT_VALIDATION,
-        best_epoch=state['best_epoch'], epochs_run=len(rows), stopped_early=state['stopped_early'],
-        num_updates=state['num_updates'], stopped_at_max_updates=_reached_max_updates(args, state['num_updates']),
-        val_top1_best=state['best_top1'] if run.validates else None, train_top1_at_best=best['train_top1'],
-        train_val_gap=abs(best['train_top1'] - best['val_top1']) if run.validates else None,
-        seconds_per_epoch=sum(r['epoch_time_s'] for r in rows) / len(rows),
-        # Training images a second over the training loops (this process's share under several processes), and
-        # the process's peak resident memory (in a grid run in one process: the peak so far).
-        train_img_s=state['train_images'] / state['train_loop_s'] if state.get('train_loop_s') else None,
-        peak_rss_mb=peak_rss_mb(),
-        num_params=sum(p.numel() for p in bare(accelerator, run.model).parameters()),
-        mixed_precision=accelerator.mixed_precision,
-        machine=describe_machine(accelerator.device, num_processes=accelerator.num_processes,
-                                 mixed_precision=accelerator.mixed_precision,
-                                 torch_compile=None if backend == DynamoBackend.NO else backend.value.lower()),
-        pretrained_from=(args.model if args.pretrained else args.initial_checkpoint),
-    )

@@ -11,13 +11,10 @@ Nothing is downloaded unless asked (``download=True``, ``--download``). Missing 
 DatasetNotFoundError naming the folder, the layout expected there and how to get the files.
 """
 import csv
-import gzip
 import importlib
 import importlib.util
 import logging
 import os
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -28,6 +25,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from .datasets import ArrayImageDataset, DatasetNotFoundError, RawSplits, register_adapter
 from .folder import ImageFileDataset
+from .idx import IDX_IMAGES, IDX_LABELS, IdxError, read_idx
 from .info import TINY_IMAGENET_WNIDS, DatasetInfo
 
 __all__ = ['Source', 'SOURCES', 'FASHION_MNIST_SYSTEM_DIR']
@@ -261,7 +259,6 @@ def _load_pcam(info: DatasetInfo, data_dir: Optional[str], download: bool, proto
 
 # --- Fashion-MNIST (IDX files) ----------------------------------------------------------------------------
 
-_IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801  # unsigned bytes, 3 dimensions / 1 dimension
 _FASHION_MNIST_SIZE = (28, 28)
 _FASHION_MNIST_SPLITS = (('train', 'train'), ('test', 't10k'))  # split -> file prefix
 
@@ -300,8 +297,8 @@ def _load_fashion_mnist(info: DatasetInfo, data_dir: Optional[str], download: bo
     splits = {}
     for split, prefix in _FASHION_MNIST_SPLITS:
         images_path, labels_path = complete[f'{prefix}-images-idx3-ubyte'], complete[f'{prefix}-labels-idx1-ubyte']
-        images = _read_idx(images_path, _IDX_IMAGES)
-        labels = _read_idx(labels_path, _IDX_LABELS)
+        images = _read_idx(images_path, IDX_IMAGES)
+        labels = _read_idx(labels_path, IDX_LABELS)
         if images.shape[1:] != _FASHION_MNIST_SIZE:
             raise _idx_error(images_path, f'holds {images.shape[1]}x{images.shape[2]} images, not 28x28')
         if len(images) != len(labels):
@@ -333,37 +330,10 @@ def _idx_error(path: str, problem: str) -> DatasetNotFoundError:
 
 
 def _read_idx(path: str, magic: int) -> np.ndarray:
-    """An IDX file of unsigned bytes, gzipped or plain (told apart by its first bytes), as a uint8 array.
-
-    The header is trusted and checked, not a checksum: the magic number, and exactly as many data bytes as
-    its dimensions promise.
-    """
-    kind = 'images' if magic == _IDX_IMAGES else 'labels'
     try:
-        with open(path, 'rb') as f:
-            zipped = f.read(2) == b'\x1f\x8b'
-            f.seek(0)
-            data = gzip.GzipFile(fileobj=f).read() if zipped else f.read()
-    except (OSError, EOFError, zlib.error) as error:
-        reason = ' '.join(str(error).split()).rstrip('.') or type(error).__name__
-        raise _idx_error(path, f'cannot be read{" as gzip (truncated or damaged?)" if zipped else ""}: {reason}') \
-            from error
-    if len(data) < 4:
-        raise _idx_error(path, f'is truncated: {len(data)} bytes, not even an IDX header')
-    found = struct.unpack('>I', data[:4])[0]
-    if found != magic:
-        raise _idx_error(path, f'is not an IDX file of {kind}: magic number 0x{found:08X}, expected 0x{magic:08X}')
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise _idx_error(path, f'is truncated: {len(data)} bytes, shorter than its {header}-byte IDX header')
-    shape = struct.unpack(f'>{ndim}I', data[4:header])
-    expected = int(np.prod(shape, dtype=np.int64))
-    if len(data) - header != expected:
-        what = 'is truncated' if len(data) - header < expected else 'has trailing bytes'
-        raise _idx_error(path, f'{what}: its header promises {" x ".join(map(str, shape))} = {expected} bytes of '
-                               f'{kind}, the file holds {len(data) - header}')
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
+        return read_idx(path, magic)
+    except IdxError as error:
+        raise _idx_error(path, str(error)) from error
 
 
 # --- MedMNIST ---------------------------------------------------------------------------------------------
