@@ -29,20 +29,9 @@ is accepted for ``attention-shortcuts``:
     python benchmarks/reproduce.py --data-dir data -- --mixed-precision bf16 --workers 8
     python benchmarks/reproduce.py --data-dir data --launcher "accelerate launch --multi_gpu --num_processes 4"
 
-``--study NAME`` runs a comparison no paper made: one protocol (an entry of ``STUDIES``: dataset, models, recipe,
-epochs, default seeds) for models of every family, cell by cell, each cell its own ``python train.py`` process (so
-the peak memory in its results.json is its own). Each finished cell leaves a light record to commit,
-``<output>/<dataset>/cells/<model>-seed<S>.json`` (results.json less the label names, config.yaml, the epoch rows,
-MACs per image, process wall time, load average), and ``results-<dataset>.csv`` (timm's results columns and the
-study's), ``.md`` (the table beside the papers' figures, whether each difference from resnet18 and from the family's
-baseline exceeds the seed SD, the cells, the machine) and ``.png`` (top-1 against MACs and training time) are
-rebuilt from those records alone. ``--models`` and ``--seeds`` run a batch of cells; a recorded cell is reused, a
-finished run folder recorded, a partial one resumed:
-
-    python benchmarks/reproduce.py --study zoo-digits                     # 16 models x seeds 1 2 3, recipe default
-    python benchmarks/reproduce.py --study zoo-digits --models resnet18 --seeds 1
-    python benchmarks/reproduce.py --study gradattn-fashion-mnist --data-dir data -- --download
-    python benchmarks/reproduce.py --study zoo-digits --aggregate-only    # the outputs from the committed records
+The study across the families (one protocol for models of every family, which no paper ran) is
+``benchmarks/study.py``; the helpers both scripts use (a cell's folder, state, command line and launch) are in
+``benchmarks/grid.py``.
 
 Flags after a bare ``--`` go to train.py for every cell. A dataset whose files are missing is skipped
 with one line saying where they were looked for; a cell that fails with an explained error (e.g. a
@@ -66,19 +55,10 @@ the other families' to a folder named after their recipe inside it (``<output>/c
 cell) go to ``--runs-dir`` (the same way per recipe), under the git-ignored ``output/``.
 """
 import argparse
-import collections
-import csv
 import dataclasses
 import datetime
-import functools
-import gc
-import io
 import json
-import math
-import os
 import shlex
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,21 +69,20 @@ import yaml
 from torch.utils.data import DataLoader
 
 import timm
-import timm_gradattn  # noqa: F401  (registers the models)
-from timm_gradattn.files import atomic_write_bytes, atomic_write_text
-from timm_gradattn.data import DatasetNotFoundError, build_datasets, get_dataset_info
+from timm_gradattn.data import get_dataset_info
 from timm_gradattn.families import FAMILIES as REGISTRY
-from timm_gradattn.errors import UserError
-from timm_gradattn.families import MODEL_NAMES, RECIPES, Family, family_key, family_of
+from timm_gradattn.families import RECIPES, Family, family_key
+from timm_gradattn.files import atomic_write_text
 from timm_gradattn.reporting import describe_machine, load_average, machine_line, markdown_table, read_summary_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_results import (PAPER_CITATION, PAPER_MODEL_NAMES, PAPER_NOTES, literature_figure,  # noqa: E402
-                           paper_figure)
+from grid import (LAST_EPOCH_KEY, LOAD_KEY, REPO, RESULTS_DIR, TIMING_FILE, CellFailed, DatasetMissing,  # noqa: E402
+                  cell_dir, cell_state, check_dataset, load_notes, load_run_model, record_load, record_time,
+                  refuse_inside_launch, release_memory, run_splits, stats, train_argv, train_in_process,
+                  train_with_launcher)
+from paper_results import PAPER_CITATION, PAPER_MODEL_NAMES, PAPER_NOTES, paper_figure  # noqa: E402
 import paper_results_families as families_paper  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 _GRADATTN = REGISTRY['gradattn']
 # The GradAttn paper's Tables 3-8 compare its variants (the family's models named after it) with the baseline,
 # timm's resnet18; Table 9 compares the SE / CBAM ResNet-18s (the family's other models) with the same baseline.
@@ -115,11 +94,6 @@ QUICK_DATASETS = ('digits',)
 QUICK_EPOCHS = 5
 GHS_BATCHES = 20  # as the reference implementation measured it
 GHS_FILE = 'gradient_health.json'
-TIMING_FILE = 'reproduce_timing.json'
-LOAD_KEY = 'load_average_5_min_after_training'
-EXTRA_FLAGS_KEY = 'extra_train_args'  # a study cell's flags after `--`, per invocation
-# results.json's test metrics of the last epoch's weights (the top level holds the best validation epoch's).
-LAST_EPOCH_KEY = 'test_last_epoch'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,72 +154,6 @@ def family_choice(name: str) -> str:
 
 
 # --- the grid --------------------------------------------------------------------------------------------
-def cell_dir(runs_dir: Path, dataset: str, model: str, seed: int) -> Path:
-    return runs_dir / dataset / model / f'seed{seed}'
-
-
-def cell_state(run_dir: Path) -> str:
-    """'done' (results.json), 'partial' (a run started there), 'new', or 'foreign' (files of something else)."""
-    if (run_dir / 'results.json').is_file():
-        return 'done'
-    if (run_dir / 'config.yaml').is_file():
-        return 'partial'
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return 'new'
-    return 'foreign'
-
-
-def train_argv(model: str, dataset: str, seed: int, run_dir: Path, options: argparse.Namespace,
-               resume: bool) -> List[str]:
-    """The train.py command line of one cell."""
-    argv = ['--model', model, '--dataset', dataset, '--recipe', options.recipe, '--seed', str(seed)]
-    if options.data_dir:
-        argv += ['--data-dir', options.data_dir]
-    if options.epochs:
-        argv += ['--epochs', str(options.epochs)]
-    if resume:
-        argv += ['--resume', str(run_dir)]
-    else:
-        argv += ['--output', str(run_dir.parent), '--experiment', run_dir.name]
-    return argv + list(options.train_args)
-
-
-class DatasetMissing(Exception):
-    """The dataset's files are not there: every cell of it is skipped."""
-
-
-class CellFailed(Exception):
-    """One cell could not be trained (explained); the grid goes on."""
-
-
-def train_in_process(argv: List[str]) -> None:
-    """One cell through the engine's own entry point, exactly as ``python train.py <argv>`` would run it."""
-    from timm_gradattn.engine import train
-    from timm_gradattn.settings import resolve_train_settings
-    try:
-        train(resolve_train_settings(argv))
-    except UserError as error:  # a problem with the settings or the data, explained by the engine
-        if isinstance(error.__cause__, DatasetNotFoundError):
-            raise DatasetMissing(str(error.__cause__)) from error
-        raise CellFailed(str(error)) from error
-
-
-def train_with_launcher(argv: List[str], launcher: str) -> None:
-    """One cell as its own launch, e.g. ``accelerate launch --multi_gpu --num_processes 4 train.py <argv>``."""
-    command = [*shlex.split(launcher), str(REPO / 'train.py'), *argv]
-    returncode = subprocess.run(command, cwd=REPO).returncode
-    if returncode != 0:
-        raise CellFailed(f'`{shlex.join(command)}` exited with code {returncode} (its messages are above).')
-
-
-def check_dataset(dataset: str, options: argparse.Namespace) -> None:
-    """With --launcher the data error would surface in a child process: look for the files here first."""
-    try:
-        build_datasets(dataset, data_dir=options.data_dir, download='--download' in options.train_args)
-    except DatasetNotFoundError as error:
-        raise DatasetMissing(str(error)) from error
-
-
 def run_grid(options: argparse.Namespace) -> Dict[str, Any]:
     """Train (or reuse) every cell; returns {'skipped': {dataset: reason}, 'failed': {cell: reason}}."""
     cells = [(d, s, m) for d in options.datasets for s in options.seeds for m in options.models]
@@ -289,15 +197,15 @@ def run_grid(options: argparse.Namespace) -> Dict[str, Any]:
                 print(f'{name}: FAILED: {error}', flush=True)
                 continue
             finally:
-                _record_time(run_dir, 'train_s', time.perf_counter() - start)
-                _release_memory()
-            _record_load(run_dir)
+                record_time(run_dir, 'train_s', time.perf_counter() - start)
+                release_memory()
+            record_load(run_dir)
         if options.family.gradient_health and not (run_dir / GHS_FILE).is_file():
             print(f'{name}: measuring gradient health on up to {options.ghs_batches} test batches', flush=True)
             start = time.perf_counter()
             measure_gradient_health(run_dir, options.ghs_batches)
-            _record_time(run_dir, 'gradient_health_s', time.perf_counter() - start)
-            _release_memory()
+            record_time(run_dir, 'gradient_health_s', time.perf_counter() - start)
+            release_memory()
         write_outputs(options, skipped, failed)  # the tables grow as the grid runs
     return dict(skipped=skipped, failed=failed)
 
@@ -311,60 +219,14 @@ def _warn_other_epochs(name: str, run_dir: Path, options: argparse.Namespace) ->
               f'delete {run_dir} to train it again.', flush=True)
 
 
-def _record_time(run_dir: Path, key: str, seconds: float) -> None:
-    """Add to a cell's wall time (summed over the invocations that worked on it)."""
-    if not run_dir.is_dir():  # a skipped dataset leaves no run folder
-        return
-    file = run_dir / TIMING_FILE
-    timing = json.loads(file.read_text()) if file.is_file() else {}
-    timing[key] = timing.get(key, 0.0) + seconds
-    atomic_write_text(file, json.dumps(timing))
-
-
-def _record_extra_flags(run_dir: Path, flags: Sequence[str]) -> None:
-    """Note the train.py flags a study cell was given beyond the study's protocol (one list per invocation)."""
-    if not run_dir.is_dir():
-        return
-    file = run_dir / TIMING_FILE
-    timing = json.loads(file.read_text()) if file.is_file() else {}
-    timing.setdefault(EXTRA_FLAGS_KEY, []).append(list(flags))
-    atomic_write_text(file, json.dumps(timing))
-
-
-def _record_load(run_dir: Path) -> None:
-    """How busy the machine was while the cell trained: other jobs slow its epochs down."""
-    load = load_average()
-    if load is not None:
-        file = run_dir / TIMING_FILE
-        timing = json.loads(file.read_text()) if file.is_file() else {}
-        timing[LOAD_KEY] = load[1]
-        atomic_write_text(file, json.dumps(timing))
-
-
-def _release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # --- gradient health (paper Table 7) ---------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)  # the grid walks one dataset at a time; its splits are built once
-def _test_split(dataset: str, data_dir: Optional[str], protocol: str, seed: int, img_size: Optional[int],
-                in_chans: Optional[int]):
-    return build_datasets(dataset, data_dir=data_dir, protocol=protocol, seed=seed, img_size=img_size,
-                          in_chans=in_chans).test
-
-
 def measure_gradient_health(run_dir: Path, max_batches: int = GHS_BATCHES) -> Dict[str, Any]:
     """Gradient norms of a finished run's best weights, on test batches in train mode; written to GHS_FILE."""
     from timm_gradattn.analysis import HEALTH_BANDS, gradient_health_report, gradient_norms
 
     config = yaml.safe_load((run_dir / 'config.yaml').read_text())
-    model = timm.create_model(f'local-dir:{run_dir / "hub"}', pretrained=True)
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    model.to(device)
-    test = _test_split(config['dataset'], config.get('data_dir'), config.get('protocol', 'paper'), config['seed'],
-                       config.get('img_size'), config.get('in_chans'))
+    model = load_run_model(run_dir)
+    test = run_splits(config).test
 
     def batches():  # the same seeded sample of the test split for both modes
         generator = torch.Generator().manual_seed(config['seed'])
@@ -406,14 +268,6 @@ def collect(options: argparse.Namespace) -> Dict[Tuple[str, str], Dict[int, Dict
                 if cell is not None:
                     found.setdefault((dataset, model), {})[seed] = cell
     return found
-
-
-def stats(values: Sequence[float], seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
-    """Mean and sample standard deviation over seeds (std None for one seed)."""
-    if not values:
-        return None
-    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else None,
-                n=len(values), values=list(values), seeds=list(seeds))
 
 
 # --- the tables --------------------------------------------------------------------------------------------
@@ -741,25 +595,8 @@ def table_notes(table: Dict[str, Any], context: Dict[str, Any], with_grid_notes:
         machines = sorted({machine_line(m) for m in context['cell_machines']})
         notes.append('Our machine: ' + ('; '.join(machines) if machines else 'none yet') + '. "fastest": the '
                      'fastest epoch of the run (mean over seeds).')
-        notes += _load_notes(context)
+        notes += load_notes(context['cores'], context['cell_loads'], context['run_load'])
     return notes + (grid_notes(context) if with_grid_notes else [])
-
-
-def _load_notes(context: Dict[str, Any]) -> List[str]:
-    """Whether other jobs shared the machine while the cells trained (then times do not compare models)."""
-    cores = context['cores']
-    if context['cell_loads']:
-        loads, when = context['cell_loads'], 'over the 5 minutes before each cell finished training'
-    elif context['run_load']:
-        loads, when = [context['run_load'][2]], 'over the 15 minutes before the tables were written'
-    else:
-        return []
-    note = f'Load average {when}: {min(loads):.1f}' + (f' to {max(loads):.1f}' if len(loads) > 1 else '') + \
-        f' on {cores} cores.'
-    if max(loads) > cores / 2:
-        note += (' Other jobs shared the machine: these times measure the contention as much as the models, '
-                 'so compare models only on times taken on an otherwise idle machine.')
-    return [note]
 
 
 def grid_notes(context: Dict[str, Any]) -> List[str]:
@@ -849,7 +686,7 @@ def _header(run_info: Dict[str, Any]) -> str:
         f"- Machine: {device}; {machine['cpu_count']} cores (load average {load} over 1/5/15 min when the tables "
         f"were written); torch {machine['torch']}, timm {machine['timm']}, accelerate {machine['accelerate']}, "
         f"Python {machine['python']}; {run_info['date']}",
-        f"- Cells run " + (f"by `{run_info['launcher']} train.py`" if run_info['launcher'] else
+        "- Cells run " + (f"by `{run_info['launcher']} train.py`" if run_info['launcher'] else
                            'in one process through timm_gradattn.engine.train') + '.',
         f"- Grid: {len(run_info['models'])} model(s) x {len(run_info['datasets'])} dataset(s) x "
         f"{len(run_info['seeds'])} seed(s), recipe {run_info.get('recipe', 'paper')}"
@@ -859,507 +696,12 @@ def _header(run_info: Dict[str, Any]) -> str:
     ])
 
 
-# --- the study: one protocol for models of every family -----------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Study:
-    """A comparison no paper made: ``models`` trained on ``dataset`` under one protocol (train.py ``--recipe``,
-    ``epochs`` or None for the recipe's own, any other ``train_flags``), one cell per model and seed; ``seeds`` are
-    the default ones (--seeds changes them)."""
-    name: str
-    dataset: str
-    models: Tuple[str, ...]
-    recipe: str
-    seeds: Tuple[int, ...]
-    epochs: Optional[int] = None
-    train_flags: Tuple[str, ...] = ()
-    description: str = ''
-
-    @property
-    def protocol(self) -> Dict[str, Any]:
-        """What every cell shares, as its record stores it: a record of another protocol is refused."""
-        return dict(dataset=self.dataset, recipe=self.recipe, epochs=self.epochs, train_flags=list(self.train_flags))
-
-    @property
-    def length(self) -> Optional[int]:
-        """The epochs every cell trains for, as its config.yaml states them (None: the recipe counts updates)."""
-        return self.epochs or RECIPES[self.recipe].get('epochs')
-
-    @property
-    def command(self) -> str:
-        return f'python benchmarks/reproduce.py --study {self.name}'
-
-
-# The zoo study's recipe, named once: the default job's (Adam 1e-3, cosine to 1e-6, 15 epochs, no early stopping).
-ZOO_DIGITS_RECIPE = 'default'
-# timm's resnet18 (GradAttn's baseline) is every study's reference; each other family's baseline is its second one.
-STUDY_BASELINE = _GRADATTN.baseline
-STUDIES: Dict[str, Study] = {study.name: study for study in (
-    Study('zoo-digits', 'digits', (STUDY_BASELINE, *MODEL_NAMES), ZOO_DIGITS_RECIPE, seeds=(1, 2, 3),
-          description="Every zoo model and timm's resnet18 on digits under one recipe, the default job's: the "
-                      "comparison across the three families that none of their papers made."),
-    Study('gradattn-fashion-mnist', 'fashion_mnist', MODELS, _GRADATTN.paper_recipe, seeds=(42,), epochs=30,
-          description="The GradAttn paper's six models on Fashion-MNIST under its split (train + test pooled, "
-                      "70/15/15 with seed 42) and its Table 1 recipe, capped at 30 epochs, with every image "
-                      "normalised once: beside the paper's Tables 3 and 9, whose training images were normalised "
-                      "twice, and the literature's ResNet-18."),
-)}
-# timm's results columns (validate.py's, param_count in millions), then the study's own.
-STUDY_CSV_COLUMNS = ('model', 'img_size', 'top1', 'top1_err', 'top5', 'top5_err', 'param_count', 'top1_std',
-                     'n_seeds', 'gmacs', 'train_img_s', 'peak_rss_mb', 'precision')
-# Flags the study sets per cell; after `--` they would change its protocol.
-STUDY_CELL_FLAGS = ('--model', '--dataset', '--seed', '--recipe', '--epochs', '--output', '--experiment', '--resume')
-PRECISION_NAMES = {'no': 'fp32'}  # Accelerate's mixed_precision 'no' is plain fp32
-SEED_SD_RULE = ('a difference of mean top-1 "exceeds SD" when its size is larger than the larger of the two models\' '
-                'sample standard deviations over seeds, and is "within SD" otherwise; with 3 seeds this is a coarse '
-                'screen against seed noise, not a significance test, and with one seed on either side there is no SD '
-                'and no verdict.')
-
-
-def study_cell_path(folder: Path, model: str, seed: int) -> Path:
-    """Where a study cell's light record goes: committed, unlike its run folder."""
-    return folder / 'cells' / f'{model}-seed{seed}.json'
-
-
-@functools.lru_cache(maxsize=None)
-def macs_per_image(model: str, in_chans: int, img_size: int, num_classes: int) -> float:
-    """GMACs of one forward pass at a cell's input size: benchmarks/speed.py's FlopCounterMode count, halved."""
-    import speed  # its torch.compile imports are paid only by the runs that count
-    return speed.forward_flops(model, img_size, in_chans=in_chans, num_classes=num_classes)[0] / 2e9
-
-
-def study_mismatch(study: Study, config: Dict[str, Any], model: str, seed: int) -> Optional[str]:
-    """How a run's config.yaml differs from the study's cell (``model``, ``seed``) and protocol, or None."""
-    expected = dict(model=model, seed=seed, dataset=study.dataset, recipe=study.recipe, epochs=study.length)
-    wrong = [f'{key} {config.get(key)!r} (the study: {value!r})' for key, value in expected.items()
-             if config.get(key) != value]
-    return ', '.join(wrong) or None
-
-
-def study_cell_record(study: Study, model: str, seed: int, run_dir: Path) -> Dict[str, Any]:
-    """A finished cell's light record, all that the study's outputs are built from: its results.json (less the
-    label names), config.yaml, epoch rows, input size, MACs, process wall time and load average."""
-    config = yaml.safe_load((run_dir / 'config.yaml').read_text())
-    mismatch = study_mismatch(study, config, model, seed)
-    if mismatch:
-        raise CellFailed(f'{run_dir} was trained with {mismatch}, not as the study\'s cell. Move it away and run '
-                         f'again to train the cell.')
-    results = json.loads((run_dir / 'results.json').read_text())
-    info = get_dataset_info(study.dataset)
-    in_chans, img_size = config.get('in_chans') or info.in_chans, config.get('img_size') or info.img_size
-    timing_file = run_dir / TIMING_FILE
-    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-    epochs = [{key: None if math.isnan(value) else value for key, value in row.items()}
-              for row in read_summary_csv(run_dir / 'summary.csv')]
-    try:  # where the weights are, for a later step (e.g. Grad-CAM): relative to the repository when inside it
-        where = str(run_dir.resolve().relative_to(REPO))
-    except ValueError:
-        where = str(run_dir)
-    return dict(
-        study=study.name, model=model, seed=seed, protocol=study.protocol, img_size=img_size, in_chans=in_chans,
-        gmacs=macs_per_image(model, in_chans, img_size, results['num_classes']),
-        results={key: value for key, value in results.items() if key != 'label_names'},
-        epochs=epochs, config=config, wall_time_s=timing.get('train_s'), load_average_5_min=timing.get(LOAD_KEY),
-        # None: trained outside the study's runner, so unknown (config holds the settings either way)
-        extra_train_args=timing.get(EXTRA_FLAGS_KEY), run_dir=where)
-
-
-def read_study_records(folder: Path, study: Study) -> List[Dict[str, Any]]:
-    """Every cell record under ``folder``/cells; one of another study or protocol is an error, not skipped."""
-    records = []
-    for path in sorted((folder / 'cells').glob('*.json')):
-        record = json.loads(path.read_text())
-        check_study_record(record, study, path)
-        records.append(record)
-    return records
-
-
-def check_study_record(record: Dict[str, Any], study: Study, path: Path) -> None:
-    """Refuse a record of another study, protocol or model list, saying what to do (UserError)."""
-    if record.get('study') != study.name or record.get('protocol') != study.protocol:
-        raise UserError(f'{path} is a cell of study {record.get("study")!r} with protocol {record.get("protocol")}, '
-                        f'not of {study.name!r} with {study.protocol}: delete it (and its run folder) to train the '
-                        f'cell again, or restore the study\'s definition in STUDIES.')
-    if record['model'] not in study.models:
-        raise UserError(f'{path}: {record["model"]} is not a model of study {study.name} '
-                        f'({", ".join(study.models)}); delete the record or add the model to the study.')
-
-
-def seed_sd_verdict(ours: Dict[str, Any], baseline: Dict[str, Any]) -> Dict[str, Any]:
-    """Our mean top-1 against a baseline's (``stats`` records): the difference, the larger seed SD and whether the
-    difference exceeds it (None without an SD on both sides); SEED_SD_RULE says why this rule."""
-    diff = ours['mean'] - baseline['mean']
-    if ours['std'] is None or baseline['std'] is None:
-        return dict(diff=diff, sd=None, exceeds=None)
-    sd = max(ours['std'], baseline['std'])
-    return dict(diff=diff, sd=sd, exceeds=abs(diff) > sd)
-
-
-def _study_family(model: str) -> Family:
-    """The family a model is compared within: its own, or the one it is the baseline of (resnet18: GradAttn)."""
-    return family_of(model) or next((f for f in REGISTRY.values() if f.baseline == model), _GRADATTN)
-
-
-def _agreed(values: Sequence[Any]) -> Any:
-    """The one value the cells share, else all of them joined by '/' (the table shows that they differ)."""
-    distinct = list(dict.fromkeys(values))
-    return distinct[0] if len(distinct) == 1 else '/'.join(map(str, distinct))
-
-
-def _over_seeds(values: Sequence[Optional[float]], seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
-    """``stats`` of the values a cell recorded (older results.json files lack some)."""
-    kept = [(seed, value) for seed, value in zip(seeds, values) if value is not None]
-    return stats([value for _, value in kept], [seed for seed, _ in kept])
-
-
-def study_rows(study: Study, records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per study model, in the study's order: means and SDs over its recorded seeds (only ``n_seeds`` 0
-    where none is recorded) and its difference from resnet18 and from its family's baseline."""
-    rows = []
-    for model in study.models:
-        cells = sorted((r for r in records if r['model'] == model), key=lambda r: r['seed'])
-        seeds = [cell['seed'] for cell in cells]
-        row: Dict[str, Any] = dict(model=model, family=_study_family(model), seeds=seeds, n_seeds=len(cells))
-        if cells:
-            results = [cell['results'] for cell in cells]
-            row.update(
-                img_size=_agreed([cell['img_size'] for cell in cells]),
-                top1=stats([r['top1'] for r in results], seeds), top5=stats([r['top5'] for r in results], seeds),
-                top1_last_epoch=_over_seeds([r.get(LAST_EPOCH_KEY, {}).get('top1') for r in results], seeds),
-                param_count=results[0]['num_params'] / 1e6, gmacs=cells[0]['gmacs'],
-                train_img_s=_over_seeds([r.get('train_img_s') for r in results], seeds),
-                peak_rss_mb=_over_seeds([r.get('peak_rss_mb') for r in results], seeds),
-                precision=_agreed([PRECISION_NAMES.get(p, p) for p in
-                                   (r.get('mixed_precision', r['machine'].get('mixed_precision')) for r in results)]),
-                wall_time_s=_over_seeds([cell['wall_time_s'] for cell in cells], seeds),
-                train_time_s=stats([sum(e['epoch_time_s'] for e in cell['epochs']) for cell in cells], seeds),
-                epochs_run=stats([r['epochs_run'] for r in results], seeds))
-        rows.append(row)
-    by_model = {row['model']: row for row in rows if row['n_seeds']}
-    for row in rows:
-        for key, baseline in (('vs_study_baseline', STUDY_BASELINE), ('vs_family_baseline', row['family'].baseline)):
-            compared = row['n_seeds'] and baseline in by_model and baseline != row['model']
-            if key == 'vs_family_baseline' and baseline == STUDY_BASELINE:
-                compared = False  # GradAttn's baseline is the study's: one comparison, in the first column
-            row[key] = dict(seed_sd_verdict(row['top1'], by_model[baseline]['top1']), baseline=baseline) \
-                if compared else None
-    return rows
-
-
-def _rounded(value: Optional[float], digits: int) -> Optional[float]:
-    return None if value is None else round(value, digits)
-
-
-def study_csv_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The rows of results-<dataset>.csv: timm's columns and roundings (validate.py: accuracies to 4 decimals,
-    parameters in millions to 2), best top-1 first as timm's results files are; models without a cell left out."""
-    finished = sorted((r for r in rows if r['n_seeds']), key=lambda r: (-r['top1']['mean'], r['model']))
-    return [dict(
-        model=r['model'].split('.', 1)[0], img_size=r['img_size'],
-        top1=round(r['top1']['mean'], 4), top1_err=round(100 - r['top1']['mean'], 4),
-        top5=round(r['top5']['mean'], 4), top5_err=round(100 - r['top5']['mean'], 4),
-        param_count=round(r['param_count'], 2), top1_std=_rounded(r['top1']['std'], 4), n_seeds=r['n_seeds'],
-        gmacs=round(r['gmacs'], 4),
-        train_img_s=_rounded(r['train_img_s'] and r['train_img_s']['mean'], 1),
-        peak_rss_mb=_rounded(r['peak_rss_mb'] and r['peak_rss_mb']['mean'], 1), precision=r['precision'],
-    ) for r in finished]
-
-
-def published_top1(dataset: str, model: str) -> Optional[Tuple[float, str]]:
-    """(top-1 %, family key) a paper of the zoo published for ``model`` on ``dataset``, or None."""
-    for table in (3, 9):
-        figure = paper_figure(table, 'top1', dataset, model)
-        if figure is not None:
-            return figure, 'gradattn'
-    figure = families_paper.cnntention_figure(dataset, model)
-    if figure is not None:
-        return figure, 'cnntention'
-    error = families_paper.attention_shortcuts_figure(dataset, model)
-    return (100.0 - error[0], 'attention-shortcuts') if error is not None else None
-
-
-# What a reader must know about each paper's figures beside a study's.
-_PUBLISHED_NOTES = {
-    'gradattn': f'{PAPER_CITATION}, Tables 3 and 9. {PAPER_NOTES[3]}',
-    'cnntention': f'{families_paper.CNNTENTION_CITATION}. {families_paper.CNNTENTION_NOTES[0]}',
-    'attention-shortcuts': f'{families_paper.ATTENTION_SHORTCUTS_CITATION}, as 100 - test error. '
-                           f'{families_paper.ATTENTION_SHORTCUTS_NOTES[0]}',
-}
-
-
-def _mean_sd(summary: Optional[Dict[str, Any]], digits: int = 2, scale: float = 1.0) -> str:
-    if not summary:
-        return '—'
-    text = f'{summary["mean"] / scale:.{digits}f}'
-    return text + (f' ± {summary["std"] / scale:.{digits}f}' if summary['std'] is not None else '')
-
-
-def _versus_text(versus: Optional[Dict[str, Any]]) -> str:
-    if versus is None:
-        return '—'
-    text = f'{versus["diff"]:+.2f}'
-    if versus['exceeds'] is None:
-        return f'{text} (no SD: 1 seed)'
-    return f'{text} ({"exceeds" if versus["exceeds"] else "within"} SD {versus["sd"]:.2f})'
-
-
-def _minutes(seconds: float) -> str:
-    return f'{seconds / 60:.1f} min' if seconds < 3600 else f'{seconds / 3600:.2f} h'
-
-
-def study_markdown(study: Study, rows: Sequence[Dict[str, Any]], records: Sequence[Dict[str, Any]],
-                   folder: Path) -> str:
-    """results-<dataset>.md: the table with the papers' figures and the seed-SD verdicts, the cells, the machine."""
-    dataset = study.dataset
-    finished = [r for r in rows if r['n_seeds']]
-    published = {r['model']: published_top1(dataset, r['model']) for r in rows}
-    literature = {r['model']: literature_figure(dataset, r['model']) for r in rows}
-    family_column = any(r['family'].baseline != STUDY_BASELINE for r in rows)  # a second family in the study
-    header = ['model', 'family', 'top-1 (%)', 'seeds', 'top-5 (%)', f'Δ top-1 vs {STUDY_BASELINE}']
-    header += ['Δ top-1 vs family baseline'] if family_column else []
-    header += ['GMACs', 'params (M)', 'train img/s', 'peak RSS (MB)', 'precision', 'wall time / cell']
-    extra = (['paper'] if any(published.values()) else []) + (['literature'] if any(literature.values()) else [])
-    header += extra
-    table = []
-    for r in rows:
-        family = r['family'].title + (' (baseline)' if r['model'] == r['family'].baseline else '')
-        if not r['n_seeds']:
-            line = [r['model'], family, 'not run yet'] + ['—'] * (len(header) - 3 - len(extra))
-        else:
-            line = [r['model'], family, _mean_sd(r['top1']), r['n_seeds'], _mean_sd(r['top5']),
-                    _versus_text(r['vs_study_baseline'])]
-            line += [_versus_text(r['vs_family_baseline'])] if family_column else []
-            wall = _minutes(r['wall_time_s']['mean']) if r['wall_time_s'] else '—'
-            line += [f'{r["gmacs"]:.4f}', f'{r["param_count"]:.3f}', _mean_sd(r['train_img_s'], 0),
-                     _mean_sd(r['peak_rss_mb'], 0), r['precision'], wall]
-        if 'paper' in header:
-            figure = published[r['model']]
-            line.append(f'{figure[0]:.2f} ({REGISTRY[figure[1]].title})' if figure else 'n/a')
-        if 'literature' in header:
-            line.append(f'{literature[r["model"]][0]:.1f}' if literature[r['model']] else 'n/a')
-        table.append(line)
-
-    epochs = f' --epochs {study.epochs}' if study.epochs else ''
-    flags = f' {" ".join(study.train_flags)}' if study.train_flags else ''
-    planned = len(study.models) * len(study.seeds)
-    lines = [f'# Study {study.name}: {dataset}', '', study.description, '',
-             f'- Protocol: `train.py --dataset {dataset} --recipe {study.recipe}{epochs}{flags}` for every cell, each '
-             f'cell its own train.py process; default seeds {", ".join(map(str, study.seeds))}.',
-             f'- Command: `{study.command}` (resumable cell by cell; `--aggregate-only` rebuilds these files from '
-             f'`cells/`).',
-             f'- Cells recorded: {len(records)} ({planned} planned: {len(study.models)} models x {len(study.seeds)} '
-             f'seeds); models finished: {len(finished)} of {len(study.models)}.', '']
-    if finished:
-        lines += [f'![top-1 against cost](results-{dataset}.png)', '']
-    lines += [markdown_table(header, table), '']
-    lines += [f'- {note}' for note in _study_notes(study, rows, records, published, literature)]
-    lines += ['', '## Cells', '']
-    cell_rows = []
-    for record in sorted(records, key=lambda r: (study.models.index(r['model']), r['seed'])):
-        results = record['results']
-        last = results.get(LAST_EPOCH_KEY, {}).get('top1')
-        cell_rows.append([
-            record['model'], record['seed'], f'{results["top1"]:.2f}', '—' if last is None else f'{last:.2f}',
-            f'{results["best_epoch"]} of {results["epochs_run"]}',
-            '—' if results.get('train_img_s') is None else f'{results["train_img_s"]:.0f}',
-            '—' if results.get('peak_rss_mb') is None else f'{results["peak_rss_mb"]:.0f}',
-            '—' if record['wall_time_s'] is None else _minutes(record['wall_time_s']),
-            '—' if record['load_average_5_min'] is None else f'{record["load_average_5_min"]:.1f}'])
-    if cell_rows:
-        lines.append(markdown_table(['model', 'seed', 'top-1 (%)', 'last epoch top-1 (%)', 'best epoch',
-                                     'train img/s', 'peak RSS (MB)', 'wall time', 'load (5 min)'], cell_rows))
-    else:
-        lines.append('No cell finished yet.')
-    timed = [r['wall_time_s'] for r in records if r['wall_time_s'] is not None]
-    if timed:
-        lines += ['', f'Wall time in all: {_minutes(sum(timed))} over {len(timed)} cell(s) (each cell\'s train.py '
-                      f'processes, start to exit, summed over resumptions).']
-    machines = collections.Counter(machine_line(r['results']['machine']) for r in records)
-    lines += ['', '## Machine', '']
-    lines += [f'- {line} ({count} cell(s))' for line, count in machines.items()] or ['- none yet']
-    lines += ['', '## Grad-CAM', '']
-    cam = f'cam-{dataset}.png'
-    if (folder / cam).is_file():
-        lines.append(f'![Grad-CAM across models]({cam})')
-    else:
-        lines.append(f'Not drawn yet: a later step writes `{cam}` beside these files from the cells\' weights '
-                     f'(`<runs-dir>/{dataset}/<model>/seed<S>/hub`, not committed), and `--aggregate-only` links it '
-                     f'here.')
-    return '\n'.join(lines) + '\n'
-
-
-def _study_notes(study: Study, rows, records, published, literature) -> List[str]:
-    notes = [f'top-1 / top-5: test split, best validation epoch\'s weights; mean ± sample SD over seeds (the '
-             f'cells below also give the last epoch\'s). Δ: in points. Seed-SD rule: {SEED_SD_RULE}',
-             'GMACs: multiply-accumulates of one forward pass at the cell\'s input (torch FlopCounterMode FLOPs / 2, '
-             'counted as benchmarks/speed.py counts them). train img/s: training images a second over the training '
-             'loops; peak RSS: the cell process\'s peak resident memory; wall time: the cell\'s train.py process(es), '
-             'start to exit, summed over resumptions.']
-    sources = sorted({figure[1] for figure in published.values() if figure})
-    if sources:
-        notes += [f'Paper: {_PUBLISHED_NOTES[key]}' for key in sources]
-        notes.append(f'Training length: the paper\'s {" / ".join(REGISTRY[k].length for k in sources)}; ours at most '
-                     f'{study.length} epochs.')
-    else:
-        notes.append(f'No paper of the zoo publishes figures on {study.dataset} (GradAttn: '
-                     f'benchmarks/paper_results.py; CNNtention, Attention Shortcuts: '
-                     f'benchmarks/paper_results_families.py), so ours stand alone.')
-    for model, anchor in literature.items():
-        if anchor:
-            notes.append(f'Literature, {model}: {anchor[0]} % ({anchor[1]}).')
-    extra = [f'{r["model"]} seed {r["seed"]}: {" / ".join(shlex.join(flags) for flags in r["extra_train_args"])}'
-             for r in records if any(r.get('extra_train_args') or [])]
-    if extra:
-        notes.append('Cells trained with train.py flags beyond the protocol (after `--`): ' + '; '.join(extra) + '.')
-    differing = _differing_settings(records)
-    if differing:
-        notes.append('Settings that differ between cells (compare with care): ' + '; '.join(
-            f'{key}: {", ".join(map(str, values))}' for key, values in differing.items()) + '.')
-    cores = [r['results']['machine'].get('cpu_count') for r in records if r['results']['machine'].get('cpu_count')]
-    loads = [r['load_average_5_min'] for r in records if r['load_average_5_min'] is not None]
-    if cores and loads:
-        notes += _load_notes(dict(cores=min(cores), cell_loads=loads, run_load=None))
-    return notes
-
-
-def _differing_settings(records: Sequence[Dict[str, Any]]) -> Dict[str, List[Any]]:
-    """config.yaml settings (other than model and seed) and precisions that are not the same in every cell."""
-    values: Dict[str, List[Any]] = {}
-    for record in records:
-        settings = dict(record['config'], mixed_precision=record['results'].get('mixed_precision'),
-                        img_size=record['img_size'])
-        for key, value in settings.items():
-            if key not in ('model', 'seed'):
-                values.setdefault(key, [])
-                if value not in values[key]:
-                    values[key].append(value)
-    return {key: found for key, found in values.items() if len(found) > 1}
-
-
-def plot_study(study: Study, rows: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]:
-    """Top-1 (mean, SD error bars) against forward GMACs and against training time, both log scale; one colour per
-    family, baselines as squares, every point labelled. None when no cell has finished."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    finished = [r for r in rows if r['n_seeds']]
-    if not finished:
-        return None
-    colours = {key: colormaps['tab10'](index) for index, key in enumerate(REGISTRY)}
-    fig = Figure(figsize=(13, 5.5), dpi=120, layout='constrained')
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2, sharey=True)
-    panels = ((lambda r: r['gmacs'], 'forward GMACs per image (log scale)'),
-              (lambda r: r['train_time_s']['mean'] / 60, 'training time per cell, minutes (log scale)'))
-    for ax, (x_of, label) in zip(axes, panels):
-        for r in finished:
-            x, y = x_of(r), r['top1']['mean']
-            ax.errorbar(x, y, yerr=r['top1']['std'] or 0.0, fmt='s' if r['model'] == r['family'].baseline else 'o',
-                        color=colours[r['family'].key], capsize=3, markersize=6)
-            ax.annotate(r['model'], (x, y), textcoords='offset points', xytext=(4, 3), fontsize=6)
-        ax.set_xscale('log')
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3, which='both')
-    axes[0].set_ylabel('test top-1 (%), mean ± SD over seeds')
-    shown = dict.fromkeys(r['family'].key for r in finished)
-    handles = [Line2D([], [], color=colours[key], marker='o', linestyle='', label=REGISTRY[key].title) for key in shown]
-    handles.append(Line2D([], [], color='grey', marker='s', linestyle='', label='family baseline'))
-    axes[1].legend(handles=handles, fontsize=8, loc='lower right')
-    fig.suptitle(f'Study {study.name}: {study.dataset}, train.py --recipe {study.recipe}'
-                 + (f' --epochs {study.epochs}' if study.epochs else ''))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format='png', facecolor='white')
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def write_study_outputs(study: Study, folder: Path) -> List[Path]:
-    """results-<dataset>.csv, .md and .png from the committed cell records alone; returns the files written."""
-    records = read_study_records(folder, study)
-    rows = study_rows(study, records)
-    folder.mkdir(parents=True, exist_ok=True)
-    base = folder / f'results-{study.dataset}'
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=STUDY_CSV_COLUMNS, lineterminator='\n')
-    writer.writeheader()
-    writer.writerows(study_csv_rows(rows))
-    atomic_write_text(base.with_suffix('.csv'), buffer.getvalue())
-    plot = plot_study(study, rows, base.with_suffix('.png'))
-    atomic_write_text(base.with_suffix('.md'), study_markdown(study, rows, records, folder))
-    return [base.with_suffix('.csv'), base.with_suffix('.md')] + ([plot] if plot else [])
-
-
-def run_study(options: argparse.Namespace) -> bool:
-    """Train (or reuse) the study's cells one by one, each as its own train.py process, record each finished cell
-    and rebuild the outputs after it; True when a cell failed or the dataset is missing."""
-    study, folder = options.study, options.output
-    if options.aggregate_only:
-        written = write_study_outputs(study, folder)
-        print(f'Study {study.name}: rebuilt {", ".join(str(p) for p in written)} from {folder / "cells"}.')
-        return False
-    read_study_records(folder, study)  # a record of another protocol stops the study here, before any training
-    cells = [(seed, model) for seed in options.seeds for model in options.models]
-    print(f'Study {study.name}: {len(options.models)} model(s) x {len(options.seeds)} seed(s) on {study.dataset}, '
-          f'train.py --recipe {study.recipe}' + (f' --epochs {study.epochs}' if study.epochs else '')
-          + f'; records in {folder / "cells"}', flush=True)
-    launcher = options.launcher or shlex.join([sys.executable])
-    if options.extra_train_args:
-        print(f'note: {shlex.join(options.extra_train_args)} (after `--`) is outside the study\'s protocol; each cell '
-              f'trained now records it and results-{study.dataset}.md names those cells.', flush=True)
-    failed: Dict[str, str] = {}
-    checked = False
-    for index, (seed, model) in enumerate(cells, 1):
-        name = f'[{index}/{len(cells)}] {study.name} / {model} / seed {seed}'
-        record_path = study_cell_path(folder, model, seed)
-        if record_path.is_file():
-            print(f'{name}: recorded earlier, reusing {record_path}', flush=True)
-            continue
-        run_dir = cell_dir(options.runs_dir, study.dataset, model, seed)
-        state = cell_state(run_dir)
-        try:
-            if state == 'foreign':
-                raise CellFailed(f'{run_dir} holds files but no config.yaml, so it is not a train.py run. Move it '
-                                 f'away and run again.')
-            if state == 'done':
-                print(f'{name}: finished earlier, recording {run_dir / "results.json"}', flush=True)
-            else:
-                if not checked:
-                    check_dataset(study.dataset, options)
-                    checked = True
-                print(f'{name}: ' + (f'resuming the partial run in {run_dir}' if state == 'partial'
-                                     else f'training into {run_dir}'), flush=True)
-                argv = train_argv(model, study.dataset, seed, run_dir, options, resume=state == 'partial')
-                start = time.perf_counter()
-                try:
-                    train_with_launcher(argv, launcher)
-                finally:
-                    _record_time(run_dir, 'train_s', time.perf_counter() - start)
-                    _record_extra_flags(run_dir, options.extra_train_args)
-                _record_load(run_dir)
-            record = study_cell_record(study, model, seed, run_dir)
-        except DatasetMissing as error:
-            print(f'SKIPPED study {study.name}: the files of {study.dataset} are missing. {error} (reproduce.py '
-                  f'passes flags after `--` to train.py, e.g. `-- --download`.)', flush=True)
-            return True
-        except CellFailed as error:
-            failed[f'{model}/seed{seed}'] = str(error)
-            print(f'{name}: FAILED: {error}', flush=True)
-            continue
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(record_path, json.dumps(record, indent=1))
-        print(f'{name}: recorded {record_path} (commit it; the run folder {run_dir} stays out of git)', flush=True)
-        write_study_outputs(study, folder)  # the outputs grow as the cells finish
-    written = write_study_outputs(study, folder)
-    print(f'Study {study.name}: wrote {", ".join(str(p) for p in written)}'
-          + (f'; {len(failed)} cell(s) failed: {", ".join(failed)}' if failed else ''))
-    return bool(failed)
-
-
 # --- command line ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a grid of models x datasets under a paper's protocol and write its tables next to the "
-                    "paper's figures. Flags after a bare `--` are passed to train.py for every cell.")
+                    "paper's figures. Flags after a bare `--` are passed to train.py for every cell. (One protocol "
+                    "for models of every family, which no paper ran: benchmarks/study.py.)")
     parser.add_argument('--family', default=None, type=family_choice, choices=(*FAMILIES, 'all'),
                         help="Whose tables: the GradAttn paper's Tables 3-9 (gradattn, the default), CNNtention's "
                              "results (cnntention), Attention Shortcuts' Table 2 (attention-shortcuts; "
@@ -1401,17 +743,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--tables-only', action='store_true',
                         help='Train nothing: rewrite the tables from the finished runs in --runs-dir (the grid, '
                              'command and machine of the last training invocation are kept from run.json).')
-    study = parser.add_argument_group(
-        'study', 'One named protocol for models of every family, cell by cell, each cell its own train.py process; '
-                 'light per-cell records and results-<dataset>.csv/.md/.png go to --output (default '
-                 'benchmarks/results/study)/<dataset>, run folders to --runs-dir (default output/study). --models and '
-                 '--seeds narrow a run to a batch of cells; --launcher replaces `python` before train.py.')
-    study.add_argument('--study', default=None, choices=STUDIES,
-                       help='; '.join(f'{s.name}: {s.dataset}, {len(s.models)} models, --recipe {s.recipe}'
-                                      + (f' --epochs {s.epochs}' if s.epochs else '')
-                                      + f', seeds {" ".join(map(str, s.seeds))}' for s in STUDIES.values()) + '.')
-    study.add_argument('--aggregate-only', action='store_true',
-                       help="Train nothing: rebuild the study's results files from its committed cell records.")
     return parser
 
 
@@ -1424,16 +755,7 @@ def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     options = parser.parse_args(own)
     options.train_args = train_args
     options.command = shlex.join(['python', 'benchmarks/reproduce.py'] + argv)
-    if os.environ.get('WORLD_SIZE', '1') != '1':
-        # The engine's train() owns its process group (it ends it when the job ends), so one process cannot
-        # run a second cell inside a launch; each cell gets a launch of its own instead.
-        parser.error('run reproduce.py as a single process and let it launch every cell: python '
-                     'benchmarks/reproduce.py --launcher "accelerate launch --multi_gpu --num_processes N" ...')
-    if options.study:
-        return _study_options(parser, options)
-    if options.aggregate_only:
-        parser.error("--aggregate-only rebuilds a study's outputs: add --study NAME (a grid's tables are rewritten "
-                     "with --tables-only).")
+    refuse_inside_launch(parser, 'reproduce.py')
     options.family = options.family or 'gradattn'
     options.given = {k for k in ('models', 'datasets', 'seeds', 'epochs') if getattr(options, k) is not None}
     options.seeds = options.seeds or [42]
@@ -1474,35 +796,6 @@ def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return options
 
 
-def _study_options(parser: argparse.ArgumentParser, options: argparse.Namespace) -> argparse.Namespace:
-    """The command line of a study: its cells (--models, --seeds: the study's by default) and folders; what the
-    study fixes may not be given."""
-    study = STUDIES[options.study]
-    fixed = [flag for flag, value in (('--family', options.family), ('--recipe', options.recipe),
-                                      ('--datasets', options.datasets), ('--epochs', options.epochs),
-                                      ('--quick', options.quick), ('--tables-only', options.tables_only))
-             if value] + [f'{flag} after `--`' for flag in STUDY_CELL_FLAGS if flag in options.train_args]
-    if fixed:
-        parser.error(f'--study {study.name} fixes the dataset and protocol of every cell ({study.dataset}, --recipe '
-                     f'{study.recipe}' + (f' --epochs {study.epochs}' if study.epochs else '') + f'); drop '
-                     f'{", ".join(fixed)}. --models and --seeds choose the cells; another protocol is another '
-                     f'entry in STUDIES (benchmarks/reproduce.py).')
-    outside = [model for model in options.models or () if model not in study.models]
-    if outside:
-        parser.error(f'--models: {", ".join(outside)} is not in study {study.name}, whose models are '
-                     f'{", ".join(study.models)}.')
-    options.study = study
-    options.models = [model for model in study.models if model in (options.models or study.models)]
-    options.seeds = list(dict.fromkeys(options.seeds or study.seeds))
-    options.recipe, options.epochs = study.recipe, study.epochs
-    options.extra_train_args = list(options.train_args)
-    options.train_args = [*study.train_flags, *options.train_args]
-    options.output = Path(options.output or RESULTS_DIR / 'study') / study.dataset
-    options.runs_dir = Path(options.runs_dir or REPO / 'output' / 'study')
-    options.grids = []
-    return options
-
-
 def _models_by_family(parser: argparse.ArgumentParser, names: Optional[Sequence[str]],
                       chosen: Sequence[Reproduction]) -> Dict[str, List[str]]:
     """--models split among the chosen families: a model goes to the family that lists it; GradAttn's grid takes
@@ -1527,12 +820,6 @@ def _models_by_family(parser: argparse.ArgumentParser, names: Optional[Sequence[
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = parse_options(argv)
-    if options.study:
-        try:
-            return 1 if run_study(options) else 0
-        except UserError as error:  # a cell record of another protocol: say which and what to do
-            print(f'reproduce.py: error: {error}', file=sys.stderr)
-            return 2
     failed = False
     for grid in options.grids:
         failed |= run_family(grid)
