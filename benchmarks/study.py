@@ -18,6 +18,12 @@ cell is reused, a finished run folder recorded, a partial one resumed:
 Flags after a bare ``--`` go to train.py for every cell and are recorded with it. ``--launcher`` replaces ``python``
 before train.py (e.g. ``accelerate launch --num_processes 2``).
 
+After the cells (and with ``--aggregate-only``), ``--cam N`` (default 8; 0: none) draws ``cam-<dataset>.png``: Grad-CAM
+over the first N test images of the lowest recorded seed's split, a row per model whose run folder for that seed is
+still there (its hub/ export), each at the layer ``timm_gradattn.analysis.cam_target_layers`` picks; the layers and
+predictions go to ``cam-<dataset>.json`` beside it, which the Markdown reads. The seed also seeds the split, so the
+grid shows one seed's models on that seed's test images. Needs grad-cam (``pip install "timm-gradattn[cam]"``).
+
 The run folders (weights, resumable checkpoints) go to ``--runs-dir`` (default ``output/study``, git-ignored).
 """
 import argparse
@@ -34,24 +40,30 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import yaml
+from torch.utils.data import DataLoader
 
-from timm_gradattn.data import get_dataset_info
+from timm_gradattn.analysis import class_activation_maps, import_grad_cam
+from timm_gradattn.data import DatasetNotFoundError, get_dataset_info
 from timm_gradattn.errors import UserError
 from timm_gradattn.families import FAMILIES as REGISTRY
 from timm_gradattn.families import MODEL_NAMES, RECIPES, Family, family_of
 from timm_gradattn.files import atomic_write_bytes, atomic_write_text
+from timm_gradattn.plots import plot_cam_grid
 from timm_gradattn.reporting import machine_line, markdown_table, read_summary_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import (LAST_EPOCH_KEY, LOAD_KEY, REPO, RESULTS_DIR, TIMING_FILE, CellFailed, DatasetMissing,  # noqa: E402
-                  cell_dir, cell_state, check_dataset, load_notes, record_load, record_time, refuse_inside_launch,
-                  stats, train_argv, train_with_launcher, update_timing)
+                  cell_dir, cell_state, check_dataset, load_notes, load_run_model, record_load, record_time,
+                  refuse_inside_launch, release_memory, run_splits, stats, train_argv, train_with_launcher,
+                  update_timing)
 from paper_results import PAPER_CITATION, PAPER_NOTES, literature_figure, paper_figure  # noqa: E402
 import paper_results_families as families_paper  # noqa: E402
 
 _GRADATTN = REGISTRY['gradattn']
 EXTRA_FLAGS_KEY = 'extra_train_args'  # a cell's flags after `--`, per invocation
+CAM_IMAGES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,15 +383,40 @@ def study_markdown(study: Study, rows: Sequence[Dict[str, Any]], records: Sequen
     machines = collections.Counter(machine_line(r['results']['machine']) for r in records)
     lines += ['', '## Machine', '']
     lines += [f'- {line} ({count} cell(s))' for line, count in machines.items()] or ['- none yet']
-    lines += ['', '## Grad-CAM', '']
-    cam = f'cam-{dataset}.png'
-    if (folder / cam).is_file():
-        lines.append(f'![Grad-CAM across models]({cam})')
-    else:
-        lines.append(f'Not drawn yet: a later step writes `{cam}` beside these files from the cells\' weights '
-                     f'(`<runs-dir>/{dataset}/<model>/seed<S>/hub`, not committed), and `--aggregate-only` links it '
-                     f'here.')
+    lines += ['', '## Grad-CAM', ''] + _cam_section(folder, dataset)
     return '\n'.join(lines) + '\n'
+
+
+def _cam_section(folder: Path, dataset: str) -> List[str]:
+    """The Grad-CAM grid, and from cam-<dataset>.json which images, and which layer each model was read at."""
+    picture, facts = cam_paths(folder, dataset)
+    if not picture.is_file():
+        return [f'Not drawn yet: `--cam N` (8 by default, after the cells and with `--aggregate-only`) draws '
+                f'`{picture.name}` beside these files from the run folders of the lowest recorded seed '
+                f'(`<runs-dir>/{dataset}/<model>/seed<S>/hub`, not committed).']
+    lines = [f'![Grad-CAM across models]({picture.name})']
+    if not facts.is_file():
+        return lines
+    cam = json.loads(facts.read_text())
+    count = len(cam['indices'])
+    lines += ['', f'The first {count} images of seed {cam["seed"]}\'s {cam["split"]} split (the seed draws the split '
+                  f'too, so the other seeds\' test images differ); each map explains the model\'s predicted class. '
+                  f'Every model is read at the deepest feature map at least 4 px on a side '
+                  f'(`timm_gradattn.analysis.cam_target_layers`):', '']
+    rows = [[row['model'], ', '.join(_layer_text(layer) for layer in row['layers']),
+             ', '.join('x'.join(map(str, layer['grid'])) for layer in row['layers']), f'{row["correct"]} of {count}']
+            for row in cam['models']]
+    lines.append(markdown_table(['model', 'layer read', 'map', 'predicted right'], rows))
+    if cam['skipped']:
+        lines += ['', f'Not in the grid (no finished run folder of seed {cam["seed"]} when it was drawn): '
+                      + ', '.join(f'{model} ({why})' for model, why in cam['skipped'].items()) + '.']
+    return lines
+
+
+def _layer_text(layer: Dict[str, Any]) -> str:
+    """The module read, and the feature_info module it stands for when the model never calls that one itself."""
+    text = f'`{layer["module"]}`'
+    return text if layer['module'] == layer['feature'] else f'{text} (the last to run inside `{layer["feature"]}`)'
 
 
 def _study_notes(study: Study, rows, records, published, literature) -> List[str]:
@@ -484,6 +521,78 @@ def write_study_outputs(study: Study, folder: Path) -> List[Path]:
     return [base.with_suffix('.csv'), base.with_suffix('.md')] + ([plot] if plot else [])
 
 
+# --- Grad-CAM across the models -------------------------------------------------------------------------------
+def cam_paths(folder: Path, dataset: str) -> Tuple[Path, Path]:
+    """cam-<dataset>.png and the .json of its images, layers and predictions, beside the results files."""
+    return folder / f'cam-{dataset}.png', folder / f'cam-{dataset}.json'
+
+
+def require_grad_cam() -> None:
+    """Stop in one line, before any work, when grad-cam is missing (the message says what to install)."""
+    try:
+        import_grad_cam()
+    except ImportError as error:
+        raise UserError(f'--cam: {error} (or --cam 0 to draw no Grad-CAM grid)') from error
+
+
+def draw_cam_grid(study: Study, folder: Path, runs_dir: Path, count: int,
+                  data_dir: Optional[str] = None) -> List[Path]:
+    """cam-<dataset>.png and .json: Grad-CAM over the first ``count`` test images of the lowest recorded seed's split,
+    a row per model with a record and a finished run folder (its hub/ export) of that seed, read at the default layer.
+    The other models are listed in one line; with no model to draw the files are left as they are. Returns the files
+    written."""
+    records = read_study_records(folder, study)
+    if not records:
+        return []
+    seed = min(record['seed'] for record in records)
+    recorded = {record['model'] for record in records if record['seed'] == seed}
+    drawn, skipped = [], {}
+    for model in study.models:
+        run_dir = cell_dir(runs_dir, study.dataset, model, seed)
+        if model not in recorded:
+            skipped[model] = 'not recorded'
+        elif not (run_dir / 'results.json').is_file() or not (run_dir / 'hub').is_dir():
+            skipped[model] = 'no run folder'
+        else:
+            drawn.append((model, run_dir))
+    where = cell_dir(runs_dir, study.dataset, '<model>', seed)
+    if skipped:
+        print(f'Grad-CAM, seed {seed}: skipped {len(skipped)} model(s) without a finished run folder {where}: '
+              + ', '.join(f'{model} ({why})' for model, why in skipped.items()), flush=True)
+    if not drawn:
+        print(f'Grad-CAM: no model to draw; {cam_paths(folder, study.dataset)[0].name} left as it is.', flush=True)
+        return []
+    require_grad_cam()
+    config = yaml.safe_load((drawn[0][1] / 'config.yaml').read_text())
+    try:
+        splits = run_splits(config, data_dir)
+    except DatasetNotFoundError as error:
+        raise UserError(f'--cam: {error} (--data-dir says where; --cam 0 draws no grid)') from error
+    info = splits.info
+    label_names = list(info.label_names or [str(c) for c in range(info.num_classes)])
+    images, targets = next(iter(DataLoader(splits.test, batch_size=min(count, len(splits.test)), shuffle=False)))
+    labels = [label_names[int(c)] for c in targets]
+    maps, predictions, rows = {}, {}, []
+    for model, run_dir in drawn:
+        network = load_run_model(run_dir)
+        cams = class_activation_maps(network, images.to(next(network.parameters()).device))
+        maps[model], predictions[model] = cams.maps, [label_names[c] for c in cams.predictions.tolist()]
+        rows.append(dict(model=model, layers=[dataclasses.asdict(layer) for layer in cams.layers],
+                         predictions=predictions[model], correct=int(np.sum(cams.predictions == targets.numpy()))))
+        del network
+        release_memory()
+    picture, facts = cam_paths(folder, study.dataset)
+    plot_cam_grid(images, maps, picture, labels=labels, predictions_by_model=predictions, mean=info.mean,
+                  std=info.std, title=f'Study {study.name}: Grad-CAM of seed {seed}\'s models on the first '
+                                      f'{len(labels)} {info.name} test images (prediction above each map; red: wrong)')
+    atomic_write_text(facts, json.dumps(dict(
+        study=study.name, dataset=study.dataset, seed=seed, split='test', indices=list(range(len(labels))),
+        labels=labels, method='Grad-CAM (grad-cam), explaining the predicted class', models=rows, skipped=skipped),
+        indent=1))
+    print(f'Grad-CAM, seed {seed}: {len(drawn)} model(s) over {len(labels)} test images in {picture}', flush=True)
+    return [picture, facts]
+
+
 # --- the runner --------------------------------------------------------------------------------------------------
 def record_extra_flags(run_dir: Path, flags: Sequence[str]) -> None:
     """Note the train.py flags a cell was given beyond the study's protocol (one list per invocation)."""
@@ -491,15 +600,23 @@ def record_extra_flags(run_dir: Path, flags: Sequence[str]) -> None:
         update_timing(run_dir, lambda timing: timing.setdefault(EXTRA_FLAGS_KEY, []).append(list(flags)))
 
 
+def finish_study(study: Study, options: argparse.Namespace) -> List[Path]:
+    """The Grad-CAM grid (``--cam``), then the results files, whose Markdown links the grid."""
+    cam = draw_cam_grid(study, options.output, options.runs_dir, options.cam, options.data_dir) if options.cam else []
+    return write_study_outputs(study, options.output) + cam
+
+
 def run_study(options: argparse.Namespace) -> bool:
     """Train (or reuse) the study's cells one by one, each as its own train.py process, record each finished cell
     and rebuild the outputs after it; True when a cell failed or the dataset is missing."""
     study, folder = options.study, options.output
     if options.aggregate_only:
-        written = write_study_outputs(study, folder)
+        written = finish_study(study, options)
         print(f'Study {study.name}: rebuilt {", ".join(str(p) for p in written)} from {folder / "cells"}.')
         return False
     read_study_records(folder, study)  # a record of another protocol stops the study here, before any training
+    if options.cam:
+        require_grad_cam()  # the grid is drawn after the cells: say so before hours of training
     cells = [(seed, model) for seed in options.seeds for model in options.models]
     print(f'Study {study.name}: {len(options.models)} model(s) x {len(options.seeds)} seed(s) on {study.dataset}, '
           f'train.py --recipe {study.recipe}' + (f' --epochs {study.epochs}' if study.epochs else '')
@@ -551,7 +668,7 @@ def run_study(options: argparse.Namespace) -> bool:
         atomic_write_text(record_path, json.dumps(record, indent=1))
         print(f'{name}: recorded {record_path} (commit it; the run folder {run_dir} stays out of git)', flush=True)
         write_study_outputs(study, folder)  # the outputs grow as the cells finish
-    written = write_study_outputs(study, folder)
+    written = finish_study(study, options)
     print(f'Study {study.name}: wrote {", ".join(str(p) for p in written)}'
           + (f'; {len(failed)} cell(s) failed: {", ".join(failed)}' if failed else ''))
     return bool(failed)
@@ -566,8 +683,8 @@ FIXED_FLAGS = ('--dataset', '--datasets', '--recipe', '--epochs', '--family')
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description='Train one named protocol for models of every family, cell by cell, each cell its own train.py '
-                    'process; light per-cell records and results-<dataset>.csv/.md/.png go to --output/<dataset>. '
-                    'Flags after a bare `--` are passed to train.py for every cell.')
+                    'process; light per-cell records and results-<dataset>.csv/.md/.png (and cam-<dataset>.png) go to '
+                    '--output/<dataset>. Flags after a bare `--` are passed to train.py for every cell.')
     parser.add_argument('study', choices=STUDIES, metavar='STUDY',
                         help='; '.join(f'{s.name}: {s.dataset}, {len(s.models)} models, --recipe {s.recipe}'
                                        + (f' --epochs {s.epochs}' if s.epochs else '')
@@ -586,7 +703,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help='Run each cell as `COMMAND train.py ...`, e.g. "accelerate launch --num_processes 2" '
                              '(default: this Python).')
     parser.add_argument('--aggregate-only', action='store_true',
-                        help="Train nothing: rebuild the results files from the committed cell records.")
+                        help="Train nothing: rebuild the results files from the committed cell records (and the "
+                             "Grad-CAM grid where the run folders are).")
+    parser.add_argument('--cam', type=int, default=CAM_IMAGES, metavar='N',
+                        help='Grad-CAM over the first N test images of the lowest recorded seed, a row per model with '
+                             'a run folder of that seed, in cam-<dataset>.png (default: %(default)s; 0: none). Needs '
+                             'pip install "timm-gradattn[cam]".')
     return parser
 
 
@@ -612,6 +734,8 @@ def parse_options(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if outside:
         parser.error(f'--models: {", ".join(outside)} is not in study {study.name}, whose models are '
                      f'{", ".join(study.models)}.')
+    if options.cam < 0:
+        parser.error(f'--cam takes a number of images, 0 for no Grad-CAM grid; got {options.cam}.')
     options.study = study
     options.models = [model for model in study.models if model in (options.models or study.models)]
     options.seeds = list(dict.fromkeys(options.seeds or study.seeds))
@@ -627,7 +751,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options = parse_options(argv)
     try:
         return 1 if run_study(options) else 0
-    except UserError as error:  # a cell record of another protocol: say which and what to do
+    except UserError as error:  # a cell record of another protocol, grad-cam missing: say which and what to do
         print(f'study.py: error: {error}', file=sys.stderr)
         return 2
 

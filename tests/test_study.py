@@ -1,5 +1,5 @@
 """benchmarks/study.py: one protocol for models of every family, cell by cell: its command line, the cell records and
-the results files built from them alone, and resuming.
+the results files built from them alone, resuming, and the Grad-CAM grid across the models.
 
 Nothing is trained here: records and run folders are written by hand, and a launch is replaced by one that writes
 what train.py would leave.
@@ -90,6 +90,7 @@ def test_studies_are_the_two_runs_the_issue_asks_for():
     (['gradattn-fashion-mnist', '--models', 'resnet20'], 'resnet20 is not in study gradattn-fashion-mnist'),
     (['--aggregate-only'], 'the following arguments are required: STUDY'),
     (['zoo_digits'], "invalid choice: 'zoo_digits'"),
+    (['zoo-digits', '--cam', '-1'], '--cam takes a number of images, 0 for no Grad-CAM grid; got -1'),
 ])
 def test_study_argument_errors_are_one_line(argv, hint, capsys):
     with pytest.raises(SystemExit):
@@ -285,3 +286,99 @@ def test_a_finished_run_of_another_protocol_is_not_recorded(tmp_path):
     with pytest.raises(study_script.CellFailed, match=r"epochs 100 \(the study: 30\)"):
         study_script.study_cell_record(study, 'resnet18', 42, run_dir)
 
+
+# --- the Grad-CAM grid across the models (tiny models saved as hub exports in run folders written here) ----------
+def _run_folder_with_export(runs: Path, study, model: str, seed: int) -> Path:
+    """A finished run folder of a tiny ``model`` (its family's representative's size in test_cam.py) with its hub/
+    export, as train.py leaves it."""
+    import timm
+    import torch
+    from timm_gradattn.families import family_of
+    from timm_gradattn.hub import export_hub_folder
+    from test_cam import TINY
+    from tiers import REPRESENTATIVES
+    run_dir = study_script.cell_dir(runs, study.dataset, model, seed)
+    _write_run_folder(run_dir, study, model, seed)
+    torch.manual_seed(seed)
+    info = study_script.get_dataset_info(study.dataset)
+    size = TINY[REPRESENTATIVES[family_of(model).key]]
+    network = timm.create_model(model, num_classes=info.num_classes, in_chans=info.in_chans, **size)
+    export_hub_folder(network, run_dir / 'hub', label_names=[str(c) for c in range(info.num_classes)],
+                      input_size=info.input_size, mean=info.mean, std=info.std)
+    return run_dir
+
+
+def test_cam_grid_has_a_row_per_model_with_a_run_folder_of_the_lowest_seed(tmp_path, capsys):
+    from test_cam import EXPECTED_LAYERS
+    from timm_gradattn.data import build_datasets
+    study = study_script.STUDIES['zoo-digits']
+    out, runs = tmp_path / 'study', tmp_path / 'runs'
+    folder = out / 'digits'
+    # One model of each family, in the study's order (CNNtention's at seconds less than its attention models take at
+    # 32 px); asnet50_kv is read inside a stage it never calls.
+    drawn = ['gradattn_resnet18_rope', 'resnet20', 'asnet50_kv']
+    for model in drawn:
+        _write_study_record(folder, study, model, 1, 90.0)
+        _run_folder_with_export(runs, study, model, 1)
+    _write_study_record(folder, study, 'resnet18', 1, 91.0)  # recorded, its run folder gone
+    _write_study_record(folder, study, 'resnet20_mha', 2, 80.0)  # a run folder of seed 2 only: not seed 1's grid
+    (study_script.cell_dir(runs, 'digits', 'resnet20_mha', 2) / 'hub').mkdir(parents=True)
+    _write_run_folder(study_script.cell_dir(runs, 'digits', 'resnet20_mha', 2), study, 'resnet20_mha', 2)
+    argv = ['zoo-digits', '--aggregate-only', '--cam', '5', '--output', str(out), '--runs-dir', str(runs)]
+    assert study_script.main(argv) == 0
+
+    skipped = [line for line in capsys.readouterr().out.splitlines() if 'skipped' in line]
+    assert len(skipped) == 1 and skipped[0].startswith('Grad-CAM, seed 1: skipped 13 model(s)'), skipped
+    assert 'resnet18 (no run folder)' in skipped[0] and 'resnet20_mha (not recorded)' in skipped[0]
+    cam = json.loads((folder / 'cam-digits.json').read_text())
+    assert cam['seed'] == 1 and cam['indices'] == [0, 1, 2, 3, 4]
+    assert [row['model'] for row in cam['models']] == drawn  # one row per model, in the study's order
+    for row in cam['models']:
+        feature, module, _, grid = EXPECTED_LAYERS[row['model']]
+        assert [(layer['feature'], layer['module'], tuple(layer['grid'])) for layer in row['layers']] == [
+            (feature, module, grid)]
+        assert len(row['predictions']) == 5 and 0 <= row['correct'] <= 5
+    # The images are seed 1's split's (the seed draws the split): its first five test labels.
+    test = build_datasets('digits', seed=1).test
+    assert cam['labels'] == [str(test[i][1]) for i in range(5)]
+    assert set(cam['skipped']) == set(study.models) - set(drawn)
+    png = (folder / 'cam-digits.png').read_bytes()
+    assert png.startswith(b'\x89PNG') and len(png) > 20_000
+    markdown = (folder / 'results-digits.md').read_text()
+    assert '![Grad-CAM across models](cam-digits.png)' in markdown and "seed 1's test split" in markdown
+    assert '| asnet50_kv | `stages.3.2` (the last to run inside `stages.3`) | 4x4 |' in markdown
+    assert '| resnet20 | `layer3` | 8x8 |' in markdown
+    assert 'resnet18 (no run folder)' in markdown
+
+    # Without run folders (another machine) the grid and its record stay as they were, and so does the Markdown.
+    before = {name: (folder / name).read_bytes() for name in ('cam-digits.png', 'cam-digits.json', 'results-digits.md')}
+    argv[argv.index('--runs-dir') + 1] = str(tmp_path / 'gone')
+    assert study_script.main(argv) == 0
+    assert {name: (folder / name).read_bytes() for name in before} == before
+
+
+def test_cam_without_grad_cam_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    from timm_gradattn.analysis import CAM_INSTALL
+    monkeypatch.setitem(sys.modules, 'pytorch_grad_cam', None)  # as if it were not installed
+    study = study_script.STUDIES['zoo-digits']
+    out, runs = tmp_path / 'study', tmp_path / 'runs'
+    _write_study_record(out / 'digits', study, 'resnet20', 1, 80.0)
+    run_dir = study_script.cell_dir(runs, 'digits', 'resnet20', 1)
+    _write_run_folder(run_dir, study, 'resnet20', 1)
+    (run_dir / 'hub').mkdir()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError('work started before the grad-cam check')
+    monkeypatch.setattr(study_script, 'load_run_model', no_work)
+    monkeypatch.setattr(study_script, 'train_with_launcher', no_work)
+    common = ['--output', str(out), '--runs-dir', str(runs)]
+    for argv in (['zoo-digits', '--aggregate-only', *common],  # a run folder to draw from
+                 ['zoo-digits', '--models', 'resnet18', '--seeds', '1', *common]):  # before any cell trains
+        capsys.readouterr()
+        assert study_script.main(argv) == 2, argv
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and CAM_INSTALL in error[0] and '--cam 0' in error[0], error
+    assert not study_script.cell_dir(runs, 'digits', 'resnet18', 1).exists()
+    # --cam 0 draws nothing, so it needs no grad-cam.
+    assert study_script.main(['zoo-digits', '--aggregate-only', '--cam', '0', *common]) == 0
+    assert not (out / 'digits' / 'cam-digits.png').exists()
