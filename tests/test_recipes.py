@@ -165,7 +165,7 @@ def test_settings_precedence_with_a_per_model_recipe(tmp_path):
     args = parse_args(['--config', str(config), '--epochs', '7', '--decay-milestones', '3', '6'])
     assert (args.opt, args.weight_decay, args.lr, args.epochs, args.decay_milestones) == (
         'adam', 1e-3, 0.002, 7, [3, 6]), 'defaults < recipe (per model) < --config < flags'
-    assert RECIPES['default']['epochs'] == 15 and parse_args([]).decay_milestones is None
+    assert RECIPES['default']['epochs'] == 12 and parse_args([]).decay_milestones is None
 
 
 @pytest.mark.parametrize('recipe, model', [

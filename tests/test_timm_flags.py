@@ -43,7 +43,7 @@ def test_scheduler_flags_reach_timm_and_set_the_run_length():
     assert scheduler.k_decay == 0.5 and scheduler.warmup_lr_init == 1e-4
     noisy, _ = factory.create_scheduler(
         resolve_train_settings(['--lr-noise', '0.5', '--lr-noise-std', '0.3']), optimizer, 5)
-    assert (noisy.noise_range_t, noisy.noise_std) == (7.5, 0.3), "noise from half of the default recipe's 15 epochs"
+    assert (noisy.noise_range_t, noisy.noise_std) == (6.0, 0.3), "noise from half of the default recipe's 12 epochs"
 
 
 def test_cutmix_and_bce_flags_build_timms_mixing_and_loss():
