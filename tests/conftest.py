@@ -32,6 +32,14 @@ def make_images() -> Callable[..., torch.Tensor]:
     return make
 
 
+@pytest.fixture
+def no_plots(monkeypatch):
+    """In-process train() runs without drawing their PNGs (matplotlib's share of a short run's time)."""
+    from timm_gradattn import run_files
+    monkeypatch.setattr(run_files, 'plot_curves', lambda *args, **kwargs: None)
+    monkeypatch.setattr(run_files, 'plot_test', lambda *args, **kwargs: None)
+
+
 @pytest.fixture(scope='session')
 def zoo_model() -> Callable[..., torch.nn.Module]:
     """``zoo_model(name, **kwargs)``: ``timm.create_model(name, num_classes=10, in_chans=3, **kwargs)``, seeded with 0.

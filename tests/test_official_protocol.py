@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from data_fixtures import write_fashion_mnist, write_image_folder
-from timm_gradattn import engine, run_files
+from timm_gradattn import engine
 from timm_gradattn.data import build_datasets
 from timm_gradattn.settings import resolve_train_settings as parse_args
 
@@ -42,12 +42,6 @@ COMPARED = ('train_loss', 'train_top1', 'val_loss', 'val_top1', 'test_loss', 'te
 def fresh_accelerator_state():
     yield
     AcceleratorState._reset_state(True)  # each in-process run builds its own Accelerator
-
-
-@pytest.fixture
-def no_plots(monkeypatch):
-    monkeypatch.setattr(run_files, 'plot_curves', lambda *args, **kwargs: None)
-    monkeypatch.setattr(run_files, 'plot_test', lambda *args, **kwargs: None)
 
 
 @pytest.fixture(scope='module')

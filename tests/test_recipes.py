@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import timm
 import timm_gradattn  # noqa: F401  registers the models
-from timm_gradattn import engine, factory, run_files
+from timm_gradattn import engine, factory
 from timm_gradattn.checkpoint import load_weights
 from timm_gradattn.errors import UserError
 from timm_gradattn.families import FAMILIES, RECIPES
@@ -51,12 +51,6 @@ AUTHORS = {  # SEED_SYSTEMS.md A.6: optimiser, lr, weight decay and torch MultiS
 def fresh_accelerator_state():
     yield
     AcceleratorState._reset_state(True)  # each in-process run builds its own Accelerator
-
-
-@pytest.fixture
-def no_plots(monkeypatch):
-    monkeypatch.setattr(run_files, 'plot_curves', lambda *args, **kwargs: None)
-    monkeypatch.setattr(run_files, 'plot_test', lambda *args, **kwargs: None)
 
 
 def train(argv, output: Path, experiment: str) -> dict:

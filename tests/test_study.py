@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from timm_gradattn.families import FAMILIES as REGISTRY
+from timm_gradattn.families import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'benchmarks'))
@@ -62,7 +63,7 @@ def test_studies_are_the_two_runs_the_issue_asks_for():
     assert digits.dataset == 'digits' and digits.seeds == (1, 2, 3) and len(digits.models) == 16
     assert digits.models == ('resnet18', *(m for f in REGISTRY.values() for m in f.models))
     assert digits.recipe == study_script.ZOO_DIGITS_RECIPE == 'default'
-    assert digits.epochs is None and digits.length == 15
+    assert digits.epochs is None and digits.length == RECIPES['default']['epochs'] == 12  # the default job's
     assert fashion.dataset == 'fashion_mnist' and fashion.seeds == (42,) and fashion.epochs == 30
     assert fashion.models == ('resnet18', *REGISTRY['gradattn'].models)
     assert fashion.recipe == 'paper' and fashion.length == 30
