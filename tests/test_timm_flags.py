@@ -1,6 +1,7 @@
 """timm's train.py flags reach timm's factories with timm's meaning, are recorded in config.yaml, and Ctrl-C ends a
 run in one line."""
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -119,13 +120,15 @@ def test_ctrl_c_ends_in_one_line_with_the_resume_command(tmp_path):
     command = [sys.executable, str(REPO / 'train.py'), '--epochs', '50', '--train-subset', '64', '--batch-size', '8',
                '--model-kwargs', 'embed_dim=32', 'channels=(8,16,32,64)', '--output', str(tmp_path),
                '--experiment', 'run']
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    # Unbuffered: each epoch's line reaches this test as it is printed, not when a pipe buffer fills or at exit.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=dict(os.environ, PYTHONUNBUFFERED='1'))
     for line in process.stdout:  # wait for the first finished epoch
         if line.startswith('epoch 2/'):  # epoch 1's checkpoint is complete by then
             break
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (line, out[-2000:], err[-2000:])
     lines = [line for line in err.strip().splitlines() if line.startswith('train.py')]
     assert len(lines) == 1 and 'Traceback' not in err, err
     assert f'python train.py --resume {tmp_path / "run"}' in lines[0] and 'state after epoch' in lines[0]
