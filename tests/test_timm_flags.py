@@ -121,8 +121,11 @@ def test_ctrl_c_ends_in_one_line_with_the_resume_command(tmp_path):
                '--model-kwargs', 'embed_dim=32', 'channels=(8,16,32,64)', '--output', str(tmp_path),
                '--experiment', 'run']
     # Unbuffered: each epoch's line reaches this test as it is printed, not when a pipe buffer fills or at exit.
+    # SIGINT's default action restored in the child: a shell without job control starts background jobs (such as a
+    # CI script run with &) with SIGINT ignored, and Python then leaves it ignored.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               env=dict(os.environ, PYTHONUNBUFFERED='1'))
+                               env=dict(os.environ, PYTHONUNBUFFERED='1'),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:  # wait for the first finished epoch
         if line.startswith('epoch 2/'):  # epoch 1's checkpoint is complete by then
             break
