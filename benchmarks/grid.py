@@ -138,14 +138,16 @@ def load_notes(cores: int, cell_loads: Sequence[float], run_load: Optional[Seque
     """Whether other jobs shared the machine while the cells trained (then times do not compare models): from the
     cells' 5-minute loads, else from the 1/5/15-minute ``run_load`` when the tables were written."""
     if cell_loads:
-        loads, when = list(cell_loads), 'over the 5 minutes before each cell finished training'
+        # Taken while the cell trained, so it counts the cell's own threads (one per core by default): only what
+        # goes beyond them is another job.
+        loads, when, busy = list(cell_loads), 'over the 5 minutes before each cell finished training', cores + 0.5
     elif run_load:
-        loads, when = [run_load[2]], 'over the 15 minutes before the tables were written'
+        loads, when, busy = [run_load[2]], 'over the 15 minutes before the tables were written', cores / 2
     else:
         return []
     note = f'Load average {when}: {min(loads):.1f}' + (f' to {max(loads):.1f}' if len(loads) > 1 else '') + \
-        f' on {cores} cores.'
-    if max(loads) > cores / 2:
+        f' on {cores} cores' + (' (a training cell alone makes about one per core).' if cell_loads else '.')
+    if max(loads) > busy:
         note += (' Other jobs shared the machine: these times measure the contention as much as the models, '
                  'so compare models only on times taken on an otherwise idle machine.')
     return [note]

@@ -468,9 +468,47 @@ def _differing_settings(records: Sequence[Dict[str, Any]]) -> Dict[str, List[Any
     return {key: found for key, found in values.items() if len(found) > 1}
 
 
+LABEL_POINTS = 6  # font size of the points' labels
+
+
+def _cost_axis(ax, xs: Sequence[float]) -> bool:
+    """A log x axis with plain numbers when the costs span a decade or more (True), else a linear one: a log axis
+    over less than a decade labels its minor ticks in scientific notation, on top of each other."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    if max(xs) < 10 * min(xs):
+        ax.margins(x=0.15)
+        return False
+    ax.set_xscale('log')
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f'{value:g}'))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    return True
+
+
+def _label_offsets(ax, points: Sequence[Tuple[float, float]], labels: Sequence[str]) -> List[Tuple[float, float]]:
+    """Offsets in points, right of each point, moved up or down until a label's box clears the ones placed before
+    it (boxes estimated from the font size: about 0.6 em a character, 1.2 em a line)."""
+    ax.autoscale_view()
+    to_points = 72 / ax.figure.dpi
+    height = 1.2 * LABEL_POINTS
+    placed: List[Tuple[float, float, float, float]] = []
+    offsets: List[Tuple[float, float]] = [(0.0, 0.0)] * len(points)
+    anchors = [tuple(v * to_points for v in ax.transData.transform(point)) for point in points]
+    for index in sorted(range(len(points)), key=lambda i: (-anchors[i][1], anchors[i][0])):
+        (x, y), width = anchors[index], 0.6 * LABEL_POINTS * len(labels[index])
+        for step in range(40):
+            dy = 3 + (step + 1) // 2 * height * (1 if step % 2 else -1)
+            box = (x + 4, y + dy, x + 4 + width, y + dy + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        offsets[index] = (4.0, dy)
+    return offsets
+
+
 def plot_study(study: Study, rows: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]:
-    """Top-1 (mean, SD error bars) against forward GMACs and against training time, both log scale; one colour per
-    family, baselines as squares, every point labelled. None when no cell has finished."""
+    """Top-1 (mean, SD error bars) against forward GMACs and against training time (log scale where the costs span a
+    decade or more); one colour per family, baselines as squares, every point labelled without overlapping
+    another label. None when no cell has finished."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -482,17 +520,18 @@ def plot_study(study: Study, rows: Sequence[Dict[str, Any]], path: Path) -> Opti
     fig = Figure(figsize=(13, 5.5), dpi=120, layout='constrained')
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
-    panels = ((lambda r: r['gmacs'], 'forward GMACs per image (log scale)'),
-              (lambda r: r['train_time_s']['mean'] / 60, 'training time per cell, minutes (log scale)'))
+    panels = ((lambda r: r['gmacs'], 'forward GMACs per image'),
+              (lambda r: r['train_time_s']['mean'] / 60, 'training time per cell, minutes'))
     for ax, (x_of, label) in zip(axes, panels):
-        for r in finished:
-            x, y = x_of(r), r['top1']['mean']
+        points = [(x_of(r), r['top1']['mean']) for r in finished]
+        for r, (x, y) in zip(finished, points):
             ax.errorbar(x, y, yerr=r['top1']['std'] or 0.0, fmt='s' if r['model'] == r['family'].baseline else 'o',
                         color=colours[r['family'].key], capsize=3, markersize=6)
-            ax.annotate(r['model'], (x, y), textcoords='offset points', xytext=(4, 3), fontsize=6)
-        ax.set_xscale('log')
-        ax.set_xlabel(label)
+        log = _cost_axis(ax, [x for x, _ in points])
+        ax.set_xlabel(label + (' (log scale)' if log else ''))
         ax.grid(alpha=0.3, which='both')
+        for r, (x, y), offset in zip(finished, points, _label_offsets(ax, points, [r['model'] for r in finished])):
+            ax.annotate(r['model'], (x, y), textcoords='offset points', xytext=offset, fontsize=LABEL_POINTS)
     axes[0].set_ylabel('test top-1 (%), mean ± SD over seeds')
     shown = dict.fromkeys(r['family'].key for r in finished)
     handles = [Line2D([], [], color=colours[key], marker='o', linestyle='', label=REGISTRY[key].title) for key in shown]

@@ -33,6 +33,15 @@ def make_images() -> Callable[..., torch.Tensor]:
 
 
 @pytest.fixture
+def fresh_accelerator_state():
+    """Reset Accelerate's process-wide state after the test: each in-process train.py run builds its own Accelerator.
+    A file of such runs uses it for every test (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    yield
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture
 def no_plots(monkeypatch):
     """In-process train() runs without drawing their PNGs (matplotlib's share of a short run's time)."""
     from timm_gradattn import run_files

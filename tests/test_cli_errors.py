@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import timm
 from data_fixtures import write_image_folder
-from timm_gradattn import engine, factory
+from timm_gradattn import factory
 from timm_gradattn.checkpoint import WeightsError, load_weights
 from timm_gradattn.errors import UserError
 from timm_gradattn.settings import resolve_train_settings as parse_args

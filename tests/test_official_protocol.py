@@ -8,7 +8,6 @@ format: official training and test splits and no validation split, like CIFAR. D
 all, so --val-fraction 0 is refused for it; the test curve's runs use digits, with a validation split. The default
 tier keeps one run; those that compare two runs, or resume one, are in the slow tier.
 """
-import importlib.util
 import json
 import os
 import signal
@@ -24,24 +23,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from data_fixtures import write_fashion_mnist, write_image_folder
+from train_runs import REPO, summary_rows, train, train_cli
 from timm_gradattn import engine
 from timm_gradattn.data import build_datasets
 from timm_gradattn.settings import resolve_train_settings as parse_args
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location('train_cli', REPO / 'train.py')
-train_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_cli)
 # 64 training images in batches of 16: 4 updates an epoch.
+pytestmark = pytest.mark.usefixtures('fresh_accelerator_state')
 TINY = ['--model', 'resnet20', '--img-size', '16', '-b', '16', '--workers', '0', '--log-interval', '1']
 NO_VALIDATION = ['--protocol', 'official', '--val-fraction', '0']
 COMPARED = ('train_loss', 'train_top1', 'val_loss', 'val_top1', 'test_loss', 'test_top1', 'lr')
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    AcceleratorState._reset_state(True)  # each in-process run builds its own Accelerator
 
 
 @pytest.fixture(scope='module')
@@ -54,17 +45,6 @@ def fashion_mnist(tmp_path_factory) -> str:
 
 def official(data_dir: str) -> list:
     return [*TINY, '--dataset', 'fashion_mnist', '--data-dir', data_dir, *NO_VALIDATION]
-
-
-def train(argv, output: Path, experiment: str) -> dict:
-    assert train_cli.main([*argv, '--output', str(output), '--experiment', experiment]) == 0
-    AcceleratorState._reset_state(True)
-    return json.loads((output / experiment / 'results.json').read_text())
-
-
-def summary_rows(run_dir: Path):
-    lines = (run_dir / 'summary.csv').read_text().strip().splitlines()
-    return [dict(zip(lines[0].split(','), line.split(','))) for line in lines[1:]]
 
 
 def assert_same_weights(path: Path, expected: Path) -> None:

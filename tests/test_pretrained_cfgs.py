@@ -13,7 +13,6 @@ import re
 
 import pytest
 import torch
-import torch.nn as nn
 
 import timm
 import timm_gradattn

@@ -4,8 +4,6 @@ they reach timm's scheduler as (epochs or updates), --max-updates, and the two t
 The training runs are tiny (resnet20 on 64 digits at 16 px, in-process, plots skipped): they check the loop's
 mechanics, which do not depend on the model or the data size.
 """
-import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -32,12 +30,10 @@ from timm_gradattn.data.datasets import ArrayImageDataset, RawSplits
 from timm_gradattn.data.info import DATASETS
 from timm_gradattn.data.transforms import build_transform
 from timm_gradattn.metrics import classification_metrics
+from train_runs import summary_rows, train, train_cli
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location('train_cli', REPO / 'train.py')
-train_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_cli)
 # 64 training digits in batches of 16: 4 updates an epoch.
+pytestmark = pytest.mark.usefixtures('fresh_accelerator_state')
 TINY = ['--model', 'resnet20', '--img-size', '16', '--train-subset', '64', '-b', '16', '--log-interval', '1']
 AUTHORS = {  # SEED_SYSTEMS.md A.6: optimiser, lr, weight decay and torch MultiStepLR milestones per model
     'resnet20': ('momentum', 0.1, 1e-4, [91, 136]),
@@ -45,23 +41,6 @@ AUTHORS = {  # SEED_SYSTEMS.md A.6: optimiser, lr, weight decay and torch MultiS
     'resnet20_mha': ('adam', 5e-4, 1e-3, [91, 115]),
     'resnet20_cbam': ('adam', 5e-3, 1e-4, [45, 91, 136]),
 }
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    AcceleratorState._reset_state(True)  # each in-process run builds its own Accelerator
-
-
-def train(argv, output: Path, experiment: str) -> dict:
-    assert train_cli.main([*argv, '--output', str(output), '--experiment', experiment]) == 0
-    AcceleratorState._reset_state(True)
-    return json.loads((output / experiment / 'results.json').read_text())
-
-
-def summary_rows(run_dir: Path):
-    lines = (run_dir / 'summary.csv').read_text().strip().splitlines()
-    return [dict(zip(lines[0].split(','), line.split(','))) for line in lines[1:]]
 
 
 def optimizer_steps(run_dir: Path) -> int:

@@ -111,6 +111,27 @@ def test_seed_sd_verdict_needs_the_difference_to_exceed_the_larger_sd():
     assert verdict(summary(93.0, None), summary(92.0, 1.0)) == dict(diff=1.0, sd=None, exceeds=None)
 
 
+def test_a_cells_own_threads_are_not_read_as_other_jobs():
+    """Cell loads are taken while the cell trains, one thread per core: 2.1 on 2 cores is the cell alone."""
+    from grid import load_notes
+    alone, shared = load_notes(2, [1.9, 2.1]), load_notes(2, [2.0, 3.1])
+    assert 'Other jobs' not in alone[0] and '1.9 to 2.1 on 2 cores' in alone[0]
+    assert 'Other jobs shared the machine' in shared[0]
+    assert 'Other jobs' in load_notes(2, [], [1.5, 1.5, 1.5])[0]  # an idle moment after the cells: half the cores
+
+
+def test_the_cost_plot_keeps_labels_apart_and_reads_narrow_ranges_linearly():
+    from matplotlib.figure import Figure
+    ax = Figure(dpi=120).subplots()
+    assert not study_script._cost_axis(ax, [0.035, 0.043]) and ax.get_xscale() == 'linear'
+    assert study_script._cost_axis(ax, [0.035, 1.3]) and ax.get_xscale() == 'log'
+    ax = Figure(dpi=120).subplots()
+    points = [(1.0, 99.4), (1.0, 99.4), (1.01, 99.41)]  # resnet18_se and resnet18_cbam sit on top of each other
+    ax.plot(*zip(*points), 'o')
+    offsets = study_script._label_offsets(ax, points, ['resnet18_se', 'resnet18_cbam', 'resnet18'])
+    assert len({dy for _, dy in offsets}) == 3
+
+
 def test_study_outputs_hold_timms_columns_the_means_and_the_verdicts(tmp_path):
     study = study_script.STUDIES['zoo-digits']
     for seed, top1 in zip((1, 2, 3), (90.0, 92.0, 94.0)):  # mean 92, SD 2

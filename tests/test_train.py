@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 import timm
 import timm_gradattn  # noqa: F401  registers the models
 from data_fixtures import write_image_folder
+from train_runs import summary_rows
 from timm_gradattn.checkpoint import load_weights
 from timm_gradattn.data import build_datasets
 from timm_gradattn.metrics import METRIC_KEYS, classification_metrics
@@ -51,12 +52,6 @@ def run_train(args: List[str], output: Path, experiment: str, launcher: List[str
 
 def read_json(path: Path) -> Dict:
     return json.loads(path.read_text())
-
-
-def summary_rows(run_dir: Path) -> List[Dict[str, str]]:
-    lines = (run_dir / 'summary.csv').read_text().strip().splitlines()
-    header = lines[0].split(',')
-    return [dict(zip(header, line.split(','))) for line in lines[1:]]
 
 
 def evaluate_top1(run_dir: Path, weights: Path, img_size: int = 16) -> float:

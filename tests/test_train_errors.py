@@ -1,6 +1,5 @@
 """Bad input to train.py: each mistake is reported as one message naming the problem and the fix, with a
 non-zero exit code and no traceback, before any training starts (and before a run folder is made)."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,24 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState
 from safetensors.torch import save_file
 
 import timm
 from data_fixtures import write_image_folder
+from train_runs import REPO, train_cli
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location('train_cli', REPO / 'train.py')
-train_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_cli)
+pytestmark = pytest.mark.usefixtures('fresh_accelerator_state')
 TINY = ['--model-kwargs', 'channels=(16,32,64,128)', 'embed_dim=64', 'mlp_dim=128', 'num_heads=4',
         '--img-size', '16', '--epochs', '1']
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    AcceleratorState._reset_state(True)  # each in-process run builds its own Accelerator
 
 
 def fails(argv, output: Path, capsys) -> str:
