@@ -126,10 +126,11 @@ def test_the_cost_plot_keeps_labels_apart_and_reads_narrow_ranges_linearly():
     assert not study_script._cost_axis(ax, [0.035, 0.043]) and ax.get_xscale() == 'linear'
     assert study_script._cost_axis(ax, [0.035, 1.3]) and ax.get_xscale() == 'log'
     ax = Figure(dpi=120).subplots()
-    points = [(1.0, 99.4), (1.0, 99.4), (1.01, 99.41)]  # resnet18_se and resnet18_cbam sit on top of each other
+    points = [(1.0, 99.4), (1.0, 99.4), (2.0, 98.0)]  # resnet18_se and resnet18_cbam sit on top of each other
     ax.plot(*zip(*points), 'o')
-    offsets = study_script._label_offsets(ax, points, ['resnet18_se', 'resnet18_cbam', 'resnet18'])
-    assert len({dy for _, dy in offsets}) == 3
+    offsets = study_script._label_offsets(ax, points, ['resnet18_se', 'resnet18_cbam', 'resnet20'])
+    assert offsets[0] != offsets[1]  # one of the two moved by a line
+    assert offsets[2] == (4.0, 3.0)  # a label with room keeps its place
 
 
 def test_study_outputs_hold_timms_columns_the_means_and_the_verdicts(tmp_path):
