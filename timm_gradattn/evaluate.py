@@ -116,6 +116,7 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
             import_grad_cam()
         except ImportError as error:
             raise UserError(f'--cam: {error}') from error
+    owns_accelerator = accelerator is None
     accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision)
     data_args = dict(data_dir=args.data_dir, protocol=args.protocol, download=args.download, seed=args.seed)
     key = args.dataset.strip().lower().replace('-', '_')
@@ -241,6 +242,8 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
                                 output_dir / 'gradient_norms.png', band=REFERENCE_BAND,
                                 title=f'gradient norms ({args.gradient_mode}), {name}')
         _print_summary(results, output_dir)
+    if owns_accelerator:
+        accelerator.end_training()  # the process group down before exit: a live one can abort a process at exit
     return results
 
 
