@@ -32,12 +32,14 @@ def make_images() -> Callable[..., torch.Tensor]:
     return make
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def fresh_accelerator_state():
-    """Reset Accelerate's process-wide state after the test: each in-process train.py run builds its own Accelerator.
-    A file of such runs uses it for every test (``pytestmark = pytest.mark.usefixtures(...)``)."""
-    yield
+    """Every test starts and ends without Accelerate's process-wide state: each in-process train.py or evaluate run
+    builds its own Accelerator, and a state left by an earlier test on the same worker (its precision, say 'no')
+    refuses the next one's (say bf16, the default on a CPU with native bf16)."""
     from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    yield
     AcceleratorState._reset_state(True)
 
 

@@ -29,7 +29,6 @@ from timm_gradattn.data import build_datasets
 from timm_gradattn.settings import resolve_train_settings as parse_args
 
 # 64 training images in batches of 16: 4 updates an epoch.
-pytestmark = pytest.mark.usefixtures('fresh_accelerator_state')
 TINY = ['--model', 'resnet20', '--img-size', '16', '-b', '16', '--workers', '0', '--log-interval', '1']
 NO_VALIDATION = ['--protocol', 'official', '--val-fraction', '0']
 COMPARED = ('train_loss', 'train_top1', 'val_loss', 'val_top1', 'test_loss', 'test_top1', 'lr')

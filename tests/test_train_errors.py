@@ -13,7 +13,6 @@ import timm
 from data_fixtures import write_image_folder
 from train_runs import REPO, train_cli
 
-pytestmark = pytest.mark.usefixtures('fresh_accelerator_state')
 TINY = ['--model-kwargs', 'channels=(16,32,64,128)', 'embed_dim=64', 'mlp_dim=128', 'num_heads=4',
         '--img-size', '16', '--epochs', '1']
 

@@ -1,7 +1,8 @@
 """train.py run in-process by the tests: its ``main``, a finished run's results and its ``summary.csv`` rows.
 
-train.py is a script, not a module of the package, so it is loaded from the repository once here. A test file that
-runs it in-process also uses conftest's ``fresh_accelerator_state`` (each run builds its own Accelerator).
+train.py is a script, not a module of the package, so it is loaded from the repository once here. Each run builds
+its own Accelerator: ``train`` resets Accelerate's state after it, as conftest's ``fresh_accelerator_state`` does
+around every test.
 """
 import importlib.util
 import json
