@@ -405,3 +405,48 @@ def test_cam_without_grad_cam_is_one_line_naming_the_extra(tmp_path, capsys, mon
     # --cam 0 draws nothing, so it needs no grad-cam.
     assert study_script.main(['zoo-digits', '--aggregate-only', '--cam', '0', *common]) == 0
     assert not (out / 'digits' / 'cam-digits.png').exists()
+
+
+# --- benchmarks/precision_accuracy.py: the same cells in fp32 and bf16 -------------------------------------------
+import precision_accuracy  # noqa: E402
+
+
+def _precision_arms(folder: Path, top1s: dict) -> None:
+    """Cell records of study zoo-digits in ``folder``/fp32 and /bf16: ``top1s[(arm, model)]`` is one top-1 per seed;
+    bf16 cells train twice as fast."""
+    study = study_script.STUDIES['zoo-digits']
+    for (arm, model), values in top1s.items():
+        for seed, top1 in enumerate(values, start=1):
+            _write_study_record(folder / arm / 'digits', study, model, seed, top1,
+                                mixed_precision='no' if arm == 'fp32' else 'bf16',
+                                train_img_s=(200.0 if arm == 'fp32' else 400.0) + seed)
+
+
+def test_precision_accuracy_compares_each_model_against_its_fp32_seed_sd(tmp_path):
+    _precision_arms(tmp_path, {('fp32', 'gradattn_resnet18_rope'): [98.0, 99.0, 100.0],   # SD 1.0
+                               ('bf16', 'gradattn_resnet18_rope'): [98.5, 99.5, 99.9],    # +0.3: within
+                               ('fp32', 'resnet20_selfatt'): [97.0, 97.5, 98.0],          # SD 0.5
+                               ('bf16', 'resnet20_selfatt'): [95.0, 95.0, 95.5],          # -2.33: beyond
+                               ('fp32', 'resnet18'): [99.0]})                             # one arm only: no row
+    assert precision_accuracy.main(['--folder', str(tmp_path)]) == 0
+    result = json.loads((tmp_path / 'accuracy.json').read_text())
+    rows = {row['model']: row for row in result['rows']}
+    assert set(rows) == {'gradattn_resnet18_rope', 'resnet20_selfatt'}
+    rope, selfatt = rows['gradattn_resnet18_rope'], rows['resnet20_selfatt']
+    assert rope['diff'] == pytest.approx(0.3) and rope['fp32_sd'] == pytest.approx(1.0) and rope['within_fp32_sd']
+    assert selfatt['diff'] == pytest.approx(95.1666667 - 97.5) and selfatt['within_fp32_sd'] is False
+    assert rope['bf16_speedup'] == pytest.approx(402.0 / 202.0) and rope['same_seeds']
+    table = (tmp_path / 'accuracy.md').read_text()
+    assert '| gradattn_resnet18_rope | GradAttn | 99.00 ± 1.00 (n=3) | 99.30 ± 0.72 (n=3) | +0.30 | within |' in table
+    assert '| resnet20_selfatt | CNNtention |' in table and '| beyond |' in table
+    assert 'Machines (bf16): test cpu (2 cores)' in table
+
+
+def test_precision_accuracy_refuses_a_cell_in_the_wrong_arm_and_missing_arms(tmp_path):
+    with pytest.raises(SystemExit, match='no cell records in .*fp32/digits/cells'):
+        precision_accuracy.main(['--folder', str(tmp_path)])
+    _precision_arms(tmp_path, {('fp32', 'resnet20'): [97.0, 98.0], ('bf16', 'resnet20'): [97.0, 98.0]})
+    study = study_script.STUDIES['zoo-digits']
+    _write_study_record(tmp_path / 'fp32' / 'digits', study, 'resnet20', 3, 97.5, mixed_precision='bf16')
+    with pytest.raises(SystemExit, match="resnet20 seed 3 trained with mixed precision 'bf16', not fp32"):
+        precision_accuracy.main(['--folder', str(tmp_path)])
