@@ -33,21 +33,29 @@ from timm_gradattn.settings import resolve_train_settings
 from timm_gradattn.engine import train
 from timm_gradattn.factory import create_optimizer
 from timm_gradattn.cpu import keep_freed_memory
+from timm_gradattn import precision
 from timm_gradattn.data import build_datasets
 
 
 def bare_step_timer(args: argparse.Namespace, info, warmup: int, repeats: int) -> Callable[[], float]:
     """A function timing ``repeats`` bare steps (forward, loss, backward, optimizer step, zero_grad) on one fixed
-    batch and returning images/s; the model and optimizer are built once, as the engine builds them."""
+    batch and returning images/s; the model and optimizer are built once, as the engine builds them, at the run's
+    precision (bf16 autocast with the engine's fp32 guard for 1x1 maps) and memory format."""
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=info.num_classes, in_chans=info.in_chans).train()
+    bf16 = args.mixed_precision == 'bf16'
+    if bf16:
+        precision.guard_one_pixel_convolutions(model)
+    memory_format = torch.channels_last if channels_last(args, info) else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     optimizer = create_optimizer(args, model, torch.device('cpu'))
     loss_fn = nn.CrossEntropyLoss()
-    images = torch.randn(args.batch_size, *info.input_size)
+    images = torch.randn(args.batch_size, *info.input_size).to(memory_format=memory_format)
     targets = torch.randint(0, info.num_classes, (args.batch_size,))
 
     def step():
-        loss = loss_fn(model(images), targets)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model(images), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -63,6 +71,13 @@ def bare_step_timer(args: argparse.Namespace, info, warmup: int, repeats: int) -
             times.append(time.perf_counter() - start)
         return args.batch_size / statistics.median(times)
     return images_per_s
+
+
+def channels_last(args: argparse.Namespace, info) -> bool:
+    """The run's memory format: as given, else the engine's default for a CPU at the input size."""
+    if args.channels_last is not None:
+        return args.channels_last
+    return precision.default_channels_last('cpu', info.img_size)[0]
 
 
 def data_only_images_per_s(args: argparse.Namespace, data, epochs: int) -> float:
@@ -124,7 +139,8 @@ def report(result: Dict) -> str:
         f"Machine: {result['machine']}.  \nLoad average (1, 5, 15 min) before: {result['load_before']}, after: "
         f"{result['load_after']}{'' if result['quiet'] else ' (the machine did not get quiet; timings are noisy)'}."
         f"  \ntrain.py settings: `{result['train_args']}` ({result['model']} on {result['dataset']}, batch "
-        f"{result['batch_size']}, input {result['input_size']}, {result['opt']} "
+        f"{result['batch_size']}, input {result['input_size']}, precision {result.get('mixed_precision', 'no')}, "
+        f"{'channels-last' if result.get('channels_last') else 'NCHW'}, {result['opt']} "
         f"({'fused' if result['fused_opt'] else 'per-parameter loop'}), {result['workers']} loader workers, glibc "
         f"malloc {'keeping freed memory' if result['malloc_keeps_freed_memory'] else 'with its default trimming'}).",
         '',
@@ -216,6 +232,7 @@ def main(argv=None) -> None:
         malloc_keeps_freed_memory=malloc_tuned, fused_opt=args.fused_opt, seconds=round(time.time() - started, 1),
         train_args=' '.join(train_argv) or '(defaults)', model=args.model, dataset=info.name,
         batch_size=args.batch_size, input_size=list(info.input_size), opt=args.opt, workers=args.workers,
+        mixed_precision=args.mixed_precision, channels_last=channels_last(args, info),
         warmup=own.warmup, repeats=own.repeats,
         pipeline_img_s=statistics.median(e['img_s'] for e in measured), data_only_img_s=data_only,
         efficiency=statistics.median(e['efficiency'] for e in measured),
