@@ -400,3 +400,26 @@ def test_training_gradients_equal_the_plain_formulation(name, monkeypatch):
     plain = gradients()
     for n in plain:
         torch.testing.assert_close(custom[n], plain[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+
+def test_depth_scores_backward_under_cpu_bf16_autocast_recomputes_the_forwards_query():
+    # The backward runs outside the forward's autocast: it must recompute the query as autocast computed it (bf16,
+    # from the fp32 W^Q cast down), not fail on mixed dtypes; then it is the plain formulation's gradient up to bf16
+    # rounding. (A whole model's bf16 gradients drift apart over 50 layers, whatever the order of sums: one layer.)
+    from timm_gradattn.models.depth_attention import _DepthScores, _batched_scores, pixel_linear
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 3, 3, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(8, 8, generator=gen, requires_grad=True)
+    keys = [torch.randn(2, 3, 3, 2, 4, generator=gen).to(torch.bfloat16).requires_grad_() for _ in range(2)]
+    mix = torch.randn(2, 3, 3, 2, 2, generator=gen)
+
+    def gradients(custom: bool):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            query = pixel_linear(x, weight).permute(0, 2, 3, 1).reshape(2, 3, 3, 2, 4)
+            scores = _DepthScores.apply(query, x, weight, *keys) if custom else _batched_scores(query, keys)
+        return torch.autograd.grad((scores.float() * mix).sum(), (x, weight, *keys))
+
+    for custom, plain in zip(gradients(True), gradients(False)):
+        assert custom.dtype == plain.dtype
+        torch.testing.assert_close(custom.float(), plain.float(), rtol=2e-2, atol=2e-2)

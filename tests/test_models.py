@@ -181,6 +181,22 @@ def test_backward_reaches_every_parameter(name, make_images):
         assert param.grad.abs().sum() > 0, f'zero gradient for {param_name}'
 
 
+
+@pytest.mark.parametrize('name', one_per_family())
+def test_a_training_step_runs_under_cpu_bf16_autocast(name, make_images):
+    # bf16 autocast is train.py's default on a CPU with native bf16: every model takes a step under it, as the engine
+    # sets it up (1x1 maps in fp32), with finite gradients; a custom backward that ignores autocast fails here.
+    from timm_gradattn.precision import guard_one_pixel_convolutions
+    model = _create(name, num_classes=7).train()
+    guard_one_pixel_convolutions(model)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(make_images(batch=2, size=32))
+    out.float().logsumexp(-1).mean().backward()
+    grads = {param_name: param.grad for param_name, param in model.named_parameters() if param.grad is not None}
+    assert grads, 'no gradient at all'
+    for param_name, grad in grads.items():
+        assert torch.isfinite(grad).all(), param_name
+
 # test_pretrained_cfgs.py checks these cfgs for every model and tag by default; this second reading of them runs for
 # one model per family, the rest of the zoo under the zoo marker.
 @pytest.mark.parametrize('name', one_per_family())

@@ -49,14 +49,17 @@ class _DepthScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight, *keys)
-        ctx.query_shape = query.shape
+        ctx.query_shape, ctx.query_dtype = query.shape, query.dtype
         return _batched_scores(query, list(keys))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight, *keys = ctx.saved_tensors
-        query = pixel_linear(x, weight).permute(0, 2, 3, 1).reshape(ctx.query_shape)
+        # The backward runs outside the forward's autocast: cast as autocast cast the projection (bf16 query from
+        # an fp32 W^Q), or the recomputed query would differ from the forward's, or fail on mixed dtypes.
+        dtype = ctx.query_dtype
+        query = pixel_linear(x.to(dtype), weight.to(dtype)).permute(0, 2, 3, 1).reshape(ctx.query_shape)
         grads = grad.unsqueeze(-1).unbind(-2)
         grad_query = grads[0] * keys[0]
         for g, key in zip(grads[1:], keys[1:]):
