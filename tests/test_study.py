@@ -450,3 +450,21 @@ def test_precision_accuracy_refuses_a_cell_in_the_wrong_arm_and_missing_arms(tmp
     _write_study_record(tmp_path / 'fp32' / 'digits', study, 'resnet20', 3, 97.5, mixed_precision='bf16')
     with pytest.raises(SystemExit, match="resnet20 seed 3 trained with mixed precision 'bf16', not fp32"):
         precision_accuracy.main(['--folder', str(tmp_path)])
+
+
+def test_precision_accuracy_takes_speeds_from_a_shared_machine_only(tmp_path):
+    # fp32 seeds 1-2 come from another machine (e.g. the study's own records): their accuracy counts, their speed not.
+    study = study_script.STUDIES['zoo-digits']
+    other = dict(cpu='other cpu', cpu_count=2, gpu=None, num_processes=1, torch='x')
+    for seed, top1 in ((1, 97.0), (2, 98.0)):
+        _write_study_record(tmp_path / 'fp32' / 'digits', study, 'resnet20', seed, top1, machine=other,
+                            train_img_s=100.0)
+    _write_study_record(tmp_path / 'fp32' / 'digits', study, 'resnet20', 3, 99.0, train_img_s=300.0)
+    _precision_arms(tmp_path, {('bf16', 'resnet20'): [97.0, 98.0, 99.0]})  # 401, 402, 403 images/s
+    assert precision_accuracy.main(['--folder', str(tmp_path)]) == 0
+    row, = json.loads((tmp_path / 'accuracy.json').read_text())['rows']
+    assert row['top1']['fp32']['n'] == row['top1']['bf16']['n'] == 3
+    assert row['speed_cells'] == dict(fp32=1, bf16=3) and row['train_img_s']['fp32'] == 300.0
+    assert row['bf16_speedup'] == pytest.approx(402.0 / 300.0)
+    table = (tmp_path / 'accuracy.md').read_text()
+    assert 'Machines (fp32): other cpu (2 cores), 1 process(es), torch x (2 cell(s)); test cpu' in table
