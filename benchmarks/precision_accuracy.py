@@ -4,11 +4,13 @@
 Each arm is a folder of ``benchmarks/study.py`` cell records of one study (same protocol, models and seeds), trained
 with ``--mixed-precision no`` in one and ``--mixed-precision bf16`` in the other, on the same machine:
 
-    S="python benchmarks/study.py zoo-digits --cam 0 --models gradattn_resnet18_rope resnet20_selfatt"
+    S="python benchmarks/study.py zoo-digits --cam 0 --models MODEL [MODEL ...]"
     $S --seeds 1 2 3 4 5 --output benchmarks/results/precision/fp32 -- --mixed-precision no
     $S --seeds 1 2 3 4 5 --output benchmarks/results/precision/bf16 --runs-dir output/precision-bf16 \
         -- --mixed-precision bf16
     python benchmarks/precision_accuracy.py            # -> benchmarks/results/precision/accuracy.{json,md}
+
+The committed arms hold one model of each family (the default model among them): accuracy.md names them.
 
 For every model with cells in both arms: mean top-1 and its sample SD over seeds per arm, the difference bf16 - fp32,
 and whether it lies within one fp32 seed-SD (the bar the bf16 default has to meet); beside them the training
