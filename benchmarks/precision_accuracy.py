@@ -125,7 +125,7 @@ def build(study_name: str, folder: Path) -> Dict[str, Any]:
     missing = [str(path / 'cells') for path in folders.values() if not (path / 'cells').is_dir()]
     if missing:
         raise SystemExit(f'precision_accuracy.py: no cell records in {", ".join(missing)}; train the cells first '
-                         f'(the commands are in this script\'s docstring).')
+                         f'(how: this script\'s docstring and docs/speed.md).')
     records = {arm: arm_records(path, study_name, arm) for arm, path in folders.items()}
     study = STUDIES[study_name]
     arms = {arm: {row['model']: row for row in study_rows(study, found) if row['n_seeds']}
