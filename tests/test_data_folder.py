@@ -227,3 +227,16 @@ def test_train_settings_leave_a_folders_size_and_workers_to_its_images(tmp_path)
     args = resolve_train_settings(['--data-dir', root, '--model', f'local-dir:{export}', '--pretrained'])
     assert factory.load_data(args).info.input_size == (3, 48, 48)
     assert factory.pretrained_input_size('resnet20.mnist') == (1, 28, 28)  # a registry tag's cfg
+
+
+def test_workers_serve_training_and_evaluation_of_images_in_memory_runs_without_them(tmp_path, monkeypatch):
+    from timm_gradattn import factory
+    from timm_gradattn.settings import resolve_train_settings
+    root = write_sized_folder(tmp_path / 'images', [(20, 20)], mode='L')
+    for preload_bytes, eval_workers in ((None, 0), (100, 2)):  # decoded once; too large to hold: read from disk
+        if preload_bytes:
+            monkeypatch.setattr(folder, 'PRELOAD_BYTES', preload_bytes)
+        args = resolve_train_settings(['--data-dir', root, '-j', '2'])
+        train, val, test = factory.create_loaders(args, factory.load_data(args))
+        assert (train.num_workers, val.num_workers, test.num_workers) == (2, eval_workers, eval_workers)
+        assert val.persistent_workers == bool(eval_workers)

@@ -212,7 +212,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser, group: Optional[argpar
                        help="'paper': the paper's splits (official splits pooled and re-split 70/15/15, seeded, "
                             "where the paper did so); 'official': the dataset's own splits (default: %(default)s).")
     group.add_argument('-j', '--workers', type=at_least(0), default=None,
-                       help='Data-loading processes per device (default: 0 for digits, which is in memory, else 2).')
+                       help='Data-loading processes per device (default: 0 for images held in memory: digits, an '
+                            'image folder decoded once; else 2). Evaluation of images held in memory runs '
+                            'without them.')
     group.add_argument('-b', '--batch-size', type=at_least(1), default=None,
                        help="Global batch size, split across processes (default: the dataset's paper batch size).")
     group.add_argument('--amp', action='store_true',

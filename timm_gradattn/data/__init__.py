@@ -2,7 +2,7 @@
 from .info import DATASETS, TINY_IMAGENET_WNIDS, DatasetInfo, get_dataset_info
 from .datasets import (
     ADAPTERS, PROTOCOLS, ArrayImageDataset, DataSplits, DatasetNotFoundError, RawSplits, TransformedDataset,
-    build_datasets, loader_workers, paper_split, register_adapter)
+    build_datasets, held_in_memory, loader_workers, paper_split, register_adapter)
 from .transforms import AUGMENTATIONS, build_transform, resolve_info
 # Importing the loaders registers them in ADAPTERS.
 from .folder import (

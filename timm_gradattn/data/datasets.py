@@ -61,12 +61,17 @@ class DataSplits:
         return len(self.val) > 0
 
 
+def held_in_memory(*splits: Dataset) -> bool:
+    """Whether every split's images are held decoded in memory (a split is a dataset or a view of one)."""
+    return all(getattr(getattr(split, 'base', split), 'in_memory', False) for split in splits)
+
+
 def loader_workers(workers: Optional[int], *splits: Dataset) -> int:
     """``workers`` if given, else 0 for splits whose images are held decoded in memory (worker processes would only
     compete with torch's threads for the cores), else 2."""
     if workers is not None:
         return workers
-    return 0 if all(getattr(getattr(split, 'base', split), 'in_memory', False) for split in splits) else 2
+    return 0 if held_in_memory(*splits) else 2
 
 
 class ArrayImageDataset(Dataset):
