@@ -31,8 +31,13 @@ def _study_results(model: str, seed: int, top1: float, **overrides) -> dict:
 
 
 def _study_config(study, model: str, seed: int, **overrides) -> dict:
-    return dict(dict(model=model, seed=seed, dataset=study.dataset, recipe=study.recipe, epochs=study.length,
-                     img_size=None, in_chans=None, workers=0), **overrides)
+    """config.yaml as train.py writes it for the study's cell."""
+    import yaml
+    from timm_gradattn.settings import resolve_train_settings
+    argv = ['--model', model, '--dataset', study.dataset, '--recipe', study.recipe, '--seed', str(seed),
+            *(['--epochs', str(study.epochs)] if study.epochs else []), *study.train_flags]
+    config = yaml.safe_load(resolve_train_settings(argv).to_yaml())
+    return dict(config, img_size=None, in_chans=None, workers=0, **overrides)
 
 
 def _write_study_record(folder: Path, study, model: str, seed: int, top1: float, gmacs: float = 0.5,
@@ -308,6 +313,13 @@ def test_a_finished_run_of_another_protocol_is_not_recorded(tmp_path):
     _write_run_folder(run_dir, study, 'resnet18', 42, epochs=100)
     with pytest.raises(study_script.CellFailed, match=r"epochs 100 \(the study: 30\)"):
         study_script.study_cell_record(study, 'resnet18', 42, run_dir)
+    # The recipe's values count, not only its name: zoo-digits keeps Adam 1e-3, which the default recipe has left.
+    digits = study_script.STUDIES['zoo-digits']
+    run_dir = tmp_path / 'resnet20' / 'seed1'
+    _write_run_folder(run_dir, digits, 'resnet20', 1, lr=RECIPES['default']['lr'])
+    assert RECIPES['default']['lr'] != 1e-3
+    with pytest.raises(study_script.CellFailed, match=r"lr 0.0005 \(the study: 0.001\)"):
+        study_script.study_cell_record(digits, 'resnet20', 1, run_dir)
 
 
 # --- the Grad-CAM grid across the models (tiny models saved as hub exports in run folders written here) ----------
