@@ -26,10 +26,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import write_results  # noqa: E402
 
 from timm_gradattn.reporting import describe_machine, load_average, machine_line, markdown_table  # noqa: E402
+from timm_gradattn.settings import recipe_values  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
@@ -59,9 +62,17 @@ def run_cell(name: str, seed: int, runs_dir: Path, extra: Sequence[str]) -> Dict
     """One ``python train.py`` process; its wall time, results.json and the validation row of its best epoch."""
     run_dir = runs_dir / name / f'seed{seed}'
     timing = run_dir / 'process_wall_s.json'
+    flags = ['--seed', str(seed), *CANDIDATES[name], *extra]
+    if (run_dir / 'config.yaml').is_file():  # reused only while the candidate still means what it trained
+        config = yaml.safe_load((run_dir / 'config.yaml').read_text())
+        wrong = [f'{key} {config.get(key)!r} (now {value!r})' for key, value in recipe_values(flags).items()
+                 if config.get(key) != value]
+        if wrong:
+            raise SystemExit(f'{run_dir} was trained with {", ".join(wrong)}: the recipe has changed since. Move '
+                             f'it (or --runs-dir) away to run the candidate again.')
     if not ((run_dir / 'results.json').is_file() and timing.is_file()):
-        argv = [sys.executable, str(REPO / 'train.py'), '--seed', str(seed), *CANDIDATES[name], *extra,
-                '--output', str(run_dir.parent), '--experiment', run_dir.name]
+        argv = [sys.executable, str(REPO / 'train.py'), *flags, '--output', str(run_dir.parent),
+                '--experiment', run_dir.name]
         if run_dir.exists():
             argv += ['--resume', str(run_dir)] if (run_dir / 'last').exists() else []
         start = time.perf_counter()

@@ -52,7 +52,7 @@ from timm_gradattn.families import MODEL_NAMES, RECIPES, Family, family_of
 from timm_gradattn.files import atomic_write_bytes, atomic_write_text
 from timm_gradattn.plots import plot_cam_grid
 from timm_gradattn.reporting import machine_line, markdown_table, read_summary_csv
-from timm_gradattn.settings import recipe_settings, resolve_train_settings
+from timm_gradattn.settings import recipe_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import (LAST_EPOCH_KEY, LOAD_KEY, REPO, RESULTS_DIR, TIMING_FILE, CellFailed, DatasetMissing,  # noqa: E402
@@ -144,9 +144,8 @@ def study_mismatch(study: Study, config: Dict[str, Any], model: str, seed: int) 
 
     The protocol's values are compared, not only its recipe's name: every value the recipe sets, as the study's
     flags leave it, so a recipe changed since the study began cannot slip a cell of another protocol in."""
-    argv = ['--model', model, '--dataset', study.dataset, '--recipe', study.recipe, *study.train_flags]
-    settings = resolve_train_settings(argv)
-    expected = {key: getattr(settings, key) for key in recipe_settings(study.recipe, model, study.dataset)}
+    expected = recipe_values(['--model', model, '--dataset', study.dataset, '--recipe', study.recipe,
+                              *study.train_flags])
     expected.update(model=model, seed=seed, dataset=study.dataset, recipe=study.recipe, epochs=study.length)
     wrong = [f'{key} {config.get(key)!r} (the study: {value!r})' for key, value in expected.items()
              if config.get(key) != value]

@@ -322,6 +322,19 @@ def test_a_finished_run_of_another_protocol_is_not_recorded(tmp_path):
         study_script.study_cell_record(digits, 'resnet20', 1, run_dir)
 
 
+def test_the_default_job_benchmark_does_not_reuse_a_run_of_a_changed_recipe(tmp_path, monkeypatch):
+    import default_job
+    run_dir = tmp_path / 'default' / 'seed1'
+    _write_run_folder(run_dir, study_script.STUDIES['zoo-digits'], 'gradattn_resnet18_rope', 1)  # Adam 1e-3
+    (run_dir / 'process_wall_s.json').write_text('{"process_wall_s": 40.0}')
+    (run_dir / 'summary.csv').write_text('epoch,val_top1,val_loss\n14,99.5,0.05\n')
+    monkeypatch.setattr(default_job.subprocess, 'run', lambda *a, **k: pytest.fail('nothing is trained here'))
+    with pytest.raises(SystemExit, match=r"trained with lr 0.001 \(now 0.0005\): the recipe has changed"):
+        default_job.run_cell('default', 1, tmp_path, [])
+    reused = default_job.run_cell('default', 1, tmp_path, ['--lr', '1e-3'])  # what the run was trained with
+    assert (reused['test_top1'], reused['val_top1'], reused['process_wall_s']) == (91.0, 99.5, 40.0)
+
+
 # --- the Grad-CAM grid across the models (tiny models saved as hub exports in run folders written here) ----------
 def _run_folder_with_export(runs: Path, study, model: str, seed: int) -> Path:
     """A finished run folder of a tiny ``model`` (its family's representative's size in test_cam.py) with its hub/

@@ -35,7 +35,7 @@ from .families import RECIPES
 from .precision import default_mixed_precision
 from .models import model_tags  # importing the zoo registers its models with timm
 
-__all__ = ['Settings', 'IDENTITY_KEYS', 'NOT_SAVED_KEYS', 'SCHEDULERS', 'resolve_train_settings',
+__all__ = ['Settings', 'IDENTITY_KEYS', 'NOT_SAVED_KEYS', 'SCHEDULERS', 'recipe_values', 'resolve_train_settings',
            'resolve_evaluate_settings', 'recipe_settings', 'load_yaml', 'expand_input_size', 'dataset_defaults',
            'check_model_name', 'check_output_folder']
 
@@ -195,6 +195,13 @@ def recipe_settings(recipe: str, model: str, dataset: str) -> Dict[str, Any]:
                 f'with --recipe default or --recipe paper.')
         settings.update(per_model[architecture])
     return settings
+
+
+def recipe_values(argv: Sequence[str]) -> Dict[str, Any]:
+    """Every setting that the recipe of the run ``argv`` describes sets, as ``argv`` leaves it: what a saved run's
+    config.yaml must hold to pass for that run today, after a recipe has changed too."""
+    settings = resolve_train_settings(argv)
+    return {key: getattr(settings, key) for key in recipe_settings(settings.recipe, settings.model, settings.dataset)}
 
 
 def _architecture(model: str) -> Optional[str]:
