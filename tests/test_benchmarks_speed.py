@@ -64,6 +64,9 @@ def test_pipeline_speed_compares_each_epoch_with_the_bare_step(tmp_path):
     assert result['overhead']['overhead'] == pytest.approx(plain[1]['overhead'])
     assert 0 <= plain[1]['overhead'] == pytest.approx(1 - plain[1]['train_loop_s'] / plain[1]['wall_s'], abs=2e-3)
     assert 'Time off the training loop' in (tmp_path / 'p.md').read_text()
+    # The end of the run (test passes, export, plots) is timed after the last epoch, inside the engine call.
+    assert 0 < result['overhead']['end_of_run_s'] < result['overhead']['engine_seconds'] - sum(e['wall_s'] for e in plain)
+    assert f"took {result['overhead']['end_of_run_s']:.2f} s" in (tmp_path / 'p.md').read_text()
 
 
 def test_pipeline_speed_needs_two_epochs(tmp_path, capsys):
