@@ -416,7 +416,16 @@ def _cam_section(folder: Path, dataset: str) -> List[str]:
     rows = [[row['model'], ', '.join(_layer_text(layer) for layer in row['layers']),
              ', '.join('x'.join(map(str, layer['grid'])) for layer in row['layers']), f'{row["correct"]} of {count}']
             for row in cam['models']]
-    lines.append(markdown_table(['model', 'layer read', 'map', 'predicted right'], rows))
+    header = ['model', 'layer read', 'map', 'predicted right']
+    if all('empty' in row for row in cam['models']):  # grids drawn before it was counted lack the column
+        header.append('empty maps')
+        for cells, row in zip(rows, cam['models']):
+            cells.append(f'{row["empty"]} of {count}')
+    lines.append(markdown_table(header, rows))
+    if 'empty maps' in header:
+        lines += ['', 'An empty map is one with no positive value: at the layer read, no location\'s activations '
+                      'weighted by their gradients raise the explained class\'s score, and Grad-CAM\'s ReLU leaves '
+                      'nothing to draw.']
     if cam['skipped']:
         lines += ['', f'Not in the grid (no finished run folder of seed {cam["seed"]} when it was drawn): '
                       + ', '.join(f'{model} ({why})' for model, why in cam['skipped'].items()) + '.']
@@ -627,7 +636,8 @@ def draw_cam_grid(study: Study, folder: Path, runs_dir: Path, count: int,
         cams = class_activation_maps(network, images.to(next(network.parameters()).device))
         maps[model], predictions[model] = cams.maps, [label_names[c] for c in cams.predictions.tolist()]
         rows.append(dict(model=model, layers=[dataclasses.asdict(layer) for layer in cams.layers],
-                         predictions=predictions[model], correct=int(np.sum(cams.predictions == targets.numpy()))))
+                         predictions=predictions[model], correct=int(np.sum(cams.predictions == targets.numpy())),
+                         empty=int(np.sum(cams.maps.reshape(len(cams.maps), -1).max(axis=1) <= 0))))
         del network
         release_memory()
     picture, facts = cam_paths(folder, study.dataset)

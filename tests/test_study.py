@@ -356,10 +356,19 @@ def _run_folder_with_export(runs: Path, study, model: str, seed: int) -> Path:
     return run_dir
 
 
-def test_cam_grid_has_a_row_per_model_with_a_run_folder_of_the_lowest_seed(tmp_path, capsys):
+def test_cam_grid_has_a_row_per_model_with_a_run_folder_of_the_lowest_seed(tmp_path, capsys, monkeypatch):
     from test_cam import EXPECTED_LAYERS
     from timm_gradattn.data import build_datasets
     study = study_script.STUDIES['zoo-digits']
+    real_maps = study_script.class_activation_maps
+
+    def two_empty_for_resnet20(network, images):  # resnet20's maps of images 0 and 2 have no positive value
+        cams = real_maps(network, images)
+        if type(network).__name__ == 'CifarResNet':
+            cams.maps[:] = 0.5
+            cams.maps[[0, 2]] = 0.0
+        return cams
+    monkeypatch.setattr(study_script, 'class_activation_maps', two_empty_for_resnet20)
     out, runs = tmp_path / 'study', tmp_path / 'runs'
     folder = out / 'digits'
     # One model of each family, in the study's order (CNNtention's at seconds less than its attention models take at
@@ -385,7 +394,8 @@ def test_cam_grid_has_a_row_per_model_with_a_run_folder_of_the_lowest_seed(tmp_p
         feature, module, _, grid = EXPECTED_LAYERS[row['model']]
         assert [(layer['feature'], layer['module'], tuple(layer['grid'])) for layer in row['layers']] == [
             (feature, module, grid)]
-        assert len(row['predictions']) == 5 and 0 <= row['correct'] <= 5
+        assert len(row['predictions']) == 5 and 0 <= row['correct'] <= 5 and 0 <= row['empty'] <= 5
+    assert cam['models'][1]['empty'] == 2
     # The images are seed 1's split's (the seed draws the split): its first five test labels.
     test = build_datasets('digits', seed=1).test
     assert cam['labels'] == [str(test[i][1]) for i in range(5)]
@@ -395,7 +405,8 @@ def test_cam_grid_has_a_row_per_model_with_a_run_folder_of_the_lowest_seed(tmp_p
     markdown = (folder / 'results-digits.md').read_text()
     assert '![Grad-CAM across models](cam-digits.png)' in markdown and "seed 1's test split" in markdown
     assert '| asnet50_kv | `stages.3.2` (the last to run inside `stages.3`) | 4x4 |' in markdown
-    assert '| resnet20 | `layer3` | 8x8 |' in markdown
+    assert '| resnet20 | `layer3` | 8x8 |' in markdown and '| 2 of 5 |' in markdown
+    assert '| model | layer read | map | predicted right | empty maps |' in markdown
     assert 'resnet18 (no run folder)' in markdown
 
     # Without run folders (another machine) the grid and its record stay as they were, and so does the Markdown.
@@ -403,6 +414,13 @@ def test_cam_grid_has_a_row_per_model_with_a_run_folder_of_the_lowest_seed(tmp_p
     argv[argv.index('--runs-dir') + 1] = str(tmp_path / 'gone')
     assert study_script.main(argv) == 0
     assert {name: (folder / name).read_bytes() for name in before} == before
+    # A grid recorded before empty maps were counted keeps its table without that column.
+    for row in cam['models']:
+        del row['empty']
+    (folder / 'cam-digits.json').write_text(json.dumps(cam))
+    assert study_script.main(argv) == 0
+    markdown = (folder / 'results-digits.md').read_text()
+    assert '| model | layer read | map | predicted right |\n' in markdown and 'empty map' not in markdown
 
 
 def test_cam_without_grad_cam_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
