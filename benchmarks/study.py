@@ -417,12 +417,13 @@ def _cam_section(folder: Path, dataset: str) -> List[str]:
              ', '.join('x'.join(map(str, layer['grid'])) for layer in row['layers']), f'{row["correct"]} of {count}']
             for row in cam['models']]
     header = ['model', 'layer read', 'map', 'predicted right']
-    if all('empty' in row for row in cam['models']):  # grids drawn before it was counted lack the column
+    counted = all('empty' in row for row in cam['models'])  # grids drawn before empty maps were counted lack them
+    if counted:
         header.append('empty maps')
         for cells, row in zip(rows, cam['models']):
             cells.append(f'{row["empty"]} of {count}')
     lines.append(markdown_table(header, rows))
-    if 'empty maps' in header:
+    if counted:
         lines += ['', 'An empty map is one with no positive value: at the layer read, no location\'s activations '
                       'weighted by their gradients raise the explained class\'s score, and Grad-CAM\'s ReLU leaves '
                       'nothing to draw.']

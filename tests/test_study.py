@@ -405,7 +405,8 @@ def test_cam_grid_has_a_row_per_model_with_a_run_folder_of_the_lowest_seed(tmp_p
     markdown = (folder / 'results-digits.md').read_text()
     assert '![Grad-CAM across models](cam-digits.png)' in markdown and "seed 1's test split" in markdown
     assert '| asnet50_kv | `stages.3.2` (the last to run inside `stages.3`) | 4x4 |' in markdown
-    assert '| resnet20 | `layer3` | 8x8 |' in markdown and '| 2 of 5 |' in markdown
+    resnet20 = cam['models'][1]
+    assert f'| resnet20 | `layer3` | 8x8 | {resnet20["correct"]} of 5 | 2 of 5 |' in markdown
     assert '| model | layer read | map | predicted right | empty maps |' in markdown
     assert 'resnet18 (no run folder)' in markdown
 
