@@ -149,6 +149,18 @@ def test_non_default_pooling_survives_the_export(tmp_path):
     assert torch.equal(_logits(timm.create_model(f'local-dir:{folder}', pretrained=True), images), model(images))
 
 
+
+def test_a_channels_last_model_exports_and_stays_channels_last(tmp_path):
+    """Training on CPU from 224 px is channels-last by default; safetensors refuses its strided weights."""
+    model = timm.create_model('resnet20_cbam', num_classes=3).eval()
+    images = _images(3)
+    expected = _logits(model, images)
+    model = model.to(memory_format=torch.channels_last)
+    folder = export_hub_folder(model, tmp_path / 'hub', input_size=(3, SIZE, SIZE), mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert model.state_dict()['conv1.weight'].is_contiguous(memory_format=torch.channels_last)  # the caller's model
+    assert torch.equal(_logits(timm.create_model(f'local-dir:{folder}', pretrained=True), images), expected)
+
+
 OFFLINE_LOAD = '''
 import json
 import torch

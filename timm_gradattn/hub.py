@@ -10,6 +10,7 @@ transformers' ``AutoModelForImageClassification`` / ``AutoImageProcessor`` (its 
 How the models find their weights (the namespace, the early look before timm's download) is
 ``timm_gradattn.models._hub``.
 """
+import copy
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import torch
 from huggingface_hub import constants
 from huggingface_hub.file_download import are_symlinks_supported, repo_folder_name
 from timm.models import save_for_hf
@@ -102,7 +104,8 @@ def export_hub_folder(
     names and the preprocessing the weights were trained with, so that after ``import timm_gradattn``
     ``timm.create_model('local-dir:<folder>', pretrained=True)`` and transformers'
     ``AutoModelForImageClassification.from_pretrained(folder)`` give back the same model (see
-    ``client_config``). The folder is written under a temporary name and swapped in whole.
+    ``client_config``). The folder is written under a temporary name and swapped in whole. A channels-last model
+    (the default on CPU from 224 px) is exported from a contiguous copy: safetensors refuses strided tensors.
 
     Args:
         model: The trained (unwrapped) timm model.
@@ -118,6 +121,8 @@ def export_hub_folder(
     model_config = dict(pretrained_cfg=dict(pretrained_cfg or {}, **data_config))
     if label_names:
         model_config['label_names'] = list(label_names)
+    if not all(tensor.is_contiguous() for tensor in model.state_dict().values()):
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True, data_config=data_config)
     config_path = tmp / 'config.json'
     config = client_config(json.loads(config_path.read_text(encoding='utf-8')))
