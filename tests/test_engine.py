@@ -28,7 +28,7 @@ from timm_gradattn.settings import dataset_defaults, resolve_train_settings as p
 from timm_gradattn.cpu import keep_freed_memory
 from timm_gradattn.files import atomic_write_text
 from timm_gradattn.data import get_dataset_info
-from timm_gradattn.engine import NonFiniteLossError, _stop_unless_finite
+from timm_gradattn.loop import NonFiniteLossError, stop_unless_finite
 from timm_gradattn.factory import _has_fused_kernel, create_ema as _create_ema, create_optimizer
 from timm_gradattn.metrics import predict
 
@@ -319,13 +319,13 @@ def test_model_ema_warmup_lets_the_average_follow_the_first_updates():
 
 def test_an_epoch_with_non_finite_weights_is_neither_validated_nor_saved(accelerator):
     model, ema_source = nn.Linear(4, 2), nn.Linear(4, 2)
-    _stop_unless_finite(0, model, None, accelerator)  # finite: nothing happens
+    stop_unless_finite(0, model, None, accelerator)  # finite: nothing happens
     ema = ModelEmaV3(ema_source)
     with torch.no_grad():
         ema.module.bias[0] = float('inf')
     with pytest.raises(NonFiniteLossError, match=r'during epoch 3: .*the state after epoch 2 is kept'):
-        _stop_unless_finite(2, model, ema, accelerator)
+        stop_unless_finite(2, model, ema, accelerator)
     with torch.no_grad():
         model.weight[0, 0] = float('nan')
     with pytest.raises(NonFiniteLossError, match='no epoch had finished.*Lower --lr'):
-        _stop_unless_finite(0, model, None, accelerator)
+        stop_unless_finite(0, model, None, accelerator)

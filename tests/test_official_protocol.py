@@ -119,7 +119,7 @@ def test_a_run_without_validation_resumes_exactly(fashion_mnist, tmp_path, no_pl
         if row['epoch'] == 1:
             raise KeyboardInterrupt
     settings = parse_args([*argv, '--output', str(tmp_path), '--experiment', 'stopped'])
-    with pytest.raises(engine.TrainingInterrupted, match='the state after epoch 1 is kept'):
+    with pytest.raises(engine.TrainingInterrupted, match='the state after epoch 1 is intact'):
         engine.train(settings, on_epoch_end=stop_after_epoch_one)
     AcceleratorState._reset_state(True)
     stopped = tmp_path / 'stopped'

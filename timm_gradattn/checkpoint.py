@@ -7,8 +7,14 @@
     optimizer.pt               optimizer.state_dict() (torch.save; read back with weights_only=True)
     rng_state_<rank>.safetensors   torch CPU / CUDA generator states of every process, with python's and
                                numpy's generator states as JSON in the file's metadata
+    best.safetensors           the best validation epoch's weights so far (a hard link to the previous
+                               checkpoint's file when the best did not change this epoch)
     state.json                 epoch, update count, scheduler and early-stopping state, the summary rows so far;
                                written last, so its presence marks a complete checkpoint
+
+``<run>/model_best.safetensors`` is published from ``last/best.safetensors`` once the checkpoint is complete, and
+again on resume: the best weights and the state that names their epoch are committed together, so a kill between
+two writes never leaves best weights from an epoch the resumed state does not know.
 
 Every file is written to a temporary name in the same folder, fsynced and renamed over the old one
 (``os.replace`` is atomic on POSIX and Windows). A checkpoint is written whole into ``last.tmp/`` and then
@@ -21,6 +27,12 @@ random-state restore with only an info log, and do not write atomically. Nothing
 tensors are safetensors, the rest JSON, and the optimizer state (tensors, numbers and lists only) is
 loaded with ``torch.load(weights_only=True)``, as are foreign ``.pth`` state dicts given to ``load_weights``.
 Multi-process runs assume a file system shared by all processes, as for any DDP checkpoint.
+
+What a resume repeats exactly: the model, EMA, optimizer, scheduler, the data order (a function of seed and epoch)
+and the main process's random generators, so with the data decoded in the main process (``--workers 0``, the default
+for digits and for image folders held in memory) a resumed run continues as the uninterrupted one would. With loader
+workers the workers' own generators (the random augmentation) are not saved: a resumed run draws other crops and
+flips from its first resumed epoch on, while dropout and drop-path masks, drawn in the main process, still match.
 """
 import argparse
 import io
@@ -29,7 +41,7 @@ import pickle
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -38,16 +50,18 @@ from safetensors.torch import load_file, safe_open, save_file
 from timm.models import clean_state_dict
 
 from .errors import UserError
-from .files import PathLike, atomic_write_bytes, atomic_write_text, replace_folder, replace_synced
+from .files import PathLike, atomic_link, atomic_write_bytes, atomic_write_text, replace_folder, replace_synced, writing
 from .models import checkpoint_filter_fn
 from .preserve import capture_rng_state, restore_rng_state
 
-__all__ = ['LAST', 'STATE_FILE', 'atomic_save_weights', 'WeightsError', 'OptimizerStateError', 'load_weights',
+__all__ = ['LAST', 'STATE_FILE', 'BEST_FILE', 'MODEL_BEST', 'publish_best', 'atomic_save_weights', 'WeightsError', 'OptimizerStateError', 'load_weights',
            'find_last_checkpoint', 'BackgroundWriter', 'cpu_copy', 'save_training_state', 'load_training_state',
            'scheduler_state_dict', 'load_scheduler_state_dict']
 
 LAST = 'last'
 STATE_FILE = 'state.json'
+BEST_FILE = 'best.safetensors'          # inside a checkpoint folder
+MODEL_BEST = 'model_best.safetensors'   # in the run folder, published from the newest checkpoint's BEST_FILE
 FORMAT_VERSION = 1
 
 
@@ -190,29 +204,45 @@ def find_last_checkpoint(run_dir: PathLike) -> Optional[Path]:
 class BackgroundWriter:
     """Checkpoint writes on one thread of their own, in the order they were submitted, while training goes on.
 
-    ``submit`` returns at once (with ``enabled=False`` it writes in the caller's thread); ``wait`` blocks until
-    every submitted write has finished and re-raises the first failure. Each write is atomic as ever, so a crash
-    or SIGKILL during one leaves the previous complete checkpoint, from which a resume repeats the epoch exactly.
+    ``submit`` returns at once (with ``enabled=False`` it writes in the caller's thread). A write that failed is
+    raised by the next ``submit`` or ``raise_failure`` (the engine asks between training steps), so a disk that fills
+    stops the run in the epoch it filled, not at the end. At most ``max_pending`` writes wait at once (each holds CPU
+    copies of the weights and the optimizer state); a further ``submit`` waits for the oldest. ``wait`` blocks until
+    every submitted write has finished and re-raises the first failure. Each write is atomic as ever, so a crash or
+    SIGKILL during one leaves the previous complete checkpoint.
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, max_pending: int = 1):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix='checkpoint-writer') if enabled else None
         self._pending: List[Future] = []
+        self._max_pending = max_pending
 
     def submit(self, write: Callable[..., Any], *args, **kwargs) -> None:
+        self.raise_failure()
         if self._pool is None:
             write(*args, **kwargs)
-        else:
-            self._pending.append(self._pool.submit(write, *args, **kwargs))
+            return
+        while len(self._pending) >= self._max_pending:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(write, *args, **kwargs))
 
-    def wait(self) -> None:
-        pending, self._pending = self._pending, []
-        for future in pending:
+    def raise_failure(self) -> None:
+        """Raise the error of a finished write that failed (cheap: it looks, it does not wait)."""
+        finished = [future for future in self._pending if future.done()]
+        self._pending = [future for future in self._pending if not future.done()]
+        for future in finished:
             future.result()
 
-    def close(self) -> None:
+    def wait(self, raise_errors: bool = True) -> None:
+        pending, self._pending = self._pending, []
+        errors = [future.exception() for future in pending]
+        failed = next((error for error in errors if error is not None), None)
+        if failed is not None and raise_errors:
+            raise failed
+
+    def close(self, raise_errors: bool = True) -> None:
         try:
-            self.wait()
+            self.wait(raise_errors)
         finally:
             if self._pool is not None:
                 self._pool.shutdown()
@@ -233,11 +263,15 @@ def save_training_state(
         state: Dict[str, Any],
         ema: Optional[nn.Module] = None,
         writer: Optional[BackgroundWriter] = None,
+        best: Optional[Tuple[Dict[str, torch.Tensor], Dict[str, str]]] = None,
 ) -> None:
-    """Write ``<run>/last/`` as a whole: every process calls this (each saves its own random state).
+    """Write ``<run>/last/`` as a whole, then publish its best weights as ``<run>/model_best.safetensors``: every
+    process calls this (each saves its own random state).
 
-    ``model`` is the unwrapped model, ``ema`` the EMA module (or None), ``state`` the JSON-ready rest. What is
-    saved is taken now; with a ``writer`` and a single process, the files are written on the writer's thread.
+    ``model`` is the unwrapped model, ``ema`` the EMA module (or None), ``state`` the JSON-ready rest, ``best`` the
+    new best weights (CPU tensors, not changed afterwards) and their metadata when this epoch is the best so far,
+    else None (the previous checkpoint's are kept). What is saved is taken now; with a ``writer`` and a single
+    process, the files are written on the writer's thread. A write that fails raises ``WriteError``.
     """
     run_dir = Path(run_dir)
     rng = capture_rng_state()
@@ -247,25 +281,27 @@ def save_training_state(
         torch.save(optimizer.state_dict(), buffer)  # serialised now: the optimizer steps on meanwhile
         metadata = {'model': str(state.get('model', '')), 'epochs_done': str(state['epochs_done'])}
         snapshot.update(model=cpu_copy(model), ema=cpu_copy(ema) if ema is not None else None,
-                        optimizer=buffer.getvalue(), metadata=metadata)
+                        optimizer=buffer.getvalue(), metadata=metadata, best=best)
     if writer is not None and accelerator.num_processes == 1:
         writer.submit(_write_checkpoint, run_dir, snapshot, accelerator.process_index, True)
         return
     # Several processes: written here, in step with the others.
-    if accelerator.is_main_process:
-        _start_checkpoint(run_dir)
-    accelerator.wait_for_everyone()
-    _write_checkpoint_files(run_dir, snapshot, accelerator.process_index, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _complete_checkpoint(run_dir, snapshot)
+    with writing(run_dir / f'{LAST}.tmp'):
+        if accelerator.is_main_process:
+            _start_checkpoint(run_dir)
+        accelerator.wait_for_everyone()
+        _write_checkpoint_files(run_dir, snapshot, accelerator.process_index, accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _complete_checkpoint(run_dir, snapshot)
     accelerator.wait_for_everyone()
 
 
 def _write_checkpoint(run_dir: Path, snapshot: Dict[str, Any], process_index: int, main: bool) -> None:
-    _start_checkpoint(run_dir)
-    _write_checkpoint_files(run_dir, snapshot, process_index, main)
-    _complete_checkpoint(run_dir, snapshot)
+    with writing(run_dir / f'{LAST}.tmp'):
+        _start_checkpoint(run_dir)
+        _write_checkpoint_files(run_dir, snapshot, process_index, main)
+        _complete_checkpoint(run_dir, snapshot)
 
 
 def _start_checkpoint(run_dir: Path) -> None:
@@ -283,12 +319,27 @@ def _write_checkpoint_files(run_dir: Path, snapshot: Dict[str, Any], process_ind
         if snapshot['ema'] is not None:
             atomic_save_weights(snapshot['ema'], tmp / 'ema.safetensors', metadata=snapshot['metadata'])
         atomic_write_bytes(tmp / 'optimizer.pt', snapshot['optimizer'])
+        if snapshot['best'] is not None:
+            atomic_save_weights(snapshot['best'][0], tmp / BEST_FILE, metadata=snapshot['best'][1])
+        else:  # unchanged: the previous checkpoint's file (or, resuming an older run, the run's model_best)
+            previous = next((path for path in (run_dir / LAST / BEST_FILE, run_dir / MODEL_BEST) if path.is_file()),
+                            None)
+            if previous is not None:
+                atomic_link(previous, tmp / BEST_FILE)
 
 
 def _complete_checkpoint(run_dir: Path, snapshot: Dict[str, Any]) -> None:
     tmp = run_dir / f'{LAST}.tmp'
     atomic_write_text(tmp / STATE_FILE, snapshot['state_json'])  # last: its presence marks a complete checkpoint
     replace_folder(tmp, run_dir / LAST)
+    publish_best(run_dir / LAST)
+
+
+def publish_best(checkpoint: PathLike) -> None:
+    """``<run>/model_best.safetensors`` becomes the best weights that the complete checkpoint folder holds."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / BEST_FILE).is_file():
+        atomic_link(checkpoint / BEST_FILE, checkpoint.parent / MODEL_BEST)
 
 
 class OptimizerStateError(ValueError):

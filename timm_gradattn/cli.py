@@ -471,14 +471,18 @@ def build_evaluate_parser(gradient_modes: Sequence[str] = ('parameters', 'output
 
 def run_entry_point(prog: str, main: Callable[[Optional[Sequence[str]]], object],
                     argv: Optional[Sequence[str]] = None) -> int:
-    """``main(argv)`` for the shell: a ``UserError`` (something the user asked for) is one line on stderr and exit
-    code 2; Ctrl-C is one line (the error's, when ``main`` turned it into one) and exit code 130."""
+    """``main(argv)`` for the shell: a ``UserError`` (something the user asked for, or a file that could not be
+    written) is one line on stderr and exit code 2; a stop (Ctrl-C, or SIGTERM where ``main`` handles it) is one line
+    (the error's, when ``main`` turned it into one) and exit code 130 (143 for SIGTERM)."""
     try:
         main(argv)
     except UserError as error:
+        if getattr(error, 'interrupted', False):
+            print(f'{prog}: {error}', file=sys.stderr)
+            return getattr(error, 'exit_code', 130)
         print(f'{prog}: error: {error}', file=sys.stderr)
-        return 130 if getattr(error, 'interrupted', False) else 2
-    except KeyboardInterrupt:
-        print(f'{prog}: interrupted.', file=sys.stderr)
-        return 130
+        return 2
+    except KeyboardInterrupt as stop:
+        print(f'{prog}: stopped.', file=sys.stderr)
+        return getattr(stop, 'exit_code', 130)
     return 0

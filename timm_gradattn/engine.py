@@ -11,40 +11,47 @@ best validation epoch's weights and, under ``test_last_epoch``, those of the las
 ``--max-updates`` ends with a partial epoch, validated and saved like the others); its ``selection`` says which.
 A run without a validation split (``--protocol official --val-fraction 0``) has no validation pass and no early
 stopping, and its weights are the last epoch's. ``--test-every-epoch`` adds the test split's loss and top-1 to every
-summary.csv row, for the curve only. Ctrl-C ends a run with one line that says how to continue it; the state of the
-last finished epoch is kept.
+summary.csv row, for the curve only.
+
+Faults end a run in one line, at once, with the last complete state kept and resumable: Ctrl-C (exit 130) and a
+scheduler's SIGTERM (exit 143) wait for the checkpoint being written; a write that fails (disk full, permissions,
+read-only) stops the run in the epoch it happened and names the file, the reason and the state that is intact.
 """
 import argparse
 import json
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from timm.data import Mixup
-from timm.utils import ModelEmaV3, dispatch_clip_grad
+from timm.utils import ModelEmaV3
 
 from . import factory, precision, run_files
 from .analysis import gradient_norms
 from .checkpoint import (
-    BackgroundWriter, OptimizerStateError, atomic_save_weights, cpu_copy, find_last_checkpoint,
-    load_scheduler_state_dict, load_training_state, load_weights, save_training_state, scheduler_state_dict,
+    MODEL_BEST, STATE_FILE, BackgroundWriter, OptimizerStateError, cpu_copy, find_last_checkpoint,
+    load_scheduler_state_dict, load_training_state, load_weights, publish_best, save_training_state,
+    scheduler_state_dict,
 )
 from .cpu import keep_freed_memory
 from .data import DataSplits
 from .errors import UserError
-from .files import atomic_write_csv, atomic_write_text
+from .files import WriteError, atomic_write_csv, atomic_write_text, writing
 from .hub import export_hub_folder
+from .loop import NonFiniteLossError, reached_max_updates, stop_unless_finite, train_one_epoch
 from .metrics import evaluate_logits, predict
 from .preserve import preserved_state
 from .run_files import LAST_EPOCH_WITHOUT_VALIDATION, SELECTED_ON_VALIDATION
@@ -56,13 +63,23 @@ GRAD_STATS_BATCHES = 5
 bare = factory.bare
 
 
-class NonFiniteLossError(UserError):
-    """The training loss became NaN or infinite."""
-
-
 class TrainingInterrupted(UserError):
-    """Ctrl-C (or SIGINT) during training: one line that says what is kept and how to continue."""
+    """Ctrl-C (SIGINT, exit code 130) or SIGTERM (143) during training: one line that says what is kept and how to
+    continue."""
     interrupted = True
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``), raised in the main thread so that it stops a run as Ctrl-C does."""
+    exit_code = 143
+
+
+class RunStopped(UserError):
+    """A run's file could not be written: training stopped, the last complete state is named."""
 
 
 @dataclass
@@ -95,97 +112,6 @@ class Run:
         return self.data.has_validation
 
 
-# --- one epoch of training ----------------------------------------------------------------------------------
-def train_one_epoch(
-        epoch: int,
-        model: nn.Module,
-        loader: DataLoader,
-        optimizer: torch.optim.Optimizer,
-        scheduler,
-        loss_fn: nn.Module,
-        accelerator: Accelerator,
-        args: argparse.Namespace,
-        num_updates: int,
-        mixup_fn: Optional[Mixup] = None,
-        ema: Optional[ModelEmaV3] = None,
-) -> Tuple[Dict[str, float], int]:
-    """Returns ({'train_loss', 'train_top1'}, updated optimizer-step count). Stops early, after the update
-    that reaches ``args.max_updates``."""
-    model.train()
-    if args.freeze_backbone:
-        factory.keep_frozen_layers_in_eval(bare(accelerator, model))
-    if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-        mixup_fn.mixup_enabled = False
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    # Running sums stay on the device; the host reads them only at log intervals.
-    totals = torch.zeros(2, device=accelerator.device)  # sum of losses, correct predictions
-    seen = 0
-    # disable=None: tqdm draws only on a terminal, so logs and pipes get just the one-line epoch summaries.
-    progress = tqdm(total=len(loader), desc=f'epoch {epoch + 1}/{args.epochs}', leave=False, dynamic_ncols=True,
-                    disable=None if accelerator.is_local_main_process else True)
-    try:
-        for step, (images, targets) in enumerate(loader):
-            with accelerator.accumulate(model):
-                inputs, loss_targets = mixup_fn(images, targets) if mixup_fn is not None else (images, targets)
-                logits = model(inputs.contiguous(memory_format=memory_format))
-                loss = loss_fn(logits, loss_targets)
-                accelerator.backward(loss)
-                if args.clip_grad and accelerator.sync_gradients:
-                    _clip_gradients(model, accelerator, args)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            last_update = False
-            if accelerator.sync_gradients:
-                num_updates += 1
-                if ema is not None:
-                    ema.update(bare(accelerator, model), step=num_updates)
-                if scheduler is not None:
-                    scheduler.step_update(num_updates=num_updates)
-                last_update = _reached_max_updates(args, num_updates)
-                if args.synchronize_step and torch.cuda.is_available():
-                    torch.cuda.synchronize()
-            totals += torch.stack([loss.detach().float() * len(targets), (logits.argmax(1) == targets).sum().float()])
-            seen += len(targets)
-            progress.update(1)
-            if (step + 1) % args.log_interval == 0 or step + 1 == len(loader) or last_update:
-                loss_sum, correct, total = _sum_over_processes(accelerator, totals, seen)
-                if not math.isfinite(loss_sum):
-                    kept = f'the state after epoch {epoch} is kept' if epoch else 'no epoch had finished'
-                    raise NonFiniteLossError(
-                        f'The training loss became {loss_sum / total} at epoch {epoch + 1}, step {step + 1}; training '
-                        f'stopped and {kept}. Lower --lr, add --clip-grad or train without --mixed-precision, then '
-                        f'continue with --resume or start again.')
-                progress.set_postfix(loss=f'{loss_sum / total:.4f}', top1=f'{100 * correct / total:.2f}',
-                                     lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
-            if last_update:
-                if hasattr(loader, 'end'):
-                    loader.end()  # what Accelerate's loader does when exhausted: it is no longer the active one
-                break
-    finally:
-        progress.close()
-    loss_sum, correct, total = _sum_over_processes(accelerator, totals, seen)
-    return {'train_loss': loss_sum / total, 'train_top1': 100 * correct / total}, num_updates
-
-
-def _clip_gradients(model: nn.Module, accelerator: Accelerator, args: argparse.Namespace) -> None:
-    if args.clip_mode == 'norm':
-        accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-    elif args.clip_mode == 'value':
-        accelerator.clip_grad_value_(model.parameters(), args.clip_grad)
-    else:  # timm's adaptive clipping, on gradients unscaled from fp16's loss scale
-        accelerator.unscale_gradients()
-        dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
-
-
-def _sum_over_processes(accelerator: Accelerator, totals: torch.Tensor, seen: int):
-    counts = torch.cat([totals, torch.tensor([float(seen)], device=totals.device)])
-    return accelerator.reduce(counts, reduction='sum').tolist()
-
-
-def _reached_max_updates(args: argparse.Namespace, num_updates: int) -> bool:
-    return args.max_updates is not None and num_updates >= args.max_updates
-
-
 # --- the whole run ------------------------------------------------------------------------------------------
 def train(args: argparse.Namespace, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Run the job described by ``args`` (``timm_gradattn.settings.resolve_train_settings``); returns results.json's
@@ -202,24 +128,61 @@ def train(args: argparse.Namespace, on_epoch_end: Optional[Callable[[Dict[str, A
         UserError: a problem with the settings or the data, explained (most are found before training starts);
             ``TrainingInterrupted`` on Ctrl-C.
     """
-    run = setup(args)
-    epoch = run.state['epochs_done']
-    try:
+    with _sigterm_as_interrupt():
+        run = setup(args)
+        epoch = run.state['epochs_done']
         try:
-            for epoch in range(run.state['epochs_done'], run.args.epochs):
-                if run.state['stopped_early'] or _reached_max_updates(run.args, run.state['num_updates']):
-                    break
-                run_epoch(run, epoch, on_epoch_end)
-        except KeyboardInterrupt:
-            run.writer.wait()  # the checkpoint being written completes: it is the one the message names
-            done = run.state['epochs_done']
-            kept = (f'the state after epoch {done} is kept in {run.run_dir / "last"}' if done
-                    else 'no epoch had finished')
-            raise TrainingInterrupted(f'Interrupted in epoch {epoch + 1}; {kept}. Continue with: python train.py '
-                                      f'--resume {run.run_dir}') from None
-        return finish(run)  # the last checkpoint is written meanwhile
+            try:
+                for epoch in range(run.state['epochs_done'], run.args.epochs):
+                    if run.state['stopped_early'] or reached_max_updates(run.args, run.state['num_updates']):
+                        break
+                    run_epoch(run, epoch, on_epoch_end)
+            except KeyboardInterrupt as stop:
+                run.writer.wait(raise_errors=False)  # the checkpoint being written completes: the message names it
+                how = 'Stopped by SIGTERM' if isinstance(stop, Terminated) else 'Interrupted'
+                raise TrainingInterrupted(f'{how} in epoch {epoch + 1}; {_intact_state(run.run_dir)}. Continue '
+                                          f'with: python train.py --resume {run.run_dir}',
+                                          getattr(stop, 'exit_code', 130)) from None
+            except WriteError as error:
+                run.writer.wait(raise_errors=False)
+                raise RunStopped(f'{error}; training stopped in epoch {epoch + 1} and {_intact_state(run.run_dir)}. '
+                                 f'Free space or fix the permissions, then continue with: python train.py --resume '
+                                 f'{run.run_dir}') from error
+            try:
+                return finish(run)  # the last checkpoint is written meanwhile
+            except WriteError as error:
+                run.writer.wait(raise_errors=False)
+                raise RunStopped(f'{error}; training is done and {_intact_state(run.run_dir)}. Free space or fix '
+                                 f'the permissions, then finish the run (test, export) with: python train.py '
+                                 f'--resume {run.run_dir}') from error
+        finally:
+            run.writer.close(raise_errors=False)  # whatever ended the run, the checkpoint being written completes
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` in the main thread while the block runs (elsewhere it keeps its handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
     finally:
-        run.writer.close()  # whatever ended the run, the checkpoint being written is completed (or its error raised)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _intact_state(run_dir: Path) -> str:
+    """What a resume would start from, read from disk: the newest complete checkpoint."""
+    folder = find_last_checkpoint(run_dir)
+    if folder is None:
+        return 'no epoch had been saved'
+    epochs = json.loads((folder / STATE_FILE).read_text())['epochs_done']
+    return f'the state after epoch {epochs} is intact in {folder}'
 
 
 def setup(args: argparse.Namespace) -> Run:
@@ -229,6 +192,15 @@ def setup(args: argparse.Namespace) -> Run:
         keep_freed_memory()
     set_seed(args.seed, device_specific=True)  # process 0 draws exactly what a single-process run draws
     run_dir = factory.resolve_run_dir(args, accelerator)
+    try:
+        return _build(args, accelerator, run_dir)
+    except BaseException:
+        if accelerator.is_main_process and not args.resume:
+            factory.release_run_dir(run_dir)  # nothing was trained: the name stays free for the next try
+        raise
+
+
+def _build(args: argparse.Namespace, accelerator: Accelerator, run_dir: Path) -> Run:
     resume_from = find_last_checkpoint(run_dir) if args.resume else None
     if args.resume and resume_from is None and (run_dir / 'summary.csv').exists():
         raise UserError(f'--resume {run_dir}: the run has no complete checkpoint in last/. Start a new run instead.')
@@ -270,8 +242,8 @@ def setup(args: argparse.Namespace) -> Run:
     if resume_from is not None:
         run.state = _resume(resume_from, run)
     if accelerator.is_main_process:  # on resume too: flags such as --epochs may have changed
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / 'config.yaml', settings.to_yaml())
+        with writing(run_dir / 'config.yaml'):
+            atomic_write_text(run_dir / 'config.yaml', settings.to_yaml())
     accelerator.wait_for_everyone()
     accelerator.print(
         f'{args.model} on {info.name} ({len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test images, '
@@ -306,12 +278,12 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
     train_loader.set_epoch(epoch)  # data order depends on (seed, epoch) only, so a resumed run sees the same
     train_stats, state['num_updates'] = train_one_epoch(
         epoch, run.model, train_loader, run.optimizer, run.scheduler, run.loss_fn, accelerator, args,
-        state['num_updates'], run.mixup_fn, run.ema)
+        state['num_updates'], run.mixup_fn, run.ema, between_steps=run.writer.raise_failure)
     trained = time.perf_counter()
     # Throughput of the training loops alone, over the whole run (a resumed run adds to the saved counts).
     state['train_loop_s'] = state.get('train_loop_s', 0.0) + trained - start
     state['train_images'] = state.get('train_images', 0) + len(run.data.train)
-    _stop_unless_finite(epoch, run.model, run.ema, accelerator)
+    stop_unless_finite(epoch, run.model, run.ema, accelerator)
     val = None
     if run.validates:
         val = evaluate_logits(*predict(run.eval_model, val_loader, accelerator), num_classes).metrics
@@ -330,6 +302,7 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
     state['summary_rows'].append(row)
     # The test figures above never reach this: selection is on validation top-1, or, without a validation split,
     # each epoch's weights replace the previous epoch's (the run keeps the last epoch's).
+    new_best = None  # the new best weights and their metadata, saved with this epoch's checkpoint
     if val is None or val['top1'] > state['best_top1']:
         state.update(best_epoch=epoch + 1, bad_epochs=0)
         if val is not None:
@@ -337,8 +310,7 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
         if accelerator.is_main_process:
             why = dict(val_top1=str(val['top1'])) if val is not None else dict(selection=LAST_EPOCH_WITHOUT_VALIDATION)
             run.best_weights = cpu_copy(bare(accelerator, run.eval_model))
-            run.writer.submit(atomic_save_weights, run.best_weights, run.run_dir / 'model_best.safetensors',
-                              metadata=dict(model=args.model, epoch=str(epoch + 1), **why))
+            new_best = run.best_weights, dict(model=args.model, epoch=str(epoch + 1), **why)
     else:
         state['bad_epochs'] += 1
     if run.scheduler is not None:
@@ -346,7 +318,8 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
     state['stopped_early'] = bool(args.patience) and state['bad_epochs'] >= args.patience
     state['scheduler'] = scheduler_state_dict(run.scheduler)
     if accelerator.is_main_process:
-        atomic_write_csv(run.run_dir / 'summary.csv', state['summary_rows'])
+        with writing(run.run_dir / 'summary.csv'):
+            atomic_write_csv(run.run_dir / 'summary.csv', state['summary_rows'])
     passes = ''.join(f"{split} loss {row[f'{split}_loss']:.4f} top1 {row[f'{split}_top1']:.2f}  "
                      for split in ('val', 'test') if f'{split}_loss' in row)
     best = val is not None and state['best_epoch'] == epoch + 1
@@ -358,7 +331,7 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
     saved = time.perf_counter()
     save_training_state(run.run_dir, accelerator, bare(accelerator, run.model), run.optimizer,
                         dict(state, epochs_done=epoch + 1), ema=run.ema.module if run.ema is not None else None,
-                        writer=run.writer)
+                        writer=run.writer, best=new_best)
     state['epochs_done'] = epoch + 1  # its checkpoint is complete once the writer has finished (Ctrl-C waits)
     if on_epoch_end is not None:
         now = time.perf_counter()
@@ -368,7 +341,7 @@ def run_epoch(run: Run, epoch: int, on_epoch_end: Optional[Callable[[Dict[str, A
     if state['stopped_early']:
         accelerator.print(f"Early stopping: no better val top-1 for {args.patience} epochs "
                           f"(best {state['best_top1']:.2f} at epoch {state['best_epoch']}).")
-    elif _reached_max_updates(args, state['num_updates']):
+    elif reached_max_updates(args, state['num_updates']):
         accelerator.print(f"Stopped after {state['num_updates']} updates (--max-updates), in epoch {epoch + 1}.")
 
 
@@ -394,21 +367,10 @@ def finish(run: Run) -> Dict[str, Any]:
         test = evaluate_logits(*predict(run.model, test_loader, accelerator), info.num_classes)
         results = run_files.results_record(
             run.args, state, run.data, accelerator, bare(accelerator, run.model), run.validates, test.metrics,
-            stopped_at_max_updates=_reached_max_updates(args, state['num_updates']))
+            stopped_at_max_updates=reached_max_updates(args, state['num_updates']))
         results['test_last_epoch'] = dict(test_last or test.metrics, epoch=last_epoch)
         if plots is not None:
-            label_names = info.head_label_names(len(test.confusion))
-            curves = plots.submit(run_files.plot_curves, run.run_dir, state['summary_rows'])
-            test_plots = plots.submit(run_files.plot_test, run.run_dir, test, label_names)
-            export_hub_folder(
-                bare(accelerator, run.model), run.run_dir / 'hub', label_names=label_names,
-                input_size=info.input_size, mean=info.mean, std=info.std,
-                pretrained_cfg=dict(tag=info.name, license=info.license, notes=(
-                    f'Trained on {info.title} with timm-gradattn train.py (recipe {args.recipe}); '
-                    + (f'best validation top-1 {state["best_top1"]:.2f} at epoch {state["best_epoch"]}.'
-                       if run.validates else f'no validation split: the weights of the last epoch, {last_epoch}.'),)))
-            atomic_write_text(run.run_dir / 'results.json', json.dumps(results, indent=2))
-            curves.result(), test_plots.result()  # a failed plot is raised here
+            _write_outputs(run, results, test, plots)
     finally:
         if plots is not None:
             plots.shutdown()
@@ -418,21 +380,23 @@ def finish(run: Run) -> Dict[str, Any]:
     return results
 
 
-def _stop_unless_finite(epoch: int, model: nn.Module, ema: Optional[ModelEmaV3], accelerator: Accelerator) -> None:
-    """Stop before an epoch whose weights are NaN or infinite is validated or saved.
-
-    The loss check inside the epoch sees the loss before each step; a non-finite gradient in the epoch's
-    last step would otherwise reach the saved state, and NaN logits would score as correct.
-    """
-    modules = [bare(accelerator, model)] + ([ema.module] if ema is not None else [])
-    finite = torch.stack([p.isfinite().all() for module in modules for p in module.parameters()]).all()
-    if finite:
-        return
-    kept = f'the state after epoch {epoch} is kept' if epoch else 'no epoch had finished'
-    raise NonFiniteLossError(
-        f'The weights became NaN or infinite during epoch {epoch + 1}: a non-finite gradient reached the optimizer. '
-        f'Training stopped and {kept}. Lower --lr or train without --mixed-precision, then continue with --resume '
-        f'or start again.')
+def _write_outputs(run: Run, results: Dict[str, Any], test, plots: ThreadPoolExecutor) -> None:
+    """The finished run's plots (on ``plots``' thread), Hub export and results.json; main process only."""
+    args, state, info = run.args, run.state, run.data.info
+    last_epoch = len(state['summary_rows'])
+    label_names = info.head_label_names(len(test.confusion))
+    with writing(run.run_dir):
+        curves = plots.submit(run_files.plot_curves, run.run_dir, state['summary_rows'])
+        test_plots = plots.submit(run_files.plot_test, run.run_dir, test, label_names)
+        export_hub_folder(
+            bare(run.accelerator, run.model), run.run_dir / 'hub', label_names=label_names,
+            input_size=info.input_size, mean=info.mean, std=info.std,
+            pretrained_cfg=dict(tag=info.name, license=info.license, notes=(
+                f'Trained on {info.title} with timm-gradattn train.py (recipe {args.recipe}); '
+                + (f'best validation top-1 {state["best_top1"]:.2f} at epoch {state["best_epoch"]}.'
+                   if run.validates else f'no validation split: the weights of the last epoch, {last_epoch}.'),)))
+        atomic_write_text(run.run_dir / 'results.json', json.dumps(results, indent=2))
+        curves.result(), test_plots.result()  # a failed plot is raised here
 
 
 def _resume(folder: Path, run: Run) -> Dict[str, Any]:
@@ -445,6 +409,9 @@ def _resume(folder: Path, run: Run) -> Dict[str, Any]:
     except ValueError as error:
         raise UserError(f'--resume {folder.parent}: {error} Resume with the --model the run was trained with.') \
             from error
+    if accelerator.is_main_process:
+        with writing(folder.parent / MODEL_BEST):
+            publish_best(folder)  # the best weights this state knows, whatever a kill left in model_best
     load_scheduler_state_dict(scheduler, state.get('scheduler'))
     if scheduler is not None:  # the learning rate of the next epoch (update), also when --epochs was raised
         scheduler.step(state['epochs_done'])
@@ -453,7 +420,7 @@ def _resume(folder: Path, run: Run) -> Dict[str, Any]:
         print(f'Process {accelerator.process_index}: no saved random state (the run had fewer processes); '
               f'the resumed run will not repeat an uninterrupted one exactly.')
     if (folder.parent / 'results.json').is_file():
-        if _reached_max_updates(args, state['num_updates']):
+        if reached_max_updates(args, state['num_updates']):
             raise UserError(f'--resume {folder.parent}: the run already made {state["num_updates"]} of '
                             f'{args.max_updates} updates and has results.json. Pass a larger --max-updates to '
                             f'train on.')
@@ -474,7 +441,7 @@ def _record_grad_norms(epoch: int, run: Run) -> None:
         batches = [(x.to(accelerator.device), y.to(accelerator.device))
                    for x, y in islice(loader, GRAD_STATS_BATCHES)]
     norms = gradient_norms(bare(accelerator, run.model), batches, max_batches=GRAD_STATS_BATCHES)
-    with open(run.run_dir / 'grad_norms.jsonl', 'a') as f:
+    with writing(run.run_dir / 'grad_norms.jsonl'), open(run.run_dir / 'grad_norms.jsonl', 'a') as f:
         f.write(json.dumps({'epoch': epoch + 1, 'norms': norms}) + '\n')
 
 
@@ -485,4 +452,4 @@ def _load_best_weights(run: Run) -> None:
     if run.best_weights is not None:
         model.load_state_dict(run.best_weights)
     else:
-        load_weights(model, run.run_dir / 'model_best.safetensors', what='Best weights')
+        load_weights(model, run.run_dir / MODEL_BEST, what='Best weights')

@@ -33,9 +33,11 @@ from timm.utils import ModelEmaV3
 from .checkpoint import load_weights
 from .data import DataSplits, build_datasets, held_in_memory, loader_workers
 from .errors import UserError
+from .files import writing
 from .preserve import preserved_state
 
-__all__ = ['bare', 'create_accelerator', 'resolve_run_dir', 'load_data', 'check_batch_size', 'create_model',
+__all__ = ['bare', 'create_accelerator', 'resolve_run_dir', 'claim_run_dir', 'release_run_dir', 'load_data',
+           'check_batch_size', 'create_model',
            'check_model_computes', 'keep_frozen_layers_in_eval', 'create_optimizer', 'create_scheduler', 'create_ema',
            'create_losses', 'create_loaders']
 
@@ -72,7 +74,7 @@ def _dynamo_plugin(args: argparse.Namespace) -> Optional[TorchDynamoPlugin]:
 
 
 def resolve_run_dir(args: argparse.Namespace, accelerator: Accelerator) -> Path:
-    """The run folder (not created yet); process 0 decides and tells the others."""
+    """The run folder, claimed: process 0 decides, creates it with its ``config.yaml`` and tells the others."""
     decision = [None, None]
     if accelerator.is_main_process:
         decision = _choose_run_dir(args)
@@ -88,7 +90,7 @@ def _choose_run_dir(args: argparse.Namespace) -> Tuple[str, Optional[str]]:
         return str(Path(args.resume)), None
     if args.experiment:
         run_dir = Path(args.output) / args.experiment
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if not claim_run_dir(run_dir, args.to_yaml()):
             return str(run_dir), (
                 f'Run folder {run_dir} already holds a run; it is never overwritten. Continue it with '
                 f'--resume {run_dir}, or choose another --experiment name.')
@@ -96,9 +98,47 @@ def _choose_run_dir(args: argparse.Namespace) -> Tuple[str, Optional[str]]:
     _, model_name = parse_model_name(args.model)
     name = '-'.join([safe_model_name(Path(model_name).name), args.dataset, time.strftime('%Y%m%d-%H%M%S')])
     run_dir, count = Path(args.output) / name, 1
-    while run_dir.exists():  # two runs started in the same second get their own folders
+    while not claim_run_dir(run_dir, args.to_yaml()):  # two runs started in the same second get their own folders
         run_dir, count = Path(args.output) / f'{name}-{count}', count + 1
     return str(run_dir), None
+
+
+# The outermost folder each claim created, by run folder: what releasing the claim removes.
+_CLAIMED: Dict[Path, Path] = {}
+
+
+def claim_run_dir(run_dir: Path, config: str) -> bool:
+    """Make ``run_dir`` this run's, atomically: True once it exists, was empty, and this process created its
+    ``config.yaml`` (exclusively, so of two runs started together one wins); False if another run has it."""
+    created = next((folder for folder in reversed((run_dir, *run_dir.parents)) if not folder.exists()), None)
+    with writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if any(run_dir.iterdir()):
+            return False
+        try:
+            with open(run_dir / 'config.yaml', 'x', encoding='utf-8') as f:
+                f.write(config)
+        except FileExistsError:
+            return False
+    _CLAIMED[run_dir] = created
+    return True
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Undo ``claim_run_dir`` for a run that failed before writing anything else, so its name can be used again and
+    no empty folder is left behind."""
+    created = _CLAIMED.pop(run_dir, None)
+    if not (run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == ['config.yaml']):
+        return
+    (run_dir / 'config.yaml').unlink()
+    if created is None:
+        return
+    for folder in (run_dir, *run_dir.parents):
+        if any(folder.iterdir()):
+            return
+        folder.rmdir()
+        if folder == created:
+            return
 
 
 def load_data(args: argparse.Namespace) -> DataSplits:

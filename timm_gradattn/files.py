@@ -2,17 +2,44 @@
 torn one. Every file is written to a temporary name in the same folder, fsynced and renamed over the old one
 (``os.replace`` is atomic on POSIX and Windows); a folder is written whole under a temporary name and swapped in
 with two renames. Files get the modes ``open()`` would give under the umask, not a temporary file's 0600.
+
+A write that fails (a full disk, a folder made read-only, a quota) is raised as ``WriteError``: one line naming the
+file and the system's reason, which the entry points print without a traceback.
 """
 import csv
 import io
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, Iterator, List, Sequence, Union
 
-__all__ = ['PathLike', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_csv', 'replace_folder', 'replace_synced']
+from .errors import UserError
+
+__all__ = ['PathLike', 'WriteError', 'writing', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_csv',
+           'atomic_link', 'replace_folder', 'replace_synced']
 
 PathLike = Union[str, Path]
+
+
+class WriteError(UserError, OSError):
+    """A file or folder could not be written (``OSError`` underneath: disk full, permissions, read-only)."""
+
+    def __init__(self, what: PathLike, error: OSError):
+        self.path = Path(getattr(error, 'filename', None) or what)
+        self.reason = error.strerror or str(error) or type(error).__name__
+        super().__init__(f'Cannot write {self.path}: {self.reason}')
+
+
+@contextmanager
+def writing(what: PathLike) -> Iterator[None]:
+    """Raise an ``OSError`` of the block as ``WriteError`` naming the file written (``what`` if it names none)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as error:
+        raise WriteError(what, error) from error
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -63,6 +90,19 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def atomic_link(source: PathLike, path: PathLike) -> None:
+    """``path`` becomes the same file as ``source`` (a hard link, or a copy where the file system has none),
+    atomically. Files here are only ever replaced, never changed in place, so a link is safe to share."""
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    replace_synced(tmp, path)
 
 
 def replace_folder(tmp: PathLike, final: PathLike) -> None:

@@ -306,6 +306,10 @@ def _check_paths(args: argparse.Namespace) -> None:
     if args.initial_checkpoint:
         _check_weights_file(args.initial_checkpoint, '--initial-checkpoint')
     check_output_folder(args.resume or args.output, '--resume' if args.resume else '--output')
+    experiment = args.experiment
+    if experiment is not None and (Path(experiment).name != experiment or experiment in ('', '.', '..')):
+        raise UserError(f'--experiment {args.experiment!r} must be one folder name (no "/" and not ".."): the run is '
+                        f'written to --output/<experiment>. Pass --output for the parent folder.')
 
 
 def _check_data_dir(data_dir: Optional[str]) -> None:
