@@ -235,3 +235,15 @@ def test_an_experiment_name_cannot_leave_the_output_folder(tmp_path, name, capsy
     assert train_cli.main([*TINY, '--epochs', '1', '--output', str(tmp_path / 'out'), '--experiment', name]) == 2
     assert 'must be one folder name' in capsys.readouterr().err
     assert not (tmp_path / 'escape').exists() and not (tmp_path / 'out').exists()
+
+
+# --- resume with loader workers ----------------------------------------------------------------------------------
+def test_loader_passes_leave_the_global_random_stream_alone():
+    """What keeps dropout and drop-path masks of a resumed run with loader workers equal to the uninterrupted run's
+    (the workers' own augmentation draws are not saved: docs/training.md says what differs)."""
+    settings = parse_args([*TINY, '--epochs', '1', '--workers', '1'])
+    loaders = factory.create_accelerator(settings).prepare(*factory.create_loaders(settings, factory.load_data(settings)))
+    before = torch.get_rng_state()
+    for loader in loaders:
+        next(iter(loader))
+    assert torch.equal(before, torch.get_rng_state())

@@ -414,12 +414,23 @@ def create_losses(args: argparse.Namespace, num_classes: int) -> Tuple[Optional[
 def create_loaders(args: argparse.Namespace, data: DataSplits) -> Tuple[DataLoader, DataLoader, DataLoader]:
     """The training, validation and test loaders. ``--workers`` serves training; the evaluation passes of images
     held decoded in memory run without workers, whose start (about 0.25 s a loader on 2 cores, at the first
-    validation and again at the test pass) would cost more than the pass they serve."""
+    validation and again at the test pass) would cost more than the pass they serve.
+
+    A loader with persistent workers draws their seed from a generator of its own, not from torch's global one:
+    it draws once, at its first pass, so a resumed run would take one more number from the global stream than the
+    uninterrupted run took at that point, and every dropout and drop-path mask after it would differ. (Without
+    workers a loader draws at every pass, resumed or not, and keeps doing so from the global stream, so runs from
+    before are repeated exactly.)"""
     pin_memory = torch.cuda.is_available() if args.pin_mem is None else args.pin_mem
     common = dict(num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=pin_memory)
     eval_workers = 0 if held_in_memory(data.val, data.test) else args.workers
     evaluation = dict(num_workers=eval_workers, persistent_workers=eval_workers > 0, pin_memory=pin_memory,
                       batch_size=args.validation_batch_size or args.batch_size)
+
+    def own_generator(offset: int, workers: int) -> Optional[torch.Generator]:
+        return torch.Generator().manual_seed(args.seed + offset) if workers > 0 else None
     # Mixing needs an even batch; shuffling is seeded per epoch by Accelerate's seedable sampler.
-    train = DataLoader(data.train, shuffle=True, drop_last=_mixes(args), batch_size=args.batch_size, **common)
-    return train, DataLoader(data.val, **evaluation), DataLoader(data.test, **evaluation)
+    train = DataLoader(data.train, shuffle=True, drop_last=_mixes(args), batch_size=args.batch_size,
+                       generator=own_generator(0, args.workers), **common)
+    return (train, DataLoader(data.val, generator=own_generator(1, eval_workers), **evaluation),
+            DataLoader(data.test, generator=own_generator(2, eval_workers), **evaluation))
