@@ -17,7 +17,7 @@ from ..errors import UserError
 from .info import DatasetInfo, get_dataset_info
 from .transforms import build_transform, resolve_info
 
-__all__ = ['DataSplits', 'RawSplits', 'TransformedDataset', 'ArrayImageDataset', 'build_datasets',
+__all__ = ['DataSplits', 'RawSplits', 'TransformedDataset', 'ArrayImageDataset', 'build_datasets', 'dataset_info',
            'register_adapter', 'ADAPTERS', 'PROTOCOLS', 'split_lengths', 'paper_split', 'DatasetNotFoundError']
 
 PROTOCOLS = ('paper', 'official')
@@ -32,7 +32,9 @@ class RawSplits:
     """What an adapter reads: the official splits (any may be None) as (PIL image, label) datasets.
 
     ``groups`` optionally maps each sample of ``train`` (an adapter that sets it returns only ``train``)
-    to a group, e.g. a patient, that must not be split across train / val / test.
+    to a group, e.g. a patient, that must not be split across train / val / test. ``decode_once``, where an
+    adapter reads image files, is called by ``build_datasets`` with the run's (in_chans, img_size) once they are
+    resolved: it holds the images decoded for that input when they fit, and returns its line for the user.
     """
     train: Optional[Dataset] = None
     val: Optional[Dataset] = None
@@ -40,6 +42,7 @@ class RawSplits:
     groups: Optional[Sequence] = None
     info: Optional[DatasetInfo] = None  # filled in by adapters that learn facts from the files
     notes: Tuple[str, ...] = ()          # what the adapter learnt or did that a user should hear, one line each
+    decode_once: Optional[Callable[[int, int], str]] = None
 
 
 @dataclass
@@ -181,6 +184,9 @@ def build_datasets(
 ) -> DataSplits:
     """Train / val / test datasets for a known dataset name (see ``timm_gradattn.data.info.DATASETS``).
 
+    An adapter's images that fit in memory are decoded here, once, for the resolved channels and side
+    (``RawSplits.decode_once``; an image folder: ``folder.preload_folder``).
+
     Args:
         name: Dataset name ('digits', 'cifar10', ...; 'folder' for an image folder in ``data_dir``).
         data_dir: Where the upstream files are (or will be downloaded to with ``download``).
@@ -251,7 +257,20 @@ def build_datasets(
                 f'The {split_name} split of {info.name} is empty: it gets {info.split} of the images as '
                 f'(train, val, test). Add more images, give an image folder its own train/, val/ and test/ '
                 f'sub-folders, or pass build_datasets(split=...) fractions that leave every split an image.')
+    if raw.decode_once is not None:  # now that the run's channels and side are known
+        splits.notes += (raw.decode_once(info.in_chans, info.img_size),)
     return splits
+
+
+def dataset_info(name: str, data_dir: Optional[str] = None, protocol: str = 'paper', download: bool = False
+                 ) -> DatasetInfo:
+    """A dataset's facts before any split or decoding: the registry's, or for an image folder those its files give
+    (classes, channels, side). For a caller that needs them to choose the input the images are then decoded for
+    (``evaluate`` builds the model first), so that a folder is decoded once, by ``build_datasets``."""
+    key = name.strip().lower().replace('-', '_')
+    if key != 'folder':
+        return get_dataset_info(key)
+    return ADAPTERS[key](None, data_dir, download, protocol).info
 
 
 def _check_no_validation(info: DatasetInfo, raw: RawSplits) -> None:

@@ -7,15 +7,20 @@ that cannot be decoded instead of skipping it (timm's ImageDataset skips bad fil
 
 The images themselves set a folder's default input: a sample of headers (``sample_geometry``) gives the channels
 (1 when every sampled image is greyscale) and the side (the median longer side, kept within 32-224 px), which
-``--input-size`` / ``--in-chans`` / ``--img-size`` override. A folder whose decoded pixels fit in
-``PRELOAD_BYTES`` is decoded once, when the dataset is built, instead of in every epoch.
+``--input-size`` / ``--in-chans`` / ``--img-size`` override. Images of more than 8 bits per pixel (16-bit PNG,
+float TIFF) are scaled to 8 bits by one rule for the whole folder (``PixelScale``), never clipped at 255.
+Once the run's channels and side are known, a folder whose images, as the transforms' first steps leave them,
+are sure to fit in ``PRELOAD_BYTES`` is decoded once instead of in every epoch (``preload_folder``).
 """
+import contextlib
+import functools
 import logging
 import os
 import statistics
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 from timm.data import create_dataset
 from timm.data.readers.img_extensions import get_img_extensions
@@ -25,9 +30,11 @@ from torch.utils.data import Dataset
 from ..errors import UserError
 from .datasets import DatasetNotFoundError, RawSplits, register_adapter
 from .info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
+from .transforms import input_steps
 
 __all__ = ['UnreadableImageError', 'load_image', 'ImageFileDataset', 'FolderSummary', 'check_image_folder',
-           'ImageGeometry', 'sample_geometry', 'SPLIT_FOLDERS', 'FIT_SIZES', 'PRELOAD_BYTES']
+           'ImageGeometry', 'sample_geometry', 'PixelScale', 'held_bytes_bound', 'preload_folder', 'SPLIT_FOLDERS',
+           'FIT_SIZES', 'PRELOAD_BYTES']
 
 _logger = logging.getLogger(__name__)
 
@@ -36,9 +43,14 @@ SPLIT_FOLDERS = {'train': ('train', 'training'), 'val': ('val', 'valid', 'valida
 # A folder's default side, from its images: at least the zoo's smallest paper input (28-32 px; below 32 px a
 # ResNet-18's last stage is already 1x1), at most timm's usual 224 px.
 FIT_SIZES = (32, 224)
-# PIL modes without colour: a folder whose sampled images all have one of these is read as 1 channel.
-GREY_MODES = frozenset(('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'))
-# Folders whose decoded RGB pixels take at most this much memory are decoded once rather than every epoch.
+# PIL modes without colour: a folder whose sampled images all have one of these (or a grey palette) is read as 1
+# channel.
+GREY_MODES = frozenset(('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'))
+# PIL modes of more than 8 bits per pixel: scaled to 8 bits by the folder's PixelScale.
+INTEGER_MODES = frozenset(('I', 'I;16', 'I;16B', 'I;16L', 'I;16N'))
+FLOAT_MODES = frozenset(('F',))
+# Folders whose images, held decoded for the run's input, are sure to take at most this much memory in each
+# process are decoded once rather than every epoch.
 PRELOAD_BYTES = 512 * 2 ** 20
 
 
@@ -46,47 +58,111 @@ class UnreadableImageError(UserError, OSError):
     """An image file exists but cannot be decoded."""
 
 
-def load_image(path: str) -> Image.Image:
-    """Decode an image file to an RGB PIL image, or raise UnreadableImageError naming the file."""
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[Image.Image]:
+    """``Image.open(path)``; a failure to open or decode it in the block is an UnreadableImageError naming the file."""
     try:
         with Image.open(path) as image:
-            return image.convert('RGB')  # decodes the pixels, so truncated files fail here
+            yield image
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise UnreadableImageError(
             f'Cannot read image {path}: {error}. Replace or delete the file; '
             f'timm_gradattn.data.check_image_folder(..., verify=True) lists every such file.') from error
 
 
-class ImageFileDataset(Dataset):
-    """(RGB PIL image, class index) for a list of (path, class index) samples; ``preload()`` decodes them once."""
+@dataclass(frozen=True)
+class PixelScale:
+    """How images of more than 8 bits per pixel become 8-bit grey: one rule for a whole folder, so that a pixel
+    value means the same in every image (a per-image min-max would make a dark image as bright as a bright one).
 
-    def __init__(self, samples: Sequence[Tuple[str, int]]):
+    Integer images (PIL 'I;16', 'I') map 0..``integer_peak`` to 0..255, float images ('F') map ``float_range`` to
+    0..255, rounded; values beyond are clipped. ``ImageGeometry.scale`` fits the rule to a folder's sample.
+    """
+    integer_peak: int = 2 ** 16 - 1
+    float_range: Tuple[float, float] = (0.0, 1.0)
+
+    def to_8bit(self, image: Image.Image) -> Image.Image:
+        low, high = (0.0, float(self.integer_peak)) if image.mode in INTEGER_MODES else self.float_range
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=low)
+        return Image.fromarray(np.clip(np.rint((values - low) * (255 / (high - low))), 0, 255).astype(np.uint8))
+
+
+def _is_grey(image: Image.Image) -> bool:
+    """A grey mode, or a palette of greys only (which decodes the pixels: PIL loads the palette with them)."""
+    if image.mode in ('P', 'PA'):
+        palette = image.getpalette() or [0, 0, 0]
+        return palette[0::3] == palette[1::3] == palette[2::3]
+    return image.mode in GREY_MODES
+
+
+def _eight_bit(image: Image.Image, scale: PixelScale) -> Image.Image:
+    """A decoded image as 8-bit 'L' (any image without colour) or 'RGB' (alpha dropped, as before)."""
+    if image.mode in INTEGER_MODES or image.mode in FLOAT_MODES:
+        return scale.to_8bit(image)
+    if image.mode in ('L', 'RGB'):
+        return image
+    return image.convert('L' if _is_grey(image) else 'RGB')
+
+
+def load_image(path: str, scale: PixelScale = PixelScale()) -> Image.Image:
+    """Decode an image file to an 8-bit greyscale ('L') or RGB PIL image, or raise UnreadableImageError naming the
+    file. Grey stays grey (the transforms make it RGB for a 3-channel run); more than 8 bits are scaled by ``scale``.
+    """
+    with _opened(path) as image:
+        image.load()  # decodes the pixels, so truncated files fail here
+        return _eight_bit(image, scale)
+
+
+class ImageFileDataset(Dataset):
+    """(8-bit 'L' or 'RGB' PIL image, class index) for a list of (path, class index) samples, decoded by
+    ``load_image`` with the folder's ``scale``; ``preload()`` decodes them once."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], scale: PixelScale = PixelScale()):
         self.samples = [(str(path), int(target)) for path, target in samples]
-        self._images: Optional[List[Image.Image]] = None
+        self.scale = scale
+        self._images: Optional[List[np.ndarray]] = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
         path, target = self.samples[index]
-        return (self._images[index] if self._images is not None else load_image(path)), target
+        if self._images is not None:
+            return Image.fromarray(self._images[index]), target  # a new image: transforms cannot edit what is held
+        return load_image(path, self.scale), target
 
     @property
     def in_memory(self) -> bool:
         return self._images is not None
 
-    def preload(self) -> None:
-        """Decode every image now and serve the decoded images from then on (transforms copy, never edit them).
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of decoded pixels held in memory (0 before ``preload``)."""
+        return sum(image.nbytes for image in self._images or ())
+
+    def preload(self, in_chans: int, img_size: int) -> None:
+        """Decode every image now, for a run of ``in_chans`` channels at ``img_size`` px, and serve it from memory.
+
+        Each image is held as the transforms' first steps (``transforms.input_steps``) would leave it, one byte per
+        channel and pixel (a uint8 array: PIL holds RGB in 4): 'L' for a 1-channel run, and a grey image grey in a
+        3-channel run too (the pipeline makes it RGB after the resize; copying a band into three and resizing
+        commute, each band being resampled alike); an image of more pixels than the model's input resized to that
+        input (the pipeline's own resize then returns it as it is), a smaller one as it is. So the tensors are those
+        of images decoded from the files in every epoch (``tests/test_data_folder_pixels.py`` checks that).
 
         Raises:
             UnreadableImageError: naming every file that cannot be decoded (up to 5, and how many in all).
         """
+        to_channels, resize = input_steps(in_chans, img_size)
         images, broken = [], []
         for path, _ in self.samples:
             try:
-                images.append(load_image(path))
+                image = load_image(path, self.scale)
             except UnreadableImageError:
                 broken.append(path)
+                continue
+            image = image if image.mode == 'L' else to_channels(image)
+            images.append(np.asarray(resize(image) if image.width * image.height > img_size ** 2 else image))
         if broken:
             raise UnreadableImageError(f'{len(broken)} image file(s) cannot be read: {_examples(broken)}. '
                                        f'Replace or delete them.')
@@ -95,11 +171,14 @@ class ImageFileDataset(Dataset):
 
 @dataclass(frozen=True)
 class ImageGeometry:
-    """What the headers of a sample of image files say: colour or grey, and the median width and height."""
+    """What a sample of image files says: colour or grey, the median width and height (from their headers), and
+    for images of more than 8 bits per pixel the largest integer value and the float range they reach."""
     sampled: int
     grey: bool
     width: int
     height: int
+    integer_max: Optional[int] = None                  # None: no integer image of more than 8 bits sampled
+    float_range: Optional[Tuple[float, float]] = None  # None: no float image sampled
 
     @property
     def in_chans(self) -> int:
@@ -111,13 +190,37 @@ class ImageGeometry:
         low, high = FIT_SIZES
         return min(high, max(low, self.width, self.height))
 
+    @property
+    def scale(self) -> PixelScale:
+        """The folder's one rule for images of more than 8 bits: integers by its bit depth, the smallest 2^k - 1
+        (k >= 8) at least the largest sampled value (12-bit data in 16-bit files is common); floats as [0, 1], or
+        the sampled range where it reaches beyond."""
+        peak = PixelScale.integer_peak if self.integer_max is None else 2 ** max(8, self.integer_max.bit_length()) - 1
+        low, high = self.float_range or (0.0, 1.0)
+        return PixelScale(integer_peak=peak, float_range=(min(0.0, low), max(1.0, high)))
+
     def describe(self) -> str:
         kind = 'greyscale' if self.grey else 'colour'
         return f'{kind}, {self.width}x{self.height} px (median of {self.sampled} sampled)'
 
+    def describe_scale(self) -> Optional[str]:
+        """How the sampled images of more than 8 bits are read, or None when the sample has none."""
+        scale, parts = self.scale, []
+        if self.integer_max is not None:
+            parts.append(f'integer pixels 0-{scale.integer_peak} as 0-255 ({scale.integer_peak.bit_length()}-bit: '
+                         f'the largest sampled value is {self.integer_max})')
+        if self.float_range is not None:
+            low, high = scale.float_range
+            parts.append(f'float pixels {low:g} to {high:g} as 0-255')
+        if not parts:
+            return None
+        return (f'images of more than 8 bits scaled to 8 bits by one rule for every image (not stretched per image, '
+                f'values beyond clipped): {"; ".join(parts)}')
+
 
 def sample_geometry(paths: Sequence[str], samples: int = 64) -> ImageGeometry:
-    """Read the headers (not the pixels) of up to ``samples`` files spread evenly over ``paths``.
+    """Read the headers of up to ``samples`` files spread evenly over ``paths`` (and the pixels of those with a
+    palette or more than 8 bits per pixel: their palette and range).
 
     Raises:
         UnreadableImageError: a sampled file is not an image PIL can open.
@@ -125,17 +228,63 @@ def sample_geometry(paths: Sequence[str], samples: int = 64) -> ImageGeometry:
     if not paths:
         raise ValueError('sample_geometry needs at least one image path.')
     chosen = [paths[i * len(paths) // min(samples, len(paths))] for i in range(min(samples, len(paths)))]
-    modes, widths, heights = [], [], []
+    greys, widths, heights, integer_extremes, float_extremes = [], [], [], [], []
     for path in chosen:
-        try:
-            with Image.open(path) as image:
-                modes.append(image.mode)
-                widths.append(image.width)
-                heights.append(image.height)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            raise UnreadableImageError(f'Cannot read image {path}: {error}. Replace or delete the file.') from error
-    return ImageGeometry(sampled=len(chosen), grey=all(mode in GREY_MODES for mode in modes),
-                         width=int(statistics.median_low(widths)), height=int(statistics.median_low(heights)))
+        with _opened(path) as image:
+            greys.append(_is_grey(image))
+            widths.append(image.width)
+            heights.append(image.height)
+            if image.mode in INTEGER_MODES:
+                integer_extremes.append(image.getextrema())
+            elif image.mode in FLOAT_MODES:
+                float_extremes.append(image.getextrema())
+    return ImageGeometry(
+        sampled=len(chosen), grey=all(greys),
+        width=int(statistics.median_low(widths)), height=int(statistics.median_low(heights)),
+        integer_max=max(int(high) for _, high in integer_extremes) if integer_extremes else None,
+        float_range=(min(low for low, _ in float_extremes),
+                     max(high for _, high in float_extremes)) if float_extremes else None)
+
+
+def held_bytes_bound(paths: Sequence[str], in_chans: int, img_size: int, stop_above: Optional[int] = None) -> int:
+    """The most bytes ``ImageFileDataset.preload(in_chans, img_size)`` can hold for ``paths``, from every file's
+    header (no pixels decoded): each image's pixels, at most the model's input, times its channels (1 for a
+    1-channel run or a file in a grey mode, else 3: a palette file counts as colour).
+
+    Stops reading headers once the sum passes ``stop_above``: the answer then only says "more than that".
+    """
+    total = 0
+    for path in paths:
+        with _opened(path) as image:
+            channels = 1 if in_chans == 1 or image.mode in GREY_MODES else 3
+            total += channels * min(image.width * image.height, img_size ** 2)
+        if stop_above is not None and total > stop_above:
+            break
+    return total
+
+
+def preload_folder(root: str, datasets: Sequence[ImageFileDataset], in_chans: int, img_size: int) -> str:
+    """Decode a folder's images once, for the run's input, when they are sure to fit in ``PRELOAD_BYTES``; the note.
+
+    No image is held larger than the model's input, so images x channels x side^2 decides without opening a file
+    when it fits; past that, every file's header (``held_bytes_bound``). The note's bytes are counted from the held
+    images. Each process decides and holds its own copy: the budget is per process.
+    """
+    paths = [path for dataset in datasets for path, _ in dataset.samples]
+    shape = f'{in_chans}x{img_size}x{img_size}'
+    if (len(paths) * in_chans * img_size ** 2 > PRELOAD_BYTES and
+            held_bytes_bound(paths, in_chans, img_size, stop_above=PRELOAD_BYTES) > PRELOAD_BYTES):
+        return (f'Image folder {root}: {len(paths):,} images decoded from the files in every epoch: held for '
+                f'{shape} input they could take more than {_mebibytes(PRELOAD_BYTES)} in each process.')
+    for dataset in datasets:
+        dataset.preload(in_chans, img_size)
+    held = sum(dataset.held_bytes for dataset in datasets)
+    return (f'Image folder {root}: {len(paths):,} images decoded once into memory rather than in every epoch, '
+            f'for {shape} input: {_mebibytes(held)} in each process.')
+
+
+def _mebibytes(size: int) -> str:
+    return f'{size / 2 ** 20:,.1f} MiB'
 
 
 @dataclass
@@ -235,7 +384,7 @@ def _find_split_folders(root: str) -> Dict[str, Optional[str]]:
     return found
 
 
-def _image_folder_split(summary: FolderSummary, class_to_idx: Dict[str, int]) -> ImageFileDataset:
+def _image_folder_samples(summary: FolderSummary, class_to_idx: Dict[str, int]) -> List[Tuple[str, int]]:
     # timm's folder reader finds the files and sorts them (natural order); the class map pins the class
     # indices to those of train/, so a val/ or test/ missing a class keeps the same label numbering.
     reader = create_dataset('', root=summary.root, search_split=False, class_map=class_to_idx).reader
@@ -243,7 +392,7 @@ def _image_folder_split(summary: FolderSummary, class_to_idx: Dict[str, int]) ->
         raise ValueError(
             f'timm found {len(reader.samples)} images in {summary.root} but the folder check counted '
             f'{summary.num_images}; check for images outside the class folders.')
-    return ImageFileDataset(reader.samples)
+    return reader.samples
 
 
 @register_adapter('folder')
@@ -265,7 +414,7 @@ def load_image_folder(info: Optional[DatasetInfo], data_dir: Optional[str], down
     train_summary = check_image_folder(split_folders['train'] if has_split_folders else root)
     classes = train_summary.classes
     class_to_idx = {name: index for index, name in enumerate(classes)}
-    splits = {'train': _image_folder_split(train_summary, class_to_idx)}
+    samples = {'train': _image_folder_samples(train_summary, class_to_idx)}
     for split in ('val', 'test'):
         if split_folders[split] is None:
             continue
@@ -275,21 +424,18 @@ def load_image_folder(info: Optional[DatasetInfo], data_dir: Optional[str], down
             raise ValueError(
                 f'Class folder(s) {unknown} in {summary.root} have no counterpart in {train_summary.root} '
                 f'(classes there: {classes}). Every class must have training images.')
-        splits[split] = _image_folder_split(summary, class_to_idx)
-    geometry = sample_geometry([path for path, _ in splits['train'].samples])
+        samples[split] = _image_folder_samples(summary, class_to_idx)
+    geometry = sample_geometry([path for path, _ in samples['train']])
+    splits = {split: ImageFileDataset(split_samples, geometry.scale) for split, split_samples in samples.items()}
     size = geometry.img_size
     notes = [f'Image folder {root}: {geometry.describe()}; read as {geometry.in_chans}x{size}x{size} unless '
              f'--input-size (or --in-chans / --img-size) says otherwise.']
-    images = sum(len(split) for split in splits.values())
-    pixel_bytes = images * geometry.width * geometry.height * 3
-    if pixel_bytes <= PRELOAD_BYTES:
-        for split in splits.values():
-            split.preload()
-        notes.append(f'Image folder {root}: {images:,} images decoded once into memory '
-                     f'({pixel_bytes / 2 ** 20:.0f} MB) rather than in every epoch.')
+    scaling = geometry.describe_scale()
+    if scaling:
+        notes.append(f'Image folder {root}: {scaling}.')
     folder_info = DatasetInfo(
         name='folder', title=os.path.basename(root) or root, num_classes=len(classes),
         input_size=(geometry.in_chans, size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
         label_names=tuple(classes), license='unknown', homepage='', train_augment='folder')
     return RawSplits(train=splits['train'], val=splits.get('val'), test=splits.get('test'), info=folder_info,
-                     notes=tuple(notes))
+                     notes=tuple(notes), decode_once=functools.partial(preload_folder, root, list(splits.values())))

@@ -109,12 +109,21 @@ def build_transform(
         std: Override the normalisation std.
     """
     info = resolve_info(info, img_size=img_size, in_chans=in_chans, mean=mean, std=std, augment=augment)
-    steps = [T.Lambda(_to_grey if info.in_chans == 1 else _to_rgb)]
-    steps.append(T.Resize((info.img_size, info.img_size)))
+    steps = input_steps(info.in_chans, info.img_size)
     if train:
         steps += _augmentation(info.train_augment, info.img_size)
     steps.append(ToNormalizedTensor(info.mean, info.std))
     return T.Compose(steps)
+
+
+def input_steps(in_chans: int, img_size: int) -> list:
+    """The steps every pipeline, train or eval, starts with: the run's channels, then the model's square side.
+
+    Neither is random, so a dataset may apply them ahead, once (``folder.ImageFileDataset.preload`` does); on an
+    image already in the run's mode and at the model's side both hand it on unchanged (torchvision's resize
+    returns an image of the target size as it is).
+    """
+    return [T.Lambda(_to_grey if in_chans == 1 else _to_rgb), T.Resize((img_size, img_size))]
 
 
 class ToNormalizedTensor:
