@@ -121,3 +121,25 @@ def test_a_head_narrower_than_the_dataset_is_refused(tmp_path):
     with pytest.raises(UserError, match=r'predicts 5 classes but .* has 10\. Evaluate it on the dataset it was'):
         main(['--model', f'local-dir:{tmp_path / "export"}', '--dataset', 'digits', '--workers', '0',
               '--output', str(tmp_path / 'eval')])
+
+
+def test_gradient_health_and_cam_under_cpu_bf16_run_with_the_one_pixel_guard(tmp_path, monkeypatch):
+    # Their backward passes meet the PyTorch bf16 bug on 1x1 maps (resnet18's layer4 at 32 px) as training does.
+    import torch.nn as nn
+    from timm_gradattn import evaluate
+    from timm_gradattn.precision import OnePixelFp32
+    unguarded = {}
+
+    def spy(name, analysis):
+        def run(model, *args, **kwargs):
+            unguarded[name] = [module_name for module_name, module in model.named_modules()
+                               if isinstance(module, nn.Conv2d) and max(module.kernel_size) > 1
+                               and not isinstance(module, OnePixelFp32)]
+            return analysis(model, *args, **kwargs)
+        return run
+    monkeypatch.setattr(evaluate, 'gradient_norms', spy('gradient_norms', evaluate.gradient_norms))
+    monkeypatch.setattr(evaluate, 'class_activation_maps', spy('cam', evaluate.class_activation_maps))
+    results = main(['--model', 'resnet18', '--dataset', 'digits', '--split', 'val', '-b', '512', '-j', '0',
+                    '--mixed-precision', 'bf16', '--gradient-health', '--gradient-batches', '1', '--cam', '2',
+                    '--output', str(tmp_path / 'eval')])
+    assert unguarded == {'gradient_norms': [], 'cam': []} and results['gradient_health']

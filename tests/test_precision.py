@@ -1,14 +1,17 @@
 """precision.py: bf16 by default only where it is native, channels-last by the committed measurement, and the guard
 that keeps 1x1 maps out of a PyTorch bf16 convolution bug on CPU."""
 import copy
+import pickle
 
 import pytest
 import torch
 import torch.nn as nn
 
 import timm
+from timm.layers import ScaledStdConv2d, StdConv2d
+from timm.utils import ModelEmaV3
 from timm_gradattn import precision
-from timm_gradattn.precision import OnePixelFp32Conv2d, guard_one_pixel_convolutions
+from timm_gradattn.precision import OnePixelFp32, OnePixelFp32Conv2d, guard_one_pixel_convolutions
 
 
 def conv_and_grads(conv, x, autocast):
@@ -46,6 +49,38 @@ def test_the_guard_keeps_names_weights_and_copies():
     assert ema.layer4[0].conv1.weight is not model.layer4[0].conv1.weight
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         assert model.eval()(torch.randn(2, 3, 16, 16)).shape == (2, 10)  # 16 px: layer4 sees 1x1 maps
+
+
+@pytest.mark.parametrize('conv_class', (StdConv2d, ScaledStdConv2d))
+def test_convolution_subclasses_are_guarded_with_their_own_forward(conv_class):
+    # timm's ResNetV2 and NFNet convolutions standardise their weights in forward: the guard must keep that.
+    torch.manual_seed(0)
+    conv = conv_class(256, 512, 3, stride=2)  # wide enough that unguarded bf16 gradients were garbage every time
+    reference = copy.deepcopy(conv)
+    assert guard_one_pixel_convolutions(conv) == ['']
+    assert isinstance(conv, conv_class) and isinstance(conv, OnePixelFp32)
+    for size in (1, 4):  # without autocast: the class's own result, bit for bit
+        x = torch.randn(8, 256, size, size)
+        assert torch.equal(conv_and_grads(conv, x, autocast=False)[0], conv_and_grads(reference, x, autocast=False)[0])
+    x = torch.randn(8, 256, 1, 1)
+    out, grad = conv_and_grads(conv, x, autocast=True)
+    expected, expected_grad = conv_and_grads(reference, x, autocast=False)
+    assert out.dtype == torch.float32 and torch.equal(out, expected) and torch.equal(grad, expected_grad)
+    assert conv_and_grads(conv, torch.randn(8, 256, 4, 4), autocast=True)[0].dtype == torch.bfloat16
+
+
+def test_guarded_subclasses_pickle_copy_and_average():
+    model = nn.Sequential(StdConv2d(3, 8, 3), ScaledStdConv2d(8, 8, 3, stride=2), nn.Conv2d(8, 8, 1))
+    keys = list(model.state_dict())
+    assert guard_one_pixel_convolutions(model) == ['0', '1'] and guard_one_pixel_convolutions(model) == []
+    assert list(model.state_dict()) == keys
+    other = StdConv2d(3, 8, 3)
+    guard_one_pixel_convolutions(other)
+    assert type(other) is type(model[0]) and type(model[2]) is nn.Conv2d  # one guarded class per class; 1x1 kept
+    x = torch.randn(2, 3, 8, 8)
+    for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), ModelEmaV3(model).module):
+        assert [type(m) for m in copied] == [type(m) for m in model]
+        assert copied[0].weight is not model[0].weight and torch.equal(copied(x), model(x))
 
 
 @pytest.mark.parametrize('amx, avx512_bf16, expected', ((False, False, 'no'), (False, True, 'bf16'), (True, False, 'bf16')))

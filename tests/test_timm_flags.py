@@ -91,7 +91,7 @@ def test_mixed_precision_precedence(monkeypatch, tmp_path, native):
                                      .to_yaml())
     resumed = resolve_train_settings(['--resume', str(run)])
     assert resumed.mixed_precision == ('bf16' if not native else 'no'), 'a resume keeps the run\'s precision'
-    assert resumed.mixed_precision_source == 'the resumed run'
+    assert resumed.mixed_precision_source == f'the resumed run ({run / "config.yaml"})'
 
 
 def test_timm_flags_are_recorded_in_config_yaml_and_read_back(tmp_path):

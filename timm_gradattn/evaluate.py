@@ -42,13 +42,14 @@ from .analysis import (
 )
 from .checkpoint import load_weights
 from .cli import run_entry_point
-from .data import DATASETS, DatasetInfo, build_datasets, loader_workers
+from .data import DatasetInfo, build_datasets, dataset_info, loader_workers
 from .errors import UserError
 from .metrics import METRIC_KEYS, evaluate_logits, predict
 from .plots import (
     plot_cam, plot_confusion_matrix, plot_depth_routing, plot_gradient_norms, plot_reliability_diagram, plot_routing,
     plot_spatial_attention,
 )
+from .precision import guard_one_pixel_convolutions
 from .settings import resolve_evaluate_settings
 
 _logger = logging.getLogger('timm_gradattn.evaluate')
@@ -119,10 +120,10 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
     owns_accelerator = accelerator is None
     accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision)
     data_args = dict(data_dir=args.data_dir, protocol=args.protocol, download=args.download, seed=args.seed)
-    key = args.dataset.strip().lower().replace('-', '_')
-    # An image folder's classes are only known once it has been read.
+    # An image folder's classes are only known once it has been read; its images are decoded once, below, for the
+    # input the model sets.
     try:  # the data pipeline's messages name the problem and the fix (ImportError: a missing reader package)
-        info = DATASETS[key] if key in DATASETS else build_datasets(args.dataset, **data_args).info
+        info = dataset_info(args.dataset, args.data_dir, args.protocol, args.download)
     except (ValueError, FileNotFoundError, ImportError) as error:
         raise UserError(f'Dataset {args.dataset!r}: {error}') from error
     model = create_eval_model(args.model, info, args.checkpoint, args.pretrained, args.in_chans)
@@ -151,6 +152,8 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
         batch_size=args.batch_size, workers=loader_workers(args.workers, dataset))
     loader = DataLoader(dataset, batch_size=loading.batch_size, shuffle=False, num_workers=loading.workers,
                         pin_memory=accelerator.device.type == 'cuda')
+    if accelerator.mixed_precision == 'bf16' and accelerator.device.type == 'cpu':
+        guard_one_pixel_convolutions(model)  # a PyTorch bf16 bug on 1x1 maps (--gradient-health, --cam): fp32 there
     model, loader = accelerator.prepare(model, loader)
 
     start = time.perf_counter()

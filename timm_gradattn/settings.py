@@ -6,11 +6,11 @@ defaults and the command line is parsed over them):
     built-in defaults < ``--recipe`` (with its entries for the dataset and the model) < ``--config`` YAML
     (or the run's ``config.yaml`` with ``--resume``) < flags given on the command line
 
-Then the values that depend on the dataset (batch size, loader workers) and on the machine (mixed precision:
-``--mixed-precision``, else timm's ``--amp``, else the resumed run's, else ``accelerate launch --mixed_precision``,
-else bf16 where the machine computes it natively and fp32 elsewhere: ``precision.py``) are filled in, and every rule that can be checked without data is checked: a problem is one ``UserError`` line. A run
-writes the resolved settings to ``<run>/config.yaml`` (``Settings.to_yaml``), which ``--config`` accepts again.
-The engine and the evaluation read a ``Settings``; they never come back here.
+Mixed precision follows the same order; where none of those states it, ``accelerate launch``'s bf16 or fp16, else
+the machine's default (``mixed_precision.py``). Then the values that depend on the dataset (batch size, loader
+workers) are filled in, and every rule that can be checked without data is checked: a problem is one ``UserError``
+line. A run writes the resolved settings to ``<run>/config.yaml`` (``Settings.to_yaml``), which ``--config``
+accepts again. The engine and the evaluation read a ``Settings``; they never come back here.
 """
 import argparse
 import copy
@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import timm
 import torch
@@ -32,7 +32,7 @@ from . import cli
 from .data.info import DATASETS, DatasetInfo
 from .errors import UserError
 from .families import RECIPES
-from .precision import default_mixed_precision
+from .mixed_precision import resolve_mixed_precision, stated_precision
 from .models import model_tags  # importing the zoo registers its models with timm
 
 __all__ = ['Settings', 'IDENTITY_KEYS', 'NOT_SAVED_KEYS', 'SCHEDULERS', 'recipe_values', 'resolve_train_settings',
@@ -92,7 +92,7 @@ def resolve_train_settings(argv: Optional[Sequence[str]] = None) -> Settings:
     explicit = {**from_yaml, **given}
     if args.no_aug:
         args.train_augment = 'none'
-    args.mixed_precision, args.mixed_precision_source = _mixed_precision(args, explicit, saved)
+    args.mixed_precision, args.mixed_precision_source = resolve_mixed_precision(given, from_yaml, saved)
     args = args.replace(**dataset_defaults(args))
     if args.lr_base is not None and 'lr' not in explicit:
         args.lr = _scaled_lr(args)
@@ -131,26 +131,6 @@ def _folder_notice(data_dir: str, job: str) -> None:
     # timm's habit: a data folder without a dataset name is a folder of images, one sub-folder per class.
     _logger.warning(f'--data-dir {data_dir} without --dataset: {job} on it as an image folder (--dataset folder), '
                     f'as timm does; pass --dataset NAME if it holds a named dataset such as cifar10.')
-
-
-def _mixed_precision(args: Settings, explicit: Dict[str, Any], saved: Dict[str, Any]) -> Tuple[str, str]:
-    """(precision, where it came from): ``--mixed-precision``, else timm's ``--amp`` (``--amp-dtype``; bfloat16 on
-    CPU), else the resumed run's, else ``accelerate launch --mixed_precision``, else bf16 where the machine computes
-    it natively and 'no' elsewhere (``precision.default_mixed_precision``)."""
-    if explicit.get('mixed_precision'):
-        if args.amp and cli.AMP_DTYPES.get(args.amp_dtype or '', args.mixed_precision) != args.mixed_precision:
-            raise UserError(f'--mixed-precision {args.mixed_precision} and --amp --amp-dtype {args.amp_dtype} '
-                            f'disagree; pass only one of them.')
-        return args.mixed_precision, '--mixed-precision'
-    if args.amp or args.amp_dtype:
-        default = 'float16' if torch.cuda.is_available() else 'bfloat16'
-        return cli.AMP_DTYPES[args.amp_dtype or default], f'--amp --amp-dtype {args.amp_dtype or default}'
-    if saved.get('mixed_precision'):
-        return saved['mixed_precision'], 'the resumed run'
-    if os.environ.get('ACCELERATE_MIXED_PRECISION'):
-        return os.environ['ACCELERATE_MIXED_PRECISION'], "accelerate launch's --mixed_precision (or its config)"
-    precision, why = default_mixed_precision()
-    return precision, f'default: {why}'
 
 
 def _scaled_lr(args: Settings) -> float:
@@ -443,8 +423,8 @@ def resolve_evaluate_settings(argv: Optional[Sequence[str]] = None, gradient_mod
                             'own images (one sub-folder per class).')
         _folder_notice(args.data_dir, 'evaluating')
         args.dataset = 'folder'
-    if args.amp or args.amp_dtype:
-        args.mixed_precision = args.mixed_precision or _mixed_precision(args, {}, {})[0]
+    stated = stated_precision(vars(args))
+    args.mixed_precision = stated[0] if stated else None
     del args.amp, args.amp_dtype
     _check_fp16(args.mixed_precision)
     _check_data_dir(args.data_dir)
