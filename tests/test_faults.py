@@ -247,3 +247,15 @@ def test_loader_passes_leave_the_global_random_stream_alone():
     for loader in loaders:
         next(iter(loader))
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_evaluate_on_a_full_disk_is_one_line(small_disk, tmp_path, capsys):
+    from safetensors.torch import save_file
+    from timm_gradattn.evaluate import cli as evaluate_cli
+    import timm
+    save_file(timm.create_model('resnet20', num_classes=10, in_chans=1).state_dict(), tmp_path / 'model.safetensors')
+    _fill(small_disk)
+    assert evaluate_cli(['--model', 'resnet20', '--checkpoint', str(tmp_path / 'model.safetensors'), '--dataset',
+                         'digits', '--img-size', '16', '-j', '0', '--output', str(small_disk / 'eval')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'No space left on device' in err and 'Traceback' not in err, err

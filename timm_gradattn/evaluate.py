@@ -44,6 +44,7 @@ from .checkpoint import load_weights
 from .cli import run_entry_point
 from .data import DatasetInfo, build_datasets, dataset_info, loader_workers
 from .errors import UserError
+from .files import atomic_write_text, writing
 from .metrics import METRIC_KEYS, evaluate_logits, predict
 from .plots import (
     plot_cam, plot_confusion_matrix, plot_depth_routing, plot_gradient_norms, plot_reliability_diagram, plot_routing,
@@ -215,35 +216,35 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
             layers=[asdict(layer) for layer in cams.layers], labels=cam_labels, predictions=cam_predictions)
 
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with open(output_dir / 'metrics.json', 'w') as f:
-            json.dump(results, f, indent=2)
-        name = f'{args.model} on {info.name} ({args.split})'
-        plot_reliability_diagram(measured.reliability, output_dir / 'reliability.png', title=f'reliability: {name}')
-        plot_confusion_matrix(measured.confusion, output_dir / 'confusion_matrix.png', label_names,
-                              title=f'{name}: top-1 {results["top1"]:.2f}%')
-        if 'routing' in results:
-            plot_routing(summaries, output_dir / 'routing.png', title=f'attention routing: {name}')
-        if 'depth_routing' in results:
-            plot_depth_routing(depth_routing, output_dir / 'depth_routing.png',
-                               title=f'depth-attention routing: {name}')
-        if 'spatial_attention' in results:
-            plot_spatial_attention(spatial, picture_images, output_dir / 'attention_maps.png', picture_labels,
-                                   preprocessing['mean'], preprocessing['std'], title=f'spatial attention: {name}')
-        if 'cam' in results:
-            cam_title = f'Grad-CAM at {", ".join(layer.module for layer in cams.layers)}: {name}'
-            plot_cam(cam_images, cams.maps, output_dir / 'cam.png', cam_labels, cam_predictions,
-                     mean=preprocessing['mean'], std=preprocessing['std'], title=cam_title)
-            # The maps and the images they cover (in [0, 1]) for a figure across models (plots.plot_cam_grid).
-            mean, std = (np.asarray(preprocessing[key], dtype=np.float32)[:, None, None] for key in ('mean', 'std'))
-            np.savez_compressed(output_dir / 'cam.npz', maps=cams.maps,
-                                images=np.clip(cam_images.float().numpy() * std + mean, 0, 1),
-                                targets=cam_targets.numpy(), predictions=cams.predictions,
-                                indices=np.arange(count))
-        if 'gradient_norms' in results:
-            plot_gradient_norms([dict(epoch=f'{args.split} split', norms=results['gradient_norms']['norms'])],
-                                output_dir / 'gradient_norms.png', band=REFERENCE_BAND,
-                                title=f'gradient norms ({args.gradient_mode}), {name}')
+        with writing(output_dir):  # a full disk or a read-only folder: one line naming the file
+            output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(output_dir / 'metrics.json', json.dumps(results, indent=2))
+            name = f'{args.model} on {info.name} ({args.split})'
+            plot_reliability_diagram(measured.reliability, output_dir / 'reliability.png', title=f'reliability: {name}')
+            plot_confusion_matrix(measured.confusion, output_dir / 'confusion_matrix.png', label_names,
+                                  title=f'{name}: top-1 {results["top1"]:.2f}%')
+            if 'routing' in results:
+                plot_routing(summaries, output_dir / 'routing.png', title=f'attention routing: {name}')
+            if 'depth_routing' in results:
+                plot_depth_routing(depth_routing, output_dir / 'depth_routing.png',
+                                   title=f'depth-attention routing: {name}')
+            if 'spatial_attention' in results:
+                plot_spatial_attention(spatial, picture_images, output_dir / 'attention_maps.png', picture_labels,
+                                       preprocessing['mean'], preprocessing['std'], title=f'spatial attention: {name}')
+            if 'cam' in results:
+                cam_title = f'Grad-CAM at {", ".join(layer.module for layer in cams.layers)}: {name}'
+                plot_cam(cam_images, cams.maps, output_dir / 'cam.png', cam_labels, cam_predictions,
+                         mean=preprocessing['mean'], std=preprocessing['std'], title=cam_title)
+                # The maps and the images they cover (in [0, 1]) for a figure across models (plots.plot_cam_grid).
+                mean, std = (np.asarray(preprocessing[key], dtype=np.float32)[:, None, None] for key in ('mean', 'std'))
+                np.savez_compressed(output_dir / 'cam.npz', maps=cams.maps,
+                                    images=np.clip(cam_images.float().numpy() * std + mean, 0, 1),
+                                    targets=cam_targets.numpy(), predictions=cams.predictions,
+                                    indices=np.arange(count))
+            if 'gradient_norms' in results:
+                plot_gradient_norms([dict(epoch=f'{args.split} split', norms=results['gradient_norms']['norms'])],
+                                    output_dir / 'gradient_norms.png', band=REFERENCE_BAND,
+                                    title=f'gradient norms ({args.gradient_mode}), {name}')
         _print_summary(results, output_dir)
     if owns_accelerator:
         accelerator.end_training()  # the process group down before exit: a live one can abort a process at exit
