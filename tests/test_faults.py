@@ -242,7 +242,8 @@ def test_loader_passes_leave_the_global_random_stream_alone():
     """What keeps dropout and drop-path masks of a resumed run with loader workers equal to the uninterrupted run's
     (the workers' own augmentation draws are not saved: docs/training.md says what differs)."""
     settings = parse_args([*TINY, '--epochs', '1', '--workers', '1'])
-    loaders = factory.create_accelerator(settings).prepare(*factory.create_loaders(settings, factory.load_data(settings)))
+    loaders = factory.create_loaders(settings, factory.load_data(settings))
+    loaders = factory.create_accelerator(settings).prepare(*loaders)
     before = torch.get_rng_state()
     for loader in loaders:
         next(iter(loader))

@@ -54,7 +54,8 @@ from .files import PathLike, atomic_link, atomic_write_bytes, atomic_write_text,
 from .models import checkpoint_filter_fn
 from .preserve import capture_rng_state, restore_rng_state
 
-__all__ = ['LAST', 'STATE_FILE', 'BEST_FILE', 'MODEL_BEST', 'publish_best', 'atomic_save_weights', 'WeightsError', 'OptimizerStateError', 'load_weights',
+__all__ = ['LAST', 'STATE_FILE', 'BEST_FILE', 'MODEL_BEST', 'publish_best', 'atomic_save_weights', 'WeightsError',
+           'OptimizerStateError', 'load_weights',
            'find_last_checkpoint', 'BackgroundWriter', 'cpu_copy', 'save_training_state', 'load_training_state',
            'scheduler_state_dict', 'load_scheduler_state_dict']
 

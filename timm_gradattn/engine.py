@@ -130,31 +130,27 @@ def train(args: argparse.Namespace, on_epoch_end: Optional[Callable[[Dict[str, A
     """
     with _sigterm_as_interrupt():
         run = setup(args)
-        epoch = run.state['epochs_done']
+        epoch, trained = run.state['epochs_done'], False
         try:
-            try:
-                for epoch in range(run.state['epochs_done'], run.args.epochs):
-                    if run.state['stopped_early'] or reached_max_updates(run.args, run.state['num_updates']):
-                        break
-                    run_epoch(run, epoch, on_epoch_end)
-            except KeyboardInterrupt as stop:
-                run.writer.wait(raise_errors=False)  # the checkpoint being written completes: the message names it
-                how = 'Stopped by SIGTERM' if isinstance(stop, Terminated) else 'Interrupted'
-                raise TrainingInterrupted(f'{how} in epoch {epoch + 1}; {_intact_state(run.run_dir)}. Continue '
-                                          f'with: python train.py --resume {run.run_dir}',
-                                          getattr(stop, 'exit_code', 130)) from None
-            except WriteError as error:
-                run.writer.wait(raise_errors=False)
-                raise RunStopped(f'{error}; training stopped in epoch {epoch + 1} and {_intact_state(run.run_dir)}. '
-                                 f'Free space or fix the permissions, then continue with: python train.py --resume '
-                                 f'{run.run_dir}') from error
-            try:
-                return finish(run)  # the last checkpoint is written meanwhile
-            except WriteError as error:
-                run.writer.wait(raise_errors=False)
-                raise RunStopped(f'{error}; training is done and {_intact_state(run.run_dir)}. Free space or fix '
-                                 f'the permissions, then finish the run (test, export) with: python train.py '
-                                 f'--resume {run.run_dir}') from error
+            for epoch in range(run.state['epochs_done'], run.args.epochs):
+                if run.state['stopped_early'] or reached_max_updates(run.args, run.state['num_updates']):
+                    break
+                run_epoch(run, epoch, on_epoch_end)
+            trained = True
+            results = finish(run)
+            run.writer.wait()  # the last checkpoint, written beside the test passes
+            return results
+        except KeyboardInterrupt as stop:
+            run.writer.wait(raise_errors=False)  # the checkpoint being written completes: the message names it
+            how = 'Stopped by SIGTERM' if isinstance(stop, Terminated) else 'Interrupted'
+            where = 'after training' if trained else f'in epoch {epoch + 1}'
+            raise TrainingInterrupted(f'{how} {where}; {_intact_state(run.run_dir)}. Continue with: python train.py '
+                                      f'--resume {run.run_dir}', getattr(stop, 'exit_code', 130)) from None
+        except WriteError as error:
+            run.writer.wait(raise_errors=False)
+            where = 'training is done' if trained else f'training stopped in epoch {epoch + 1}'
+            raise RunStopped(f'{error}; {where} and {_intact_state(run.run_dir)}. Free space or fix the permissions, '
+                             f'then continue with: python train.py --resume {run.run_dir}') from error
         finally:
             run.writer.close(raise_errors=False)  # whatever ended the run, the checkpoint being written completes
 
