@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / 'benchmarks'))
 import op_profile  # noqa: E402
 import pipeline_speed  # noqa: E402
 import speed  # noqa: E402
+import vs_timm_train  # noqa: E402
 
 
 def test_speed_reports_flop_and_time_ratios_against_resnet18(tmp_path, monkeypatch):
@@ -265,3 +266,19 @@ def test_committed_speed_results_still_report(name):
 def test_committed_op_profiles_still_report(name):
     result = json.loads((speed.RESULTS_DIR / name).read_text())
     assert f"step FLOP ratio against {result.get('baseline', 'resnet18')}" in op_profile.report(result)
+
+
+def test_the_photo_size_case_gives_both_tools_the_same_224_px_folder(tmp_path):
+    """``vs_timm_train.py --case photos``: photo-sized files, read at 224 px by both tools, in the asked colour."""
+    from PIL import Image
+    counts = vs_timm_train.write_photos_folder(tmp_path, chans=3)
+    assert counts == {'train': 96, 'validation': 32, 'test': 32}
+    files = sorted(tmp_path.rglob('*.png'))
+    assert len(files) == 160 and {Image.open(f).mode for f in files} == {'RGB'}
+    assert {Image.open(f).size for f in files} == {(300, 300), (320, 280)}
+    ours, timm_default = (vs_timm_train.command(config, Path('timm/train.py'), 'm', 2, tmp_path, tmp_path / 'out',
+                                                'photos', 3, 4) for config in ('ours', 'timm_default'))
+    for argv in (ours, timm_default):
+        assert ' '.join(argv).count('--input-size 3 224 224 --mean 0.5 0.5 0.5 --std 0.25 0.25 0.25 -b 32') == 1
+    assert '--input-img-mode RGB --num-classes 4' in ' '.join(timm_default)
+    assert vs_timm_train.images_per_epoch('timm_default', 96, 32) == 96
