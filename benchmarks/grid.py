@@ -153,8 +153,11 @@ def load_notes(cores: int, cell_loads: Sequence[float], run_load: Optional[Seque
     return [note]
 
 
-def stats(values: Sequence[float], seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
-    """Mean and sample standard deviation over seeds (std None for one seed)."""
+def stats(values: Sequence[Optional[float]], seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
+    """Mean and sample standard deviation over the seeds that recorded a value (std None for one seed; a run records
+    None where a figure does not apply, e.g. top-5 on 5 classes or fewer); None if none did."""
+    seeds = [seed for seed, value in zip(seeds, values) if value is not None]
+    values = [value for value in values if value is not None]
     if not values:
         return None
     return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else None,

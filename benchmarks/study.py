@@ -273,7 +273,7 @@ def study_csv_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [dict(
         model=r['model'].split('.', 1)[0], img_size=r['img_size'],
         top1=round(r['top1']['mean'], 4), top1_err=round(100 - r['top1']['mean'], 4),
-        top5=round(r['top5']['mean'], 4), top5_err=round(100 - r['top5']['mean'], 4),
+        top5=_rounded(r['top5'] and r['top5']['mean'], 4), top5_err=_rounded(r['top5'] and 100 - r['top5']['mean'], 4),
         param_count=round(r['param_count'], 2), top1_std=_rounded(r['top1']['std'], 4), n_seeds=r['n_seeds'],
         gmacs=round(r['gmacs'], 4),
         train_img_s=_rounded(r['train_img_s'] and r['train_img_s']['mean'], 1),

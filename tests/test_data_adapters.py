@@ -1,4 +1,5 @@
 """The dataset adapters read each upstream on-disk format (written here, tiny) into the paper's splits."""
+import hashlib
 import os
 import sys
 
@@ -59,6 +60,8 @@ def test_cifar10_official_keeps_the_test_batch(tmp_path, md5_skipped):
     splits = build_datasets('cifar10', str(tmp_path), protocol='official')
     assert splits.sizes()['test'] == written['test']
     assert splits.sizes()['train'] + splits.sizes()['val'] == written['train']
+    # val carved from the official train split by random_split (seed 42), as before: not by class
+    assert splits.val.indices == paper_split(written['train'], (0.85, 0.15), 42)[1]
     assert_label_coded(splits.test, splits.info)
 
 
@@ -223,9 +226,18 @@ def test_dataset_without_data_dir_asks_for_one():
 
 
 def test_digits_still_split_as_before():
+    # The GradAttn reference's random_split(seed 42), index for index, under both protocols: committed study results
+    # rest on it. Only an image folder is split by class.
     splits = build_datasets('digits')
     assert splits.sizes() == dict(zip(('train', 'val', 'test'), split_lengths(1797, PAPER)))
     assert np.isclose(sum(splits.info.split), 1)
+    indices = [splits.train.indices, splits.val.indices, splits.test.indices]
+    assert indices == paper_split(1797, PAPER, 42)
+    assert [split[:6] for split in indices] == [
+        [879, 1100, 1133, 553, 798, 1], [528, 1229, 1509, 1698, 861, 124], [48, 726, 1544, 1300, 532, 145]]
+    assert hashlib.sha256(str(indices).encode()).hexdigest()[:16] == '6504a6dd638e63f6'
+    official = build_datasets('digits', protocol='official')
+    assert [official.train.indices, official.val.indices, official.test.indices] == indices
 
 
 @pytest.mark.parametrize('name,module', [('pcam', 'h5py'), ('svhn', 'scipy.io'), ('bloodmnist', 'medmnist')])

@@ -1,4 +1,5 @@
 """Your own images: the 'folder' dataset, its automatic split and its errors."""
+import collections
 import logging
 import os
 
@@ -9,7 +10,7 @@ from data_fixtures import label_value, write_image, write_image_folder
 from timm_gradattn.data import (
     DatasetNotFoundError, ImageFileDataset, UnreadableImageError, build_datasets, check_image_folder, folder,
     loader_workers, sample_geometry)
-from timm_gradattn.data.datasets import split_lengths
+from timm_gradattn.data.datasets import class_split_lengths
 from timm_gradattn.data.info import IMAGENET_MEAN
 
 
@@ -28,7 +29,8 @@ def assert_labels_match_images(dataset, info):
 def test_flat_folder_is_split_70_15_15_reproducibly(tmp_path):
     write_image_folder(str(tmp_path), classes=3, per_class=8, class_names=['cat', 'dog', 'emu'])
     splits = build_datasets('folder', str(tmp_path))
-    assert list(splits.sizes().values()) == split_lengths(24, (0.7, 0.15, 0.15))
+    # By class: each class's 8 images 6 / 1 / 1 (5.6 / 1.2 / 1.2 rounded by largest remainder).
+    assert list(splits.sizes().values()) == [3 * n for n in class_split_lengths(8, (0.7, 0.15, 0.15))] == [18, 3, 3]
     info = splits.info
     assert (info.name, info.num_classes, info.label_names) == ('folder', 3, ('cat', 'dog', 'emu'))
     # The images' own channels and size (32 px RGB), read from their headers.
@@ -71,6 +73,81 @@ def test_missing_test_folder_is_carved_from_train(tmp_path):
     assert splits.sizes()['train'] + splits.sizes()['test'] == 20 and splits.sizes()['test'] > 0
 
 
+# --- Splits carved here are split by class: every class in every split, in the same proportions ---------------------
+SHAPES = ['circles', 'squares', 'triangles']
+
+
+def class_counts(split):
+    """{class index: images} of a split (a view of a folder's images), from its file list."""
+    targets = [target for _, target in split.base.samples]
+    return dict(sorted(collections.Counter(targets[i] for i in split.indices).items()))
+
+
+def test_a_flat_folder_is_split_by_class(tmp_path):
+    # 60 images, 20 a class: split over all files (seed 42), the test split held 7 circles, 2 squares and no triangle.
+    write_image_folder(str(tmp_path), classes=3, per_class=20, size=16, class_names=SHAPES)
+    splits = build_datasets('folder', str(tmp_path))
+    assert [class_counts(split) for split in (splits.train, splits.val, splits.test)] == [
+        {0: 14, 1: 14, 2: 14}, {0: 3, 1: 3, 2: 3}, {0: 3, 1: 3, 2: 3}]
+    assert sorted(splits.train.indices + splits.val.indices + splits.test.indices) == list(range(60))
+    assert f'{tmp_path.name}: 60 images split 70/15/15 by class into train / val / test (seed 42): 42 / 9 / 9.' \
+        in splits.notes
+    other_seed = build_datasets('folder', str(tmp_path), seed=1)  # the seed draws the images, not the proportions
+    assert other_seed.test.indices != splits.test.indices and class_counts(other_seed.test) == class_counts(splits.test)
+
+
+def test_splits_carved_from_train_are_split_by_class(tmp_path):
+    # No test/: carved from train/, 17 / 3 of each class's 20.
+    write_image_folder(str(tmp_path / 'no_test'), classes=3, per_class=20, size=16, splits={'train': 20, 'val': 4})
+    splits = build_datasets('folder', str(tmp_path / 'no_test'))
+    assert (class_counts(splits.train), class_counts(splits.test)) == ({0: 17, 1: 17, 2: 17}, {0: 3, 1: 3, 2: 3})
+    assert 'no_test: 60 images split 85/15 by class into train / test (seed 42): 51 / 9.' in splits.notes
+    # --val-fraction 0.2 carves val from train/ (test/ given), 16 / 4 of each class's 20.
+    write_image_folder(str(tmp_path / 'no_val'), classes=3, per_class=20, size=16, splits={'train': 20, 'test': 5})
+    splits = build_datasets('folder', str(tmp_path / 'no_val'), protocol='official', val_fraction=0.2)
+    assert (class_counts(splits.train), class_counts(splits.val)) == ({0: 16, 1: 16, 2: 16}, {0: 4, 1: 4, 2: 4})
+
+
+@pytest.mark.parametrize('images, lengths', [(3, [1, 1, 1]), (4, [2, 1, 1]), (8, [6, 1, 1]), (20, [14, 3, 3]),
+                                             (101, [71, 15, 15])])
+def test_each_class_is_split_in_proportion_with_one_image_in_every_split(images, lengths):
+    assert class_split_lengths(images, (0.7, 0.15, 0.15)) == lengths
+    assert all(sum(class_split_lengths(n, (0.7, 0.15, 0.15))) == n and min(class_split_lengths(n, (0.7, 0.15, 0.15)))
+               >= 1 for n in range(3, 300))
+    assert class_split_lengths(2, (0.85, 0.15)) == [1, 1]
+
+
+def test_a_class_too_small_for_every_split_is_refused_with_the_fix(tmp_path):
+    from timm_gradattn import factory
+    from timm_gradattn.errors import UserError
+    from timm_gradattn.settings import resolve_train_settings
+    write_image_folder(str(tmp_path), classes=3, per_class=20, size=16, class_names=SHAPES)
+    for extra in sorted(os.listdir(tmp_path / 'triangles'))[2:]:
+        os.remove(tmp_path / 'triangles' / extra)
+    message = (r"Class 'triangles' has 2 images, too few to be in each of the train, val and test splits\. Add images "
+               r"to it \(at least 3\), or split the folder yourself into train/, val/ and test/ sub-folders\.")
+    with pytest.raises(ValueError, match=message):
+        build_datasets('folder', str(tmp_path))
+    with pytest.raises(UserError, match=f"Dataset 'folder': {message}") as error:  # one line at the entry point
+        factory.load_data(resolve_train_settings(['--data-dir', str(tmp_path)]))
+    assert '\n' not in str(error.value)
+    # Three images are enough: one in each split.
+    write_image(str(tmp_path / 'triangles' / 'third.png'), 16, label=2)
+    splits = build_datasets('folder', str(tmp_path))
+    assert [class_counts(split)[2] for split in (splits.train, splits.val, splits.test)] == [1, 1, 1]
+
+
+def test_a_class_with_few_images_in_a_split_is_one_warning_line(tmp_path):
+    write_image_folder(str(tmp_path / 'small'), classes=3, per_class=20, size=16, class_names=SHAPES)
+    warnings = [note for note in build_datasets('folder', str(tmp_path / 'small')).notes if note.startswith('Warning')]
+    assert warnings == [
+        'Warning: small has fewer than 5 images of a class in a split (val: circles 3, squares 3, triangles 3; '
+        'test: circles 3, squares 3, triangles 3): each of those images moves its class\'s recall there by more than '
+        '20 points. Add images for firmer figures.']
+    write_image_folder(str(tmp_path / 'larger'), classes=2, per_class=34, size=16)  # 24 / 5 / 5 a class
+    assert not [note for note in build_datasets('folder', str(tmp_path / 'larger')).notes if 'Warning' in note]
+
+
 def test_unreadable_image_is_named_on_load(tmp_path):
     write_image_folder(str(tmp_path), classes=2, per_class=4)
     bad = tmp_path / 'class_1' / 'broken.png'
@@ -108,7 +185,7 @@ def test_non_image_files_are_ignored_with_a_warning(tmp_path, caplog):
     ('unknown_val_class', ValueError, 'no counterpart'),
     ('val_without_train', DatasetNotFoundError, 'no train/'),
     ('missing', DatasetNotFoundError, 'does not exist'),
-    ('too_few_images', ValueError, 'split of folder is empty'),
+    ('too_few_images', ValueError, "Class 'class_0' has 1 image, too few to be in each of the train, val and test"),
 ])
 def test_folder_problems_are_explained(tmp_path, problem, error, match):
     root = tmp_path / 'data'
@@ -173,7 +250,8 @@ def test_folder_input_size_comes_from_its_images(tmp_path, sizes, mode, expected
     assert splits.info.input_size == expected
     assert splits.train[0][0].shape == expected  # what the model is fed
     kind = 'greyscale' if expected[0] == 1 else 'colour'
-    assert f'{kind}, ' in splits.notes[0] and f'read as {expected[0]}x{expected[1]}x{expected[2]}' in splits.notes[0]
+    read_as = next(note for note in splits.notes if 'read as' in note)  # beside the lines on its split
+    assert f'{kind}, ' in read_as and f'read as {expected[0]}x{expected[1]}x{expected[2]}' in read_as
 
 
 def test_flags_override_the_size_the_images_suggest(tmp_path):
@@ -218,15 +296,16 @@ def test_train_settings_leave_a_folders_size_and_workers_to_its_images(tmp_path)
     assert (args.img_size, args.in_chans, args.workers) == (None, None, None)
     data = factory.load_data(args)
     assert data.info.input_size == (1, 32, 32) and args.workers == 0  # 12 images of 20x20: held in memory
-    # Flags win; so do --pretrained weights' cfg (here a local-dir export's config.json, trained at 3x48x48).
-    assert factory.load_data(resolve_train_settings(['--data-dir', root, '--img-size', '40'])).info.input_size == (
-        1, 40, 40)
+    # Flags win; starting weights do not (here a local-dir export's config.json, trained at 3x48x48): the model is
+    # adapted to the data, not the data to the model (tests/test_fine_tune.py).
+    data = factory.load_data(resolve_train_settings(['--data-dir', root, '--img-size', '40', '--in-chans', '3']))
+    assert data.info.input_size == (3, 40, 40)
+    assert any('read as 3x40x40, as asked (the images alone give 1x32x32)' in note for note in data.notes)
     export = tmp_path / 'export'
     export.mkdir()
     (export / 'config.json').write_text('{"architecture": "resnet20", "pretrained_cfg": {"input_size": [3, 48, 48]}}')
     args = resolve_train_settings(['--data-dir', root, '--model', f'local-dir:{export}', '--pretrained'])
-    assert factory.load_data(args).info.input_size == (3, 48, 48)
-    assert factory.pretrained_input_size('resnet20.mnist') == (1, 28, 28)  # a registry tag's cfg
+    assert factory.load_data(args).info.input_size == (1, 32, 32)
 
 
 def test_workers_serve_training_and_evaluation_of_images_in_memory_runs_without_them(tmp_path, monkeypatch):

@@ -51,7 +51,8 @@ def test_16_bit_images_are_scaled_by_the_folders_bit_depth(tmp_path, values, pea
     splits = build_datasets('folder', root, mean=[0.0], std=[1.0], augment='none')
     assert splits.info.in_chans == 1
     assert levels(splits) == list(expected)
-    assert f'integer pixels 0-{peak} as 0-255 ({peak.bit_length()}-bit' in splits.notes[1]
+    # The scaling line; the line that says what the images are read as comes once the input is decided.
+    assert f'integer pixels 0-{peak} as 0-255 ({peak.bit_length()}-bit' in splits.notes[0]
 
 
 def test_float_images_are_read_as_0_to_1_or_their_sampled_range(tmp_path, tiff_folders):
@@ -60,12 +61,12 @@ def test_float_images_are_read_as_0_to_1_or_their_sampled_range(tmp_path, tiff_f
     assert Image.open(os.path.join(root, 'class_0', '0000.tif')).mode == 'F'
     splits = build_datasets('folder', root, mean=[0.0], std=[1.0], augment='none')
     assert levels(splits) == [64, 255]
-    assert 'float pixels 0 to 1 as 0-255' in splits.notes[1]
+    assert 'float pixels 0 to 1 as 0-255' in splits.notes[0]
     wide = write_folder(tmp_path / 'wide', {'class_0': [np.full((20, 20), 1.0, np.float32)] * 4,
                                             'class_1': [np.full((20, 20), 4.0, np.float32)] * 4})
     splits = build_datasets('folder', wide, mean=[0.0], std=[1.0], augment='none')
     assert levels(splits) == [64, 255]
-    assert 'float pixels 0 to 4 as 0-255' in splits.notes[1]
+    assert 'float pixels 0 to 4 as 0-255' in splits.notes[0]
 
 
 def test_load_image_without_a_folder_rule_scales_16_bits_and_floats_in_full(tmp_path):

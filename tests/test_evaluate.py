@@ -70,6 +70,15 @@ def test_registry_name_with_safetensors_checkpoint(tmp_path):
     assert written['split'] == 'val' and written['checkpoint'].endswith('model.safetensors')
 
 
+def test_a_checkpoint_of_other_channels_is_refused_naming_the_in_chans_it_takes(tmp_path):
+    # train.py --initial-checkpoint adapts such a first convolution (tests/test_fine_tune.py); an evaluation never
+    # changes the weights it scores, so the channels must match.
+    save_file(timm.create_model('resnet18', num_classes=10, in_chans=3).state_dict(), tmp_path / 'rgb.safetensors')
+    with pytest.raises(UserError, match=r'trained on 3-channel images but the model takes 1\. Pass --in-chans 3'):
+        main(['--model', 'resnet18', '--checkpoint', str(tmp_path / 'rgb.safetensors'), '--dataset', 'digits',
+              '--output', str(tmp_path / 'eval')])
+
+
 def test_checkpoint_that_is_not_weights_is_refused(tmp_path):
     (tmp_path / 'weights.pth').write_bytes(b'not read')
     with pytest.raises(UserError, match='weights.pth cannot be read as weights'):

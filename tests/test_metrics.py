@@ -10,6 +10,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from timm_gradattn.metrics import (
     METRIC_KEYS, classification_metrics, confusion_matrix, evaluate_logits, reliability_bins, topk_accuracy,
+    topk_informs,
 )
 
 
@@ -52,10 +53,19 @@ def test_topk_matches_scikit_learn_and_caps_k():
         assert topk_accuracy(logits, targets, k) == pytest.approx(expected, abs=1e-12)
     # k larger than the number of classes: every target is among the "top k".
     assert topk_accuracy(logits, targets, 10) == 100.0
-    binary_logits, binary_targets = _predictions(40, 2, seed=4)
-    metrics = classification_metrics(binary_logits, binary_targets)
-    assert metrics['top3'] == metrics['top5'] == 100.0
-    assert metrics['top1'] < 100.0
+
+
+@pytest.mark.parametrize('num_classes, recorded', [(2, {'top1'}), (3, {'top1'}), (4, {'top1', 'top3'}),
+                                                   (5, {'top1', 'top3'}), (6, {'top1', 'top3', 'top5'})])
+def test_topk_of_k_at_least_the_classes_is_recorded_as_none(num_classes, recorded):
+    # Top-3 and top-5 of a 3-class model are 100 % whatever it predicts: the keys stay (results.json and metrics.json
+    # readers find them), the value is None.
+    logits, targets = _predictions(60, num_classes, seed=num_classes)
+    metrics = classification_metrics(logits, targets)
+    assert tuple(metrics) == METRIC_KEYS
+    assert {key for key in ('top1', 'top3', 'top5') if metrics[key] is not None} == recorded
+    assert all(metrics[key] == topk_accuracy(logits, targets, int(key[3:])) < 100 for key in recorded)
+    assert [k for k in (1, 3, 5) if topk_informs(k, num_classes)] == sorted(int(key[3:]) for key in recorded)
 
 
 def test_percentages_are_exact_decimals():

@@ -34,8 +34,8 @@ from timm_gradattn.model_card import (
 )
 from timm_gradattn.models import model_tags
 from timm_gradattn.publish import (
-    UPLOAD_FILES, PublishError, Run, RunFolderError, VerificationError, load_registry, publish, record_published,
-    weights_table,
+    UPLOAD_FILES, PublishError, Run, RunFolderError, VerificationError, load_registry, near_chance, publish,
+    record_published, weights_table,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -454,15 +454,17 @@ def _synthetic_run(digits_run, **results):
     return run
 
 
-@pytest.mark.parametrize('pretrained_from, base_model', [
-    (None, None),
-    ('hf-hub:someone/rope-digits@v2', 'someone/rope-digits'),
-    ('gradattn_resnet18_rope.tiny_imagenet', 'timm-gradattn/gradattn_resnet18_rope.tiny_imagenet'),
-    ('resnet18.a1_in1k', 'timm/resnet18.a1_in1k'),
-    ('weights/init.safetensors', None),
-    ('local-dir:/home/someone/run/hub', None),
+@pytest.mark.parametrize('pretrained_from, base_model, named', [
+    (None, None, None),
+    ('hf-hub:someone/rope-digits@v2', 'someone/rope-digits', 'someone/rope-digits'),
+    ('gradattn_resnet18_rope.tiny_imagenet', 'timm-gradattn/gradattn_resnet18_rope.tiny_imagenet',
+     'timm-gradattn/gradattn_resnet18_rope.tiny_imagenet'),
+    ('resnet18.a1_in1k', 'timm/resnet18.a1_in1k', 'timm/resnet18.a1_in1k'),
+    ('weights/init.safetensors', None, 'weights/init.safetensors'),
+    ('local-dir:/home/someone/run/hub', None, 'local-dir:.../run/hub'),
+    ('/home/someone/base/model_best.safetensors', None, '.../base/model_best.safetensors'),
 ])
-def test_base_model_metadata(digits_run, pretrained_from, base_model):
+def test_base_model_metadata(digits_run, pretrained_from, base_model, named):
     run = _synthetic_run(digits_run, pretrained_from=pretrained_from)
     fields = card_fields(run, f'my-lab/{MODEL}.digits')
     metadata = card_metadata(run, fields, {}).to_dict()
@@ -470,9 +472,31 @@ def test_base_model_metadata(digits_run, pretrained_from, base_model):
     assert metadata.get('base_model_relation') == ('finetune' if base_model else None)
     if pretrained_from is None:
         assert fields['origin'] == 'from scratch'
-    else:
-        assert fields['origin'].startswith('fine-tuned from')
+    else:  # the weights a fine-tune started from, by Hub id or path, never the training machine's folders
+        assert fields['origin'].startswith('fine-tuned from') and f'`{named}`' in fields['origin']
         assert '/home/someone' not in fields['origin']
+
+
+@pytest.mark.parametrize('results, warned', [
+    (dict(val_top1_best=14.0), 'validation top-1 14.00 % is within 5 points of chance (10.00 % for 10 classes)'),
+    (dict(val_top1_best=16.0), None),
+    (dict(val_top1_best=None, top1=12.5), 'test top-1 12.50 % is within 5 points of chance'),
+])
+def test_near_chance_compares_validation_top1_with_100_over_classes(digits_run, results, warned):
+    warning = near_chance(_synthetic_run(digits_run, **results))
+    assert warning is None if warned is None else warned in warning
+
+
+def test_a_run_near_chance_is_published_with_one_warning(digits_run, caplog, tmp_path):
+    folder = tmp_path / 'run'
+    shutil.copytree(digits_run, folder, ignore=shutil.ignore_patterns('upload'))
+    results = json.loads((folder / 'results.json').read_text())
+    (folder / 'results.json').write_text(json.dumps(dict(results, val_top1_best=11.0)))
+    with caplog.at_level('WARNING', logger='timm_gradattn.publish'):
+        publish(folder, f'my-lab/{MODEL}.digits', dry_run=True, registry=None)
+    assert [record.getMessage() for record in caplog.records if record.name == 'timm_gradattn.publish'] == [
+        f'{folder}: validation top-1 11.00 % is within 5 points of chance (10.00 % for 10 classes): the model may have '
+        f'learnt nothing. Look at its summary.csv and training curves before publishing it.']
 
 
 def test_other_licence_links_the_dataset_terms(digits_run):

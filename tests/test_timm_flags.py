@@ -60,7 +60,7 @@ def test_cutmix_and_bce_flags_build_timms_mixing_and_loss():
 def test_model_flags_reach_create_model_and_the_head():
     args = resolve_train_settings(['--model', 'resnet18', '--drop-path', '0.1', '--gp', 'max', '--head-init-scale',
                                    '0', '--head-init-bias', '0.5', '--grad-checkpointing'])
-    info = argparse.Namespace(num_classes=10, in_chans=1, img_size=32)
+    info = argparse.Namespace(num_classes=10, in_chans=1, img_size=32, input_size=(1, 32, 32))
     model = factory.create_model(args, info)
     assert model.layer4[-1].drop_path.drop_prob > 0 and model.global_pool.pool_type == 'max'
     assert model.grad_checkpointing

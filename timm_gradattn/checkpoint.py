@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
-from timm.models import clean_state_dict
+from timm.models import adapt_input_conv, clean_state_dict
 
 from .errors import UserError
 from .files import PathLike, atomic_link, atomic_write_bytes, atomic_write_text, replace_folder, replace_synced, writing
@@ -116,14 +116,19 @@ def _read_torch_state_dict(path: PathLike, what: str) -> Dict[str, torch.Tensor]
     return state
 
 
-def load_weights(model: nn.Module, path: PathLike, what: str = 'checkpoint', new_head: bool = False) -> Dict[str, str]:
+def load_weights(model: nn.Module, path: PathLike, what: str = 'checkpoint', new_head: bool = False,
+                 on_first_conv_adapted: Optional[Callable[[int, int], None]] = None) -> Dict[str, str]:
     """The one way weights are read: a safetensors file, or a ``torch.save`` state dict (``.pth``/``.pt``, read
     with ``weights_only=True`` only; a ``{'state_dict': ...}`` or ``{'model': ...}`` wrapper is unwrapped), into
     ``model``; returns the safetensors metadata (empty for a ``torch.save`` file).
 
     DDP / torch.compile prefixes are stripped and ``timm_gradattn.models.checkpoint_filter_fn`` maps older names
     to the model's. Every key must fit, except that with ``new_head`` a classifier of another shape (or none)
-    stays as initialised (fine-tuning). Raises WeightsError naming ``what`` (the flag or role) and ``path``.
+    stays as initialised (fine-tuning). A first convolution (the pretrained cfg's ``first_conv``) saved for another
+    channel count is refused, naming the ``--in-chans`` it fits; given ``on_first_conv_adapted`` (fine-tuning), it is
+    adapted instead by timm's ``adapt_input_conv``, as timm's own pretrained loading adapts it, and
+    ``on_first_conv_adapted(saved, taken)`` is told the two channel counts. Raises WeightsError naming ``what`` (the
+    flag or role) and ``path``.
     """
     if Path(path).is_dir():
         raise WeightsError(f'{what} {path} is a folder; pass the weights file in it (e.g. model.safetensors).')
@@ -146,10 +151,15 @@ def load_weights(model: nn.Module, path: PathLike, what: str = 'checkpoint', new
     expected = model.state_dict()
     resized = {k for k in set(state) & set(expected) if state[k].shape != expected[k].shape}
     first_conv = f"{(getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')}.weight"
-    if first_conv in resized and state[first_conv].ndim == 4:
-        saved, taken = state[first_conv].shape[1], expected[first_conv].shape[1]
-        raise WeightsError(f'{what} {path} was trained on {saved}-channel images but the model takes {taken}. '
-                           f'Pass --in-chans {saved} (images are converted).')
+    adapted = None
+    if first_conv in resized and state[first_conv].ndim == 4 and all(
+            state[first_conv].shape[d] == expected[first_conv].shape[d] for d in (0, 2, 3)):  # only the channels
+        adapted = saved, taken = state[first_conv].shape[1], expected[first_conv].shape[1]
+        if on_first_conv_adapted is None:
+            raise WeightsError(f'{what} {path} was trained on {saved}-channel images but the model takes {taken}. '
+                               f'Pass --in-chans {saved} (images are converted).')
+        state[first_conv] = adapt_input_conv(taken, state[first_conv], base_chans=saved)
+        resized.discard(first_conv)
     head = set()
     if new_head:  # the classifier's keys: replaced when another size, optional in the file
         classifier = model.get_classifier()
@@ -165,6 +175,8 @@ def load_weights(model: nn.Module, path: PathLike, what: str = 'checkpoint', new
         source = f" (saved from {metadata['model']})" if 'model' in metadata else ''
         raise WeightsError(f'{what} {path}{source} does not fit this model: keys {"; ".join(problems)}.')
     model.load_state_dict(state, strict=not head)
+    if adapted is not None:
+        on_first_conv_adapted(*adapted)
     return metadata
 
 

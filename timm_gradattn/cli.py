@@ -197,7 +197,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser, group: Optional[argpar
     """Model name, data and device flags that train.py and evaluate spell and check the same way."""
     group = group or parser
     group.add_argument('--pretrained', action='store_true',
-                       help='Start from published weights (registry name with a tag, hf-hub: or local-dir:).')
+                       help="Start from published weights: a registry name's tag (without one, the dataset's tag "
+                            "where the model has it, else the model's default tag), hf-hub: or local-dir:.")
     group.add_argument('--in-chans', type=int, default=None, choices=IN_CHANS,
                        help="Image channels, 1 or 3 (default: the dataset's).")
     group.add_argument('--img-size', type=at_least(1), default=None, help="Input side in pixels (default: the "

@@ -205,7 +205,7 @@ def _build(args: argparse.Namespace, accelerator: Accelerator, run_dir: Path) ->
     for note in data.notes:
         accelerator.print(note)
     info = data.info
-    per_process_batch = factory.check_batch_size(args, accelerator)
+    per_process_batch = factory.check_batch_size(args, accelerator, len(data.train))
     model = factory.create_model(args, info)
     factory.check_model_computes(model, args, info, len(data.train), per_process_batch, accelerator.num_processes)
     if args.sync_bn and accelerator.num_processes > 1:

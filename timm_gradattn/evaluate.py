@@ -65,19 +65,16 @@ def create_eval_model(
 ) -> nn.Module:
     """The model to evaluate on the dataset described by ``info``, with its weights loaded.
 
-    A registry name is created with the dataset's classes and channels (with ``pretrained``, from the
-    weights tagged with the dataset's name when they exist); ``hf-hub:`` and ``local-dir:`` models bring
-    their own configuration and weights. ``checkpoint`` (safetensors) replaces the weights; ``in_chans``
-    overrides the dataset's channel count (a model trained on grey images converted to RGB).
+    A registry name is created with the dataset's classes and channels; with ``pretrained``, with those of the
+    weights of the tag it names (``resolve_evaluate_settings`` gives a name without a tag the tag of
+    ``models.pretrained_name``, train.py's rule); ``hf-hub:`` and ``local-dir:`` models bring their own configuration
+    and weights. ``checkpoint`` (safetensors) replaces the weights; ``in_chans`` overrides the dataset's channel
+    count (a model trained on grey images converted to RGB).
     """
-    source, name = parse_model_name(model_name)
+    source, _ = parse_model_name(model_name)
     kwargs: Dict[str, Any] = {}
-    if source is None:
-        tagged = f'{name}.{info.name}'
-        if pretrained and '.' not in name and tagged in timm.list_pretrained(tagged):
-            model_name = tagged  # the weights trained on this dataset
-        elif not pretrained:
-            kwargs = dict(num_classes=info.num_classes, in_chans=in_chans or info.in_chans)
+    if source is None and not pretrained:
+        kwargs = dict(num_classes=info.num_classes, in_chans=in_chans or info.in_chans)
     # A hub / local export is pointless without its weights, unless a checkpoint replaces them.
     load_source_weights = pretrained or (source is not None and checkpoint is None)
     try:
@@ -254,7 +251,7 @@ def evaluate(args: argparse.Namespace, accelerator: Optional[Accelerator] = None
 def _print_summary(results: Dict[str, Any], output_dir: Path) -> None:
     print(f"{results['model']} on {results['dataset']} {results['split']} ({results['num_samples']} images):")
     for key in METRIC_KEYS:
-        if key in results:
+        if results.get(key) is not None:  # top-k is None where k is at least the classes (metrics.topk_informs)
             unit = '%' if key.startswith('top') else ''
             print(f'  {key:<20} {results[key]:.4f}{unit}')
     for band, health in results.get('gradient_health', {}).items():

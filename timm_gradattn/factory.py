@@ -7,7 +7,6 @@ Accelerate owns devices, precision and processes.
 """
 import argparse
 import inspect
-import json
 import os
 import time
 import warnings
@@ -21,11 +20,10 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import TorchDynamoPlugin, broadcast_object_list
 from torch.utils.data import DataLoader, Subset
 
-import timm
 from timm.data import Mixup
 from timm.layers import set_fast_norm
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import get_pretrained_cfg, parse_model_name, safe_model_name
+from timm.models import parse_model_name, safe_model_name
 from timm.optim import create_optimizer_v2, get_optimizer_class, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -35,9 +33,10 @@ from .data import DataSplits, build_datasets, held_in_memory, loader_workers
 from .errors import UserError
 from .files import writing
 from .preserve import preserved_state
+from .starting_weights import create_for_input, first_conv_adapted, say
 
 __all__ = ['bare', 'create_accelerator', 'resolve_run_dir', 'claim_run_dir', 'release_run_dir', 'load_data',
-           'check_batch_size', 'create_model',
+           'check_batch_size', 'fit_batch_size', 'create_model',
            'check_model_computes', 'keep_frozen_layers_in_eval', 'create_optimizer', 'create_scheduler', 'create_ema',
            'create_losses', 'create_loaders']
 
@@ -142,15 +141,12 @@ def release_run_dir(run_dir: Path) -> None:
 
 
 def load_data(args: argparse.Namespace) -> DataSplits:
-    """The run's splits. An image folder's input size and channels come from the flags, else from ``--pretrained``
-    weights' cfg, else from its images; its loader workers (unless given) are 0 once its images are in memory."""
-    img_size, in_chans = args.img_size, args.in_chans
-    if args.dataset == 'folder' and args.pretrained and None in (img_size, in_chans):
-        chans, _, side = pretrained_input_size(args.model) or (None, None, None)
-        img_size, in_chans = img_size or side, in_chans or chans
+    """The run's splits. An image folder's input size and channels come from the flags, else from its images, whatever
+    weights the run starts from (``create_model`` adapts those); its loader workers (unless given) are 0 once its
+    images are in memory."""
     try:
         data = build_datasets(args.dataset, data_dir=args.data_dir, protocol=args.protocol, download=args.download,
-                              seed=args.seed, img_size=img_size, in_chans=in_chans, mean=args.mean,
+                              seed=args.seed, img_size=args.img_size, in_chans=args.in_chans, mean=args.mean,
                               std=args.std, augment=args.train_augment, val_fraction=args.val_fraction)
     # The data pipeline's messages name the problem and the fix (ImportError: a missing reader package).
     except (ValueError, FileNotFoundError, ImportError) as error:
@@ -167,24 +163,6 @@ def load_data(args: argparse.Namespace) -> DataSplits:
         data.train = Subset(data.train, range(min(args.train_subset, len(data.train))))
     args.workers = loader_workers(args.workers, data.val, data.test)
     return data
-
-
-def pretrained_input_size(model: str) -> Optional[Tuple[int, int, int]]:
-    """The (C, H, W) that ``--pretrained`` weights of ``model`` were trained at, where it is known before any
-    download: a registry name's pretrained cfg, a ``local-dir:`` export's config.json; None otherwise."""
-    source, name = parse_model_name(model)
-    if source == 'local-dir':
-        try:
-            cfg = json.loads((Path(name) / 'config.json').read_text()).get('pretrained_cfg', {})
-        except (OSError, ValueError):
-            return None  # check_model_name reports a missing export; a broken one fails to load
-    elif source is None:
-        cfg = get_pretrained_cfg(name)
-        cfg = cfg.to_dict() if cfg is not None else {}
-    else:
-        return None
-    size = cfg.get('input_size')
-    return tuple(size) if size and len(size) == 3 else None
 
 
 def _check_image_files(data: DataSplits) -> None:
@@ -204,11 +182,22 @@ def _check_image_files(data: DataSplits) -> None:
                         f'{" ..." if len(broken) > 5 else ""}. Replace or delete them.')
 
 
-def check_batch_size(args: argparse.Namespace, accelerator: Accelerator) -> int:
+def check_batch_size(args: argparse.Namespace, accelerator: Accelerator, train_images: int) -> int:
+    """The per-process batch. ``--batch-size`` is the global batch: it must split evenly over the processes (into even
+    halves where Mixup pairs images), and one larger than the ``train_images`` is lowered to fit them
+    (``fit_batch_size``), in one line. ``args`` is the run's settings: config.yaml records the batch used, and a resume
+    keeps it."""
     processes = accelerator.num_processes
     if args.batch_size % processes:
         raise UserError(f'--batch-size {args.batch_size} is the global batch and must split evenly over '
                         f'{processes} processes; pass a multiple of {processes}.')
+    multiple = processes * (2 if _mixes(args) else 1)
+    batch = fit_batch_size(args.batch_size, train_images, multiple)
+    if batch != args.batch_size:
+        smaller = max(multiple, train_images // 4 // multiple * multiple)
+        accelerator.print(f'--batch-size {args.batch_size} is more than the {train_images} training images: batch '
+                          f'{batch} (pass a smaller --batch-size, e.g. {smaller}, for more than one update an epoch).')
+        args.batch_size = batch
     per_process = args.batch_size // processes
     if _mixes(args) and per_process % 2:
         raise UserError(f'Mixup and CutMix pair images within a batch: the per-process batch {per_process} must be '
@@ -216,12 +205,22 @@ def check_batch_size(args: argparse.Namespace, accelerator: Accelerator) -> int:
     return per_process
 
 
+def fit_batch_size(batch_size: int, train_images: int, multiple: int) -> int:
+    """``batch_size`` capped at ``train_images``: where it is more, the largest multiple of ``multiple`` (the
+    processes; twice as many under Mixup) that fits, and at least ``multiple``."""
+    if batch_size <= train_images:
+        return batch_size
+    return max(multiple, train_images // multiple * multiple)
+
+
 def create_model(args: argparse.Namespace, info) -> nn.Module:
-    source, name = parse_model_name(args.model)  # the name was checked by check_model_name
+    """The model for the run's input (``info.input_size``): starting weights (``--pretrained``,
+    ``--initial-checkpoint``) of other channels or size are adapted to it, with one line saying how
+    (``starting_weights``)."""
     num_classes = args.num_classes or info.num_classes
     if num_classes < info.num_classes:
         raise UserError(f'--num-classes {num_classes} is fewer than the {info.num_classes} classes of {info.name}.')
-    kwargs: Dict[str, Any] = dict(args.model_kwargs or {}, num_classes=num_classes, in_chans=info.in_chans)
+    kwargs: Dict[str, Any] = dict(args.model_kwargs or {}, num_classes=num_classes)
     # timm's train.py flags for model arguments; a model that does not take one says so in create_model's error.
     for flag, keyword in (('drop', 'drop_rate'), ('drop_path', 'drop_path_rate'), ('drop_block', 'drop_block_rate'),
                           ('gp', 'global_pool')):
@@ -229,15 +228,11 @@ def create_model(args: argparse.Namespace, info) -> nn.Module:
             kwargs[keyword] = getattr(args, flag)
     if args.fast_norm:
         set_fast_norm()
-    if source is None and getattr(get_pretrained_cfg(name), 'fixed_input_size', False):
-        kwargs['img_size'] = info.img_size  # e.g. ViTs build their position table for one size
-    try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except (RuntimeError, OSError, ValueError, TypeError) as error:  # missing weights, unreachable Hub, bad
-        # local export, an argument the model does not take (TypeError)
-        raise UserError(f'Cannot create {args.model!r}: {error}') from error
+    model = create_for_input(args.model, args.pretrained, info.input_size, **kwargs)
     if args.initial_checkpoint:  # a classifier of another size stays freshly initialised (fine-tuning)
-        load_weights(model, args.initial_checkpoint, what='--initial-checkpoint', new_head=True)
+        load_weights(model, args.initial_checkpoint, what='--initial-checkpoint', new_head=True,
+                     on_first_conv_adapted=lambda saved, taken: say(
+                         f'--initial-checkpoint {args.initial_checkpoint}: {first_conv_adapted(saved, taken)}.'))
     _init_head(model, args)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)

@@ -11,7 +11,9 @@ of 28.5 %.
 
 Definitions (all match scikit-learn with ``zero_division=0``):
     * top-k: the target is among the k highest logits, k capped at the number of classes; ties are
-      ranked by class index, so top-1 is exactly the argmax prediction of the confusion matrix.
+      ranked by class index, so top-1 is exactly the argmax prediction of the confusion matrix. Where k is at least
+      the number of classes (the logits per sample), top-k is 100 % whatever the model does: ``evaluate_logits``
+      records it as None (the key stays, for readers of results.json and metrics.json), and nothing prints it.
     * precision / recall / F1, macro: unweighted mean over the classes that occur in the targets or
       the predictions; weighted: mean over classes weighted by their number of targets.
     * ECE: 10 equal-width bins of the top-1 softmax probability, bins closed on the right
@@ -26,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ['METRIC_KEYS', 'ClassificationResult', 'ReliabilityBins', 'classification_metrics', 'confusion_matrix',
-           'evaluate_logits', 'per_class_metrics', 'predict', 'reliability_bins', 'topk_accuracy']
+           'evaluate_logits', 'per_class_metrics', 'predict', 'reliability_bins', 'topk_accuracy', 'topk_informs']
 
 METRIC_KEYS = ('top1', 'top3', 'top5', 'precision_macro', 'precision_weighted', 'recall_macro', 'recall_weighted',
                'f1_macro', 'f1_weighted', 'ece', 'nll')
@@ -86,6 +88,12 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
     k = min(k, logits.shape[1])
     correct = int((_target_rank(logits, targets) < k).sum())
     return 100.0 * correct / len(targets)  # 100 * correct first keeps e.g. 57 / 200 at exactly 28.5
+
+
+def topk_informs(k: int, num_classes: int) -> bool:
+    """Whether top-k accuracy says anything about a model of ``num_classes`` outputs: top-1 always, a larger k only
+    below the number of classes (from there on every target is among the top k)."""
+    return k == 1 or k < num_classes
 
 
 def confusion_matrix(logits: torch.Tensor, targets: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:
@@ -150,7 +158,7 @@ def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 1
 @dataclass
 class ClassificationResult:
     """One split measured once: the metrics, and the counts and bins the plots draw."""
-    metrics: Dict[str, float]               # METRIC_KEYS
+    metrics: Dict[str, Optional[float]]     # METRIC_KEYS (top-k None where k >= the classes: topk_informs)
     confusion: torch.Tensor                 # counts, true class x predicted class (int64)
     per_class: Dict[str, torch.Tensor]      # per_class_metrics(confusion)
     reliability: ReliabilityBins
@@ -164,9 +172,11 @@ def evaluate_logits(
         ece_bins: int = 10,
 ) -> ClassificationResult:
     """All paper metrics for one split; ``logits`` (N, C), integer ``targets`` (N,) and the dataset's
-    ``num_classes`` (the side of the confusion matrix; at least C)."""
+    ``num_classes`` (the side of the confusion matrix; at least C). Top-k for k of C or more is None
+    (``topk_informs``)."""
     logits, targets = _check_inputs(logits, targets)
-    metrics = {f'top{k}': topk_accuracy(logits, targets, k) for k in topk}
+    metrics = {f'top{k}': topk_accuracy(logits, targets, k) if topk_informs(k, logits.shape[1]) else None
+               for k in topk}
     counts = confusion_matrix(logits, targets, num_classes)
     per_class = per_class_metrics(counts)
     # Macro averages skip classes absent from both targets and predictions (scikit-learn's label set).

@@ -139,9 +139,30 @@ def _hub_base_model(pretrained_from: Any) -> Optional[str]:
     return pretrained_from if pretrained_from.count('/') == 1 else None
 
 
+def _local_weights_name(pretrained_from: str) -> str:
+    """Local starting weights as a public card names them: a relative path as the run recorded it, an absolute one
+    by its last two parts (the run folder and ``hub`` or the weights file), never the machine's folders above."""
+    scheme = 'local-dir:' if pretrained_from.startswith('local-dir:') else ''
+    path = pretrained_from[len(scheme):]
+    if _ABSOLUTE_PATH.match(path):
+        path = '.../' + '/'.join(re.split(r'[\\/]+', path.rstrip('/\\'))[-2:])
+    return scheme + path
+
+
+def _origin(pretrained_from: Any, base_model: Optional[str]) -> str:
+    """How the run started, for the card's text: from scratch, or the weights it was fine-tuned from."""
+    if not pretrained_from:
+        return 'from scratch'
+    if base_model:
+        return f'fine-tuned from [`{base_model}`](https://huggingface.co/{base_model})'
+    return f'fine-tuned from the local weights `{_local_weights_name(str(pretrained_from))}`'
+
+
 def _public_settings(settings: Dict[str, Any], prefix: str = '') -> Iterator[Tuple[str, Any]]:
     """(`name`, value) of every setting a public card may show: no local paths, secrets or execution details."""
     for key, value in settings.items():
+        if isinstance(value, str) and value.startswith('local-dir:'):  # --model: a fine-tune's starting export
+            value = _local_weights_name(value)
         if isinstance(value, dict):
             yield from _public_settings(value, f'{prefix}{key}.')
         elif not (value is None or key in _NOT_RECIPE or _PRIVATE_SETTING.search(key)
@@ -196,8 +217,7 @@ def card_fields(run, repo_id: str, config: Optional[Dict[str, Any]] = None,
         'num_params': f'{results["num_params"]:,}' if results.get('num_params') is not None else None,
         'model_args': ', '.join(f'`{k}={v!r}`' for k, v in (config.get('model_args') or {}).items())
                       or 'the registered defaults',
-        'origin': ('from scratch' if not pretrained_from else 'fine-tuned from local weights' if not base_model
-                   else f'fine-tuned from [`{base_model}`](https://huggingface.co/{base_model})'),
+        'origin': _origin(pretrained_from, base_model),
         'registry_usage': _registry_usage(architecture, tag, repo_id),
         'metrics_table': markdown_table(('Test metric', 'Value'), metrics),
         'run_table': markdown_table(('Run', 'Value'), run_facts) if run_facts else '',

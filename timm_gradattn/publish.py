@@ -14,10 +14,12 @@ makes (``HfApi`` with timm's library name, ``create_repo``, ``upload_folder``).
 import argparse
 import datetime
 import json
+import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
@@ -42,6 +44,9 @@ UPLOAD_FILES = ('README.md', 'config.json', 'model.safetensors')  # what a publi
 WEIGHTS_REGISTRY = HUB_CARDS_DIR / 'weights.json'  # read for the table; uploads are recorded in a source checkout's
 SOURCE_REGISTRY = Path(__file__).resolve().parent.parent / 'hub_cards' / 'weights.json'  # missing in a wheel install
 DEFAULT_STAGING = 'upload'
+NEAR_CHANCE_POINTS = 5.0  # a top-1 within this many points of 100 / classes draws a warning before publishing
+
+_logger = logging.getLogger(__name__)
 
 
 class PublishError(UserError, RuntimeError):
@@ -80,6 +85,7 @@ class PublishResult:
     commit_url: Optional[str] = None
     registry_updated: bool = False
     registry_note: Optional[str] = None  # why the upload was not recorded in the weights registry
+    repo_id_note: Optional[str] = None   # where a dry run's repo id comes from when no default exists
 
 
 # --- reading a run ------------------------------------------------------------------------------------
@@ -157,8 +163,40 @@ def default_repo_id(run: Run) -> str:
     if run.tag not in tags:
         raise PublishError(f"The run's dataset {run.tag!r} is not a pretrained tag of {run.architecture} "
                            f"({', '.join(tags)}), so there is no default repository name; pass --repo-id "
-                           f"<namespace>/<name>.")
+                           f"<namespace>/<name> (a --dry-run without one stages it as {local_repo_id(run)}).")
     return f'{hub_namespace()}/{run.architecture}.{run.tag}'
+
+
+def local_repo_id(run: Run) -> str:
+    """A dry run's repo id where ``default_repo_id`` has none: ``<namespace>/<model>.<data>``, the data being an
+    image folder's own name (its ``--data-dir``'s last part) or the dataset's, as a tag would stand there."""
+    data = Path(str(run.settings.get('data_dir') or '')).name if run.tag == 'folder' else ''
+    name = re.sub(r'[^A-Za-z0-9_.-]+', '-', f'{run.architecture}.{data or run.tag}').strip('.-')[:96]
+    return check_repo_id(f'{hub_namespace()}/{name}')
+
+
+def _unnamed_repo_id(run: Run, dry_run: bool) -> Tuple[str, Optional[str]]:
+    """The repo id of a publish without ``--repo-id``, and how it was named where that is not the default."""
+    if not dry_run or run.tag in model_tags(run.architecture):
+        return default_repo_id(run), None
+    return local_repo_id(run), (f'a name derived from the run: its dataset {run.tag!r} is no pretrained tag of '
+                                f'{run.architecture}, so there is no default; pass --repo-id <namespace>/<name> to '
+                                f'upload')
+
+
+def near_chance(run: Run) -> Optional[str]:
+    """A warning when the run's validation top-1 (its test top-1 without a validation split) is within
+    ``NEAR_CHANCE_POINTS`` of chance, 100 / classes: such a run has likely learnt nothing. None otherwise."""
+    split, top1 = 'validation', run.results.get('val_top1_best')
+    if top1 is None:
+        split, top1 = 'test', run.results.get('top1')
+    classes = run.hub_config['num_classes']
+    chance = 100.0 / classes
+    if top1 is None or top1 > chance + NEAR_CHANCE_POINTS:
+        return None
+    return (f'{run.folder}: {split} top-1 {top1:.2f} % is within {NEAR_CHANCE_POINTS:g} points of chance '
+            f'({chance:.2f} % for {classes} classes): the model may have learnt nothing. Look at its summary.csv and '
+            f'training curves before publishing it.')
 
 
 # --- staging, verification and upload ------------------------------------------------------------------
@@ -262,22 +300,27 @@ def publish(run_folder: PathLike, repo_id: Optional[str] = None, *, out: Optiona
             api: Optional[HfApi] = None) -> PublishResult:
     """Stage, verify and (unless ``dry_run``) upload a run; see the module docstring.
 
-    ``repo_id`` defaults to ``<namespace>/<model>.<tag>``, ``out`` to ``<run>/upload``; ``private``,
-    ``revision`` (a missing branch is created), ``create_pr`` and ``commit_message`` are as in
-    ``HfApi.upload_folder``; ``token`` defaults to huggingface_hub's own (HF_TOKEN, then the cached login);
-    ``template`` replaces the family's card, ``license`` the licence of the export / dataset; the upload is
-    recorded in ``registry`` (None: nowhere); ``api`` is the ``HfApi`` to upload with.
+    ``repo_id`` defaults to ``<namespace>/<model>.<tag>`` (a dry run of a run whose dataset is no tag of the model:
+    ``local_repo_id``), ``out`` to ``<run>/upload``; ``private``, ``revision`` (a missing branch is created),
+    ``create_pr`` and ``commit_message`` are as in ``HfApi.upload_folder``; ``token`` defaults to huggingface_hub's
+    own (HF_TOKEN, then the cached login); ``template`` replaces the family's card, ``license`` the licence of the
+    export / dataset; the upload is recorded in ``registry`` (None: nowhere); ``api`` is the ``HfApi`` to upload with.
+    A run whose top-1 is near chance draws one warning first (``near_chance``).
     """
     if repo_id is not None:
         check_repo_id(repo_id)
     run = load_run(run_folder)
-    repo_id = repo_id or default_repo_id(run)
+    warning = near_chance(run)
+    if warning:
+        _logger.warning(warning)
+    repo_id, repo_id_note = (repo_id, None) if repo_id else _unnamed_repo_id(run, dry_run)
     token = token or (get_token() if not dry_run and api is None else None)
     if not dry_run and api is None and not token:
         raise PublishError('No Hugging Face token: pass --token, set HF_TOKEN, or log in once with `hf auth login`. '
                            'Use --dry-run to build and verify the upload folder without one.')
     folder = stage_upload_folder(run, repo_id, out=out, template=template, license=license)
-    result = PublishResult(folder, repo_id, verify_upload_folder(folder, run), uploaded=not dry_run)
+    result = PublishResult(folder, repo_id, verify_upload_folder(folder, run), uploaded=not dry_run,
+                           repo_id_note=repo_id_note)
     if dry_run:
         return result
     api = api or HfApi(token=token, library_name='timm', library_version=timm.__version__)
@@ -371,7 +414,9 @@ def _parser() -> argparse.ArgumentParser:
                     '(config.json, model.safetensors, README.md model card).')
     parser.add_argument('run', nargs='?', help='run folder written by train.py (<output>/<experiment>)')
     parser.add_argument('--repo-id', help=f'<namespace>/<name> to publish to (default: <namespace>/<model>.<tag>, '
-                                          f'the namespace from ${HUB_NAMESPACE_ENV}, else {DEFAULT_HUB_NAMESPACE})')
+                                          f'the namespace from ${HUB_NAMESPACE_ENV}, else {DEFAULT_HUB_NAMESPACE}; '
+                                          f'needed to upload a run whose dataset is no tag of the model, such as an '
+                                          f'image folder: a --dry-run names it <namespace>/<model>.<folder name>)')
     parser.add_argument('--dry-run', action='store_true', help='build and verify the upload folder, upload nothing')
     parser.add_argument('--out', help=f'where to build the upload folder (default: <run>/{DEFAULT_STAGING})')
     parser.add_argument('--private', action='store_true', help='create the repository as private')
@@ -407,7 +452,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     print(f'Verified {result.folder}: loads with timm.create_model("local-dir:{result.folder}", pretrained=True), '
           f'logits within {result.max_abs_logit_diff:.3g} of model_best.safetensors.')
     if not result.uploaded:
-        print(f'Dry run: nothing uploaded. {result.folder} is exactly what would go to {result.repo_id}.')
+        named = f' ({result.repo_id_note})' if result.repo_id_note else ''
+        print(f'Dry run: nothing uploaded. {result.folder} is exactly what would go to {result.repo_id}{named}.')
         return
     print(f'Uploaded to https://huggingface.co/{result.repo_id} ({result.commit_url or "no commit link"})')
     print(f'Recorded in {registry}.' if result.registry_updated else

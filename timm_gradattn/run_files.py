@@ -62,8 +62,9 @@ def closing_message(results: Dict, state: Dict[str, Any], run_dir: Path, validat
     else:
         weights = f'(weights of the last epoch, {last_epoch}: no validation split)'
     kept = 'best validation' if validates else "the last epoch's"
+    top5 = f"top-5 {results['top5']:.2f}  " if results['top5'] is not None else ''  # None: 5 or fewer classes
     return (
-        f"Test top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  F1 (macro) {results['f1_macro']:.4f}  "
+        f"Test top-1 {results['top1']:.2f}  {top5}F1 (macro) {results['f1_macro']:.4f}  "
         f"ECE {results['ece']:.4f}  {weights}\n"
         f'Run folder {run_dir}:\n'
         f'  results.json            test metrics and run facts\n'

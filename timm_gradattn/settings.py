@@ -33,7 +33,7 @@ from .data.info import DATASETS, DatasetInfo
 from .errors import UserError
 from .families import RECIPES
 from .mixed_precision import resolve_mixed_precision, stated_precision
-from .models import model_tags  # importing the zoo registers its models with timm
+from .models import model_tags, pretrained_name  # importing the zoo registers its models with timm
 
 __all__ = ['Settings', 'IDENTITY_KEYS', 'NOT_SAVED_KEYS', 'SCHEDULERS', 'recipe_values', 'resolve_train_settings',
            'resolve_evaluate_settings', 'recipe_settings', 'load_yaml', 'expand_input_size', 'dataset_defaults',
@@ -104,6 +104,8 @@ def resolve_train_settings(argv: Optional[Sequence[str]] = None) -> Settings:
                                      if key not in explicit and key not in saved})
     _check_paths(args)
     check_model_name(args.model)
+    if args.pretrained:  # the weights' exact <model>.<tag>: what config.yaml, results.json and errors name
+        args.model = pretrained_name(args.model, args.dataset)
     return args
 
 
@@ -433,4 +435,6 @@ def resolve_evaluate_settings(argv: Optional[Sequence[str]] = None, gradient_mod
     if args.output:
         check_output_folder(args.output)
     check_model_name(args.model)
+    if args.pretrained:  # the same rule as train.py's
+        args.model = pretrained_name(args.model, args.dataset)
     return args.replace(**dataset_defaults(args))

@@ -3,7 +3,9 @@
 ``build_datasets(name, ...)`` returns train / val / test datasets of (normalised tensor, int label).
 Each adapter (``adapters.py``, ``folder.py``) only reads the upstream files and returns *raw* datasets
 of (PIL image, int label); splitting and transforms are done here once for all of them, so every
-dataset gets the same seeded split and the same single normalisation.
+dataset gets the same seeded split and the same single normalisation. The named datasets are split as their
+reference did (``paper_split``: torch's ``random_split``, seed 42); an image folder, the user's own images, is split
+by class (``stratified_split``), so that every split holds every class in the same proportions.
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -18,9 +20,13 @@ from .info import DatasetInfo, get_dataset_info
 from .transforms import build_transform, resolve_info
 
 __all__ = ['DataSplits', 'RawSplits', 'TransformedDataset', 'ArrayImageDataset', 'build_datasets', 'dataset_info',
-           'register_adapter', 'ADAPTERS', 'PROTOCOLS', 'split_lengths', 'paper_split', 'DatasetNotFoundError']
+           'register_adapter', 'ADAPTERS', 'PROTOCOLS', 'split_lengths', 'paper_split', 'class_split_lengths',
+           'stratified_split', 'DatasetNotFoundError', 'FEW_IMAGES']
 
 PROTOCOLS = ('paper', 'official')
+SPLIT_NAMES = ('train', 'val', 'test')
+# A class with fewer images than this in a split gets a warning: its figures there rest on a handful of images.
+FEW_IMAGES = 5
 
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
@@ -35,6 +41,9 @@ class RawSplits:
     to a group, e.g. a patient, that must not be split across train / val / test. ``decode_once``, where an
     adapter reads image files, is called by ``build_datasets`` with the run's (in_chans, img_size) once they are
     resolved: it holds the images decoded for that input when they fit, and returns its line for the user.
+    ``by_class``: the splits carved here are stratified by class (``stratified_split``, read from each dataset's
+    ``targets``): an image folder, whose classes may be few and small. The named datasets keep the seeded
+    ``random_split`` their reference used.
     """
     train: Optional[Dataset] = None
     val: Optional[Dataset] = None
@@ -43,6 +52,7 @@ class RawSplits:
     info: Optional[DatasetInfo] = None  # filled in by adapters that learn facts from the files
     notes: Tuple[str, ...] = ()          # what the adapter learnt or did that a user should hear, one line each
     decode_once: Optional[Callable[[int, int], str]] = None
+    by_class: bool = False
 
 
 @dataclass
@@ -52,7 +62,8 @@ class DataSplits:
     val: Dataset
     test: Dataset
     protocol: str = 'paper'
-    notes: Tuple[str, ...] = ()  # the adapter's lines for the user (e.g. the input size an image folder suggests)
+    notes: Tuple[str, ...] = ()  # lines for the user: the adapter's (e.g. the input size an image folder suggests),
+    #                              how a folder was split by class and which of its classes a split holds few of
 
     def sizes(self) -> Dict[str, int]:
         return {'train': len(self.train), 'val': len(self.val), 'test': len(self.test)}
@@ -151,6 +162,48 @@ def paper_split(
     return [sorted(s) for s in splits]
 
 
+def class_split_lengths(n: int, fractions: Sequence[float]) -> List[int]:
+    """One class's images per split: its share of each split, rounded by largest remainder, and at least one in every
+    split of a share above 0 (a class of 3 images is split 1/1/1 at 70/15/15 rather than leaving val without it)."""
+    ideal = n * np.asarray(fractions, dtype=np.float64)
+    lengths = np.maximum(np.floor(ideal).astype(int), (ideal > 0).astype(int))
+    while lengths.sum() < n:
+        lengths[np.argmax(ideal - lengths)] += 1
+    while lengths.sum() > n:  # the minimum of one took more than the class has: from the splits above their share
+        lengths[np.argmax(np.where(lengths > 1, lengths - ideal, -np.inf))] -= 1
+    return lengths.tolist()
+
+
+def stratified_split(
+        labels: Sequence[int],
+        fractions: Sequence[float],
+        seed: int = 42,
+        split_names: Sequence[str] = SPLIT_NAMES,
+        class_names: Optional[Sequence[str]] = None,
+) -> List[List[int]]:
+    """Seeded split of ``range(len(labels))`` by class: each class's images, shuffled, are divided in the proportions
+    ``fractions`` (``class_split_lengths``), so that every split holds every class in the same proportions.
+
+    Raises:
+        ValueError: a class has fewer images than there are splits, so one split would miss it entirely.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    splits: List[List[int]] = [[] for _ in fractions]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if len(members) < len(fractions):
+            name = class_names[label] if class_names else label
+            raise ValueError(
+                f'Class {name!r} has {len(members)} image{"s" if len(members) > 1 else ""}, too few to be in each of '
+                f'the {_listed(split_names)} splits. Add images to it (at least {len(fractions)}), or split the folder '
+                f'yourself into {_listed([f"{split}/" for split in split_names])} sub-folders.')
+        bounds = np.cumsum(class_split_lengths(len(members), fractions))[:-1]
+        for split, part in zip(splits, np.split(members, bounds)):
+            split.extend(part.tolist())
+    return [sorted(s) for s in splits]
+
+
 # --- adapters: name -> fn(info, data_dir, download, protocol) -> RawSplits --------------------------------
 # The loaders themselves live in ``adapters.py`` and ``folder.py``; importing the package registers them.
 ADAPTERS: Dict[str, Callable[..., RawSplits]] = {}
@@ -229,16 +282,19 @@ def build_datasets(
     if no_validation:
         _check_no_validation(info, raw)
         val, val_idx = train, []
+    notes = raw.notes
     if protocol == 'paper' and info.name in _POOLED_IN_PAPER or (train is not None and val is None and test is None):
         pool = _concat([d for d in (train, val, test) if d is not None])
-        train_idx, val_idx, test_idx = paper_split(len(pool), fractions, seed, raw.groups)
+        (train_idx, val_idx, test_idx), told = _split_indices(raw, pool, fractions, seed, info, SPLIT_NAMES)
+        notes += told
         train = val = test = pool
     elif val is None or test is None:
         # Carve the missing split(s) from train, keeping the paper's proportions between them.
         missing = [s for s, d in (('val', val), ('test', test)) if d is None]
         val_share = fractions[1] if val_fraction is None else val_fraction
         shares = [val_share if s == 'val' else fractions[2] for s in missing]
-        parts = paper_split(len(train), [1 - sum(shares)] + shares, seed)
+        parts, told = _split_indices(raw, train, [1 - sum(shares)] + shares, seed, info, ['train'] + missing)
+        notes += told
         train_idx = parts[0]
         for part_name, idx in zip(missing, parts[1:]):
             if part_name == 'val':
@@ -247,7 +303,7 @@ def build_datasets(
                 test, test_idx = train, idx
 
     splits = DataSplits(
-        info=info, protocol=protocol, notes=raw.notes,
+        info=info, protocol=protocol, notes=notes,
         train=TransformedDataset(train, train_idx, build_transform(info, train=True)),
         val=TransformedDataset(val, val_idx, build_transform(info, train=False)),
         test=TransformedDataset(test, test_idx, build_transform(info, train=False)))
@@ -257,6 +313,8 @@ def build_datasets(
                 f'The {split_name} split of {info.name} is empty: it gets {info.split} of the images as '
                 f'(train, val, test). Add more images, give an image folder its own train/, val/ and test/ '
                 f'sub-folders, or pass build_datasets(split=...) fractions that leave every split an image.')
+    if raw.by_class:
+        splits.notes += _few_images_note(splits)
     if raw.decode_once is not None:  # now that the run's channels and side are known
         splits.notes += (raw.decode_once(info.in_chans, info.img_size),)
     return splits
@@ -283,9 +341,45 @@ def _check_no_validation(info: DatasetInfo, raw: RawSplits) -> None:
     if raw.test is None:
         raise ValueError(
             f'{info.name} has no official training and test splits: under --protocol official it is split '
-            f'{"/".join(f"{round(100 * f)}" for f in info.split)} (seeded), always with a validation part, so '
-            f'--val-fraction 0 does not apply. Drop --val-fraction 0, or train on a dataset with official splits '
-            f'(e.g. cifar10, fashion_mnist, svhn).')
+            f'{"/".join(f"{round(100 * f)}" for f in info.split)} (seeded{", by class" if raw.by_class else ""}), '
+            f'always with a validation part, so --val-fraction 0 does not apply. Drop --val-fraction 0, or train on a '
+            f'dataset with official splits (e.g. cifar10, fashion_mnist, svhn).')
+
+
+def _split_indices(raw: RawSplits, dataset: Dataset, fractions: Sequence[float], seed: int, info: DatasetInfo,
+                   split_names: Sequence[str]) -> Tuple[List[List[int]], Tuple[str, ...]]:
+    """``dataset``'s indices split in ``fractions``: by class where the adapter asks for it (``RawSplits.by_class``),
+    with a line for the user saying how; else as the dataset's reference did (``paper_split``)."""
+    if not raw.by_class:
+        return paper_split(len(dataset), fractions, seed, raw.groups), ()
+    parts = stratified_split(dataset.targets, fractions, seed, split_names, info.label_names)
+    return parts, (f'{info.title}: {len(dataset)} images split {"/".join(f"{100 * f:g}" for f in fractions)} by class '
+                   f'into {" / ".join(split_names)} (seed {seed}): {" / ".join(str(len(p)) for p in parts)}.',)
+
+
+def _few_images_note(splits: DataSplits) -> Tuple[str, ...]:
+    """One warning line naming, per split, the classes with fewer than ``FEW_IMAGES`` images there; none if no class has
+    so few."""
+    names = splits.info.head_label_names(splits.info.num_classes)
+    few = []
+    for split_name in SPLIT_NAMES:
+        split = getattr(splits, split_name)
+        if len(split) == 0:
+            continue  # no validation split (--val-fraction 0)
+        counts = np.bincount(np.asarray(split.base.targets)[split.indices], minlength=len(names))
+        classes = [f'{names[label]} {count}' for label, count in enumerate(counts) if count < FEW_IMAGES]
+        if classes:
+            shown = ', '.join(classes[:6]) + (f' and {len(classes) - 6} more' if len(classes) > 6 else '')
+            few.append(f'{split_name}: {shown}')
+    if not few:
+        return ()
+    return (f'Warning: {splits.info.title} has fewer than {FEW_IMAGES} images of a class in a split '
+            f'({"; ".join(few)}): each of those images moves its class\'s recall there by more than 20 points. Add '
+            f'images for firmer figures.',)
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ', '.join(names[:-1]) + f' and {names[-1]}' if len(names) > 1 else ''.join(names)
 
 
 def _concat(datasets: List[Dataset]) -> Dataset:

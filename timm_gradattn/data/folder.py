@@ -1,16 +1,17 @@
 """Images stored as files: your own image folder (dataset name 'folder') and file-list datasets.
 
-A folder dataset is one sub-folder per class, either directly in ``data_dir`` (split 70/15/15 here,
-seeded) or inside ``train/``, ``val/`` and an optional ``test/`` (missing splits are carved from train).
+A folder dataset is one sub-folder per class, either directly in ``data_dir`` (split 70/15/15 here, by class and
+seeded) or inside ``train/``, ``val/`` and an optional ``test/`` (missing splits are carved from train, by class).
 File discovery uses timm's folder reader; loading goes through ``load_image``, which names the file
 that cannot be decoded instead of skipping it (timm's ImageDataset skips bad files with a warning).
 
 The images themselves set a folder's default input: a sample of headers (``sample_geometry``) gives the channels
 (1 when every sampled image is greyscale) and the side (the median longer side, kept within 32-224 px), which
-``--input-size`` / ``--in-chans`` / ``--img-size`` override. Images of more than 8 bits per pixel (16-bit PNG,
-float TIFF) are scaled to 8 bits by one rule for the whole folder (``PixelScale``), never clipped at 255.
-Once the run's channels and side are known, a folder whose images, as the transforms' first steps leave them,
-are sure to fit in ``PRELOAD_BYTES`` is decoded once instead of in every epoch (``preload_folder``).
+``--input-size`` / ``--in-chans`` / ``--img-size`` override (starting weights do not: a fine-tune trains at its
+data's input). Images of more than 8 bits per pixel (16-bit PNG, float TIFF) are scaled to 8 bits by one rule for the
+whole folder (``PixelScale``), never clipped at 255. Once the run's channels and side are known, a folder whose
+images, as the transforms' first steps leave them, are sure to fit in ``PRELOAD_BYTES`` is decoded once instead of in
+every epoch (``preload_folder``), and one line says what the images are read as (``read_folder``).
 """
 import contextlib
 import functools
@@ -33,8 +34,8 @@ from .info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
 from .transforms import input_steps
 
 __all__ = ['UnreadableImageError', 'load_image', 'ImageFileDataset', 'FolderSummary', 'check_image_folder',
-           'ImageGeometry', 'sample_geometry', 'PixelScale', 'held_bytes_bound', 'preload_folder', 'SPLIT_FOLDERS',
-           'FIT_SIZES', 'PRELOAD_BYTES']
+           'ImageGeometry', 'sample_geometry', 'PixelScale', 'held_bytes_bound', 'read_folder', 'preload_folder',
+           'SPLIT_FOLDERS', 'FIT_SIZES', 'PRELOAD_BYTES']
 
 _logger = logging.getLogger(__name__)
 
@@ -132,6 +133,11 @@ class ImageFileDataset(Dataset):
         return load_image(path, self.scale), target
 
     @property
+    def targets(self) -> List[int]:
+        """Every sample's class index, without decoding an image (torchvision's name for them)."""
+        return [target for _, target in self.samples]
+
+    @property
     def in_memory(self) -> bool:
         return self._images is not None
 
@@ -203,6 +209,17 @@ class ImageGeometry:
         kind = 'greyscale' if self.grey else 'colour'
         return f'{kind}, {self.width}x{self.height} px (median of {self.sampled} sampled)'
 
+    def read_as(self, in_chans: int, img_size: int) -> str:
+        """The input a run reads these images as, and whose choice it is: the images' (their channels, their median
+        longer side within ``FIT_SIZES``) or the caller's (train.py's ``--input-size`` / ``--in-chans`` /
+        ``--img-size``; the input of the model ``evaluate`` runs)."""
+        shape, own = f'{in_chans}x{img_size}x{img_size}', f'{self.in_chans}x{self.img_size}x{self.img_size}'
+        if (in_chans, img_size) != (self.in_chans, self.img_size):
+            return f'read as {shape}, as asked (the images alone give {own})'
+        if self.img_size != max(self.width, self.height):
+            return f"read as {shape}: the images' channels, their side kept within {FIT_SIZES[0]}-{FIT_SIZES[1]} px"
+        return f"read as {shape}: the images' own channels and side"
+
     def describe_scale(self) -> Optional[str]:
         """How the sampled images of more than 8 bits are read, or None when the sample has none."""
         scale, parts = self.scale, []
@@ -263,7 +280,16 @@ def held_bytes_bound(paths: Sequence[str], in_chans: int, img_size: int, stop_ab
     return total
 
 
-def preload_folder(root: str, datasets: Sequence[ImageFileDataset], in_chans: int, img_size: int) -> str:
+def read_folder(root: str, datasets: Sequence[ImageFileDataset], geometry: ImageGeometry, in_chans: int,
+                img_size: int) -> str:
+    """An image folder's ``decode_once``, called with the run's input once it is decided: decodes the images once
+    where they fit (``preload_folder``) and returns the one line that says what the images are and what they are read
+    as, so that the line agrees with what is trained."""
+    held = preload_folder(datasets, in_chans, img_size)
+    return f'Image folder {root}: {geometry.describe()}, {geometry.read_as(in_chans, img_size)}; {held}'
+
+
+def preload_folder(datasets: Sequence[ImageFileDataset], in_chans: int, img_size: int) -> str:
     """Decode a folder's images once, for the run's input, when they are sure to fit in ``PRELOAD_BYTES``; the note.
 
     No image is held larger than the model's input, so images x channels x side^2 decides without opening a file
@@ -271,16 +297,15 @@ def preload_folder(root: str, datasets: Sequence[ImageFileDataset], in_chans: in
     images. Each process decides and holds its own copy: the budget is per process.
     """
     paths = [path for dataset in datasets for path, _ in dataset.samples]
-    shape = f'{in_chans}x{img_size}x{img_size}'
     if (len(paths) * in_chans * img_size ** 2 > PRELOAD_BYTES and
             held_bytes_bound(paths, in_chans, img_size, stop_above=PRELOAD_BYTES) > PRELOAD_BYTES):
-        return (f'Image folder {root}: {len(paths):,} images decoded from the files in every epoch: held for '
-                f'{shape} input they could take more than {_mebibytes(PRELOAD_BYTES)} in each process.')
+        return (f'{len(paths):,} images decoded from the files in every epoch: held for this input they could take '
+                f'more than {_mebibytes(PRELOAD_BYTES)} in each process.')
     for dataset in datasets:
         dataset.preload(in_chans, img_size)
     held = sum(dataset.held_bytes for dataset in datasets)
-    return (f'Image folder {root}: {len(paths):,} images decoded once into memory rather than in every epoch, '
-            f'for {shape} input: {_mebibytes(held)} in each process.')
+    return (f'{len(paths):,} images decoded once into memory rather than in every epoch: {_mebibytes(held)} in each '
+            f'process.')
 
 
 def _mebibytes(size: int) -> str:
@@ -428,14 +453,13 @@ def load_image_folder(info: Optional[DatasetInfo], data_dir: Optional[str], down
     geometry = sample_geometry([path for path, _ in samples['train']])
     splits = {split: ImageFileDataset(split_samples, geometry.scale) for split, split_samples in samples.items()}
     size = geometry.img_size
-    notes = [f'Image folder {root}: {geometry.describe()}; read as {geometry.in_chans}x{size}x{size} unless '
-             f'--input-size (or --in-chans / --img-size) says otherwise.']
     scaling = geometry.describe_scale()
-    if scaling:
-        notes.append(f'Image folder {root}: {scaling}.')
+    notes = [f'Image folder {root}: {scaling}.'] if scaling else []  # what it is read as: read_folder, once decided
     folder_info = DatasetInfo(
         name='folder', title=os.path.basename(root) or root, num_classes=len(classes),
         input_size=(geometry.in_chans, size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
         label_names=tuple(classes), license='unknown', homepage='', train_augment='folder')
     return RawSplits(train=splits['train'], val=splits.get('val'), test=splits.get('test'), info=folder_info,
-                     notes=tuple(notes), decode_once=functools.partial(preload_folder, root, list(splits.values())))
+                     notes=tuple(notes),
+                     decode_once=functools.partial(read_folder, root, list(splits.values()), geometry),
+                     by_class=True)

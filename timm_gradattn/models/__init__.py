@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..families import MODEL_NAMES
 from ._hub import DEFAULT_HUB_NAMESPACE, HUB_NAMESPACE_ENV, MissingWeightsError, hub_namespace, hub_repo_id
-from ._pretrained import model_tags
+from ._pretrained import model_tags, pretrained_name
 from . import gradattn
 from .attention_shortcuts import AttentionShortcutNet, AttentionShortcutResNet, CifarStemResNet
 from .cnntention import CifarResNet

@@ -8,7 +8,7 @@ import math
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from safetensors import SafetensorError
-from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs
+from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, parse_model_name, split_model_name_tag
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
@@ -16,7 +16,7 @@ from ..data.info import DATASETS
 from ..families import family_of, paper_recipe
 from ._hub import HUB_NAMESPACE_ENV, MissingWeightsError, hub_repo_id, hub_weights_problem
 
-__all__ = ['dataset_cfgs', 'pool_size_at', 'model_tags', 'build_with_weights_hint']
+__all__ = ['dataset_cfgs', 'pool_size_at', 'model_tags', 'pretrained_name', 'build_with_weights_hint']
 
 
 def pool_size_at(input_size: Tuple[int, ...], reduction: int) -> Tuple[int, int]:
@@ -77,6 +77,22 @@ def model_tags(model_name: str) -> Tuple[str, ...]:
     return tuple(name.split('.', 1)[1] for name in get_arch_pretrained_cfgs(model_name))
 
 
+def pretrained_name(model: str, dataset: str) -> str:
+    """The ``<model>.<tag>`` whose weights ``pretrained=True`` loads for a run on ``dataset``: the one rule of
+    ``train.py --pretrained`` and ``evaluate --pretrained``.
+
+    A registry name without a tag takes the dataset's tag where the model has one (the zoo's tags are dataset
+    names: a zoo model on digits loads ``<model>.digits``), else the model's default tag, its first. A name with a tag, ``hf-hub:`` and ``local-dir:`` name their weights already and are kept.
+    """
+    source, name = parse_model_name(model)
+    architecture, tag = split_model_name_tag(name)
+    tags = model_tags(architecture) if source is None and not tag else ()
+    if not tags:
+        return model
+    key = dataset.strip().lower().replace('-', '_')
+    return f'{architecture}.{key if key in tags else tags[0]}'
+
+
 def build_with_weights_hint(model_cls: Callable, variant: str, pretrained: bool, **kwargs: Any):
     """``build_model_with_cfg`` that turns a failed weight load into an error a user can act on.
 
@@ -93,46 +109,47 @@ def build_with_weights_hint(model_cls: Callable, variant: str, pretrained: bool,
             f'(e.g. {variant}.{known[0]}).')
     if not pretrained:
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
-    repo_id, source = _weights_source(variant, kwargs)
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+    repo_id, source = _weights_source(cfg)
+    tag = cfg.get('tag')  # the default tag's when the name gave none
     if repo_id is not None:
         repo, revision = hf_split(repo_id)
         problem = hub_weights_problem(repo, revision, cache_dir=kwargs.get('cache_dir'))
         if problem is not None:
-            raise MissingWeightsError(_missing_weights_message(variant, source, problem))
+            raise MissingWeightsError(_missing_weights_message(variant, tag, source, problem))
     try:
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
     except SafetensorError as error:
         fix = ('delete the cached copy (`hf cache rm model/' + repo_id + '`) and load again' if repo_id
                else 'export or copy the weights again')
         raise MissingWeightsError(
-            f'The pretrained weights for {variant} from {source} are not a readable safetensors file '
+            f'The pretrained weights {variant}.{tag} from {source} are not a readable safetensors file '
             f'({error}): the file is truncated or corrupt; {fix}.'
         ) from error
     except OSError as error:  # huggingface_hub's download errors; a weights/model mismatch stays timm's own
         if repo_id is None:
             raise  # a local path the user gave: timm's own error already names it
         raise MissingWeightsError(
-            _missing_weights_message(variant, source, f'{type(error).__name__}: {error}')) from error
+            _missing_weights_message(variant, tag, source, f'{type(error).__name__}: {error}')) from error
 
 
-def _missing_weights_message(variant: str, source: str, reason: str) -> str:
+def _missing_weights_message(variant: str, tag: str, source: str, reason: str) -> str:
+    """Names the exact ``<model>.<tag>`` looked for; the zoo's tags are dataset names, so it trains on that one."""
     return (
-        f'Could not load pretrained weights for {variant} from {source}: {reason}\n'
+        f'Could not load pretrained weights {variant}.{tag} from {source}: {reason}\n'
         f'These weights may not be published yet, or you are offline and they are not in the Hugging '
-        f'Face cache. To get weights: train them with `python train.py --model {variant} '
-        f'--dataset <dataset> --recipe {paper_recipe(variant)}` and publish with `python -m timm_gradattn.publish '
-        f'<run folder> --repo-id <namespace>/{variant}.<tag>`; load a local export with '
+        f'Face cache. To get weights: train them with `python train.py --model {variant} --dataset {tag} '
+        f'--recipe {paper_recipe(variant)}` and publish with `python -m timm_gradattn.publish <run folder> '
+        f'--repo-id <namespace>/{variant}.{tag}`; load a local export with '
         f'create_model("local-dir:<folder>", pretrained=True) or pretrained_cfg_overlay=dict(file=...); '
         f'or point {HUB_NAMESPACE_ENV} at the namespace that holds them. '
         f'Use pretrained=False for random initialisation.'
     )
 
 
-def _weights_source(variant: str, kwargs: Dict[str, Any]) -> Tuple[Optional[str], str]:
-    """(Hub repo id or None for a local source, a description of the source) of a pretrained load."""
-    cfg = resolve_pretrained_cfg(
-        variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+def _weights_source(cfg: Dict[str, Any]) -> Tuple[Optional[str], str]:
+    """(Hub repo id or None for a local source, a description of the source) of a pretrained load's cfg."""
     if cfg.get('source') == 'local-dir':
         return None, f"the folder '{cfg.get('file')}'"
     if cfg.get('state_dict') is not None:
