@@ -20,7 +20,7 @@ from timm.models import get_arch_name, get_pretrained_cfg, is_model, is_model_in
 from .data.info import DATASETS
 from .errors import UserError
 from .families import FAMILIES
-from .metrics import METRIC_KEYS
+from .metrics import METRIC_KEYS, topk_informs
 from .models import DEFAULT_HUB_NAMESPACE, HUB_NAMESPACE_ENV, model_tags
 from .reporting import machine_line, markdown_table
 
@@ -121,7 +121,7 @@ def card_citations(architecture: str, bib: PathLike = CITATIONS_FILE) -> Optiona
 def card_metrics(results: Dict[str, Any], num_classes: int) -> List[Tuple[str, str, Optional[str], str, Any]]:
     """(results key, metric type, metric config, name, value) of every test metric the card reports."""
     def meaningful(key: str) -> bool:  # top-k over k >= num_classes classes is 100 % whatever the model does
-        return not key.startswith('top') or int(key[3:]) == 1 or int(key[3:]) < num_classes
+        return not key.startswith('top') or topk_informs(int(key[3:]), num_classes)
     return [(key, metric_type, config, name, results[key]) for key, metric_type, config, name in CARD_METRICS
             if results.get(key) is not None and meaningful(key)]
 
