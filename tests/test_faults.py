@@ -260,3 +260,20 @@ def test_evaluate_on_a_full_disk_is_one_line(small_disk, tmp_path, capsys):
                          'digits', '--img-size', '16', '-j', '0', '--output', str(small_disk / 'eval')]) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'No space left on device' in err and 'Traceback' not in err, err
+
+
+# --- a launch that starts fewer processes than asked -----------------------------------------------------------------
+def test_accelerate_launch_cpu_starting_one_process_says_so(monkeypatch, capsys):
+    """``accelerate launch --cpu --num_processes 2`` runs its simple launcher: one process, MASTER_ADDR set, no
+    WORLD_SIZE (accelerate/utils/launch.py). A warning, not a silent single-process run."""
+    settings = parse_args([*TINY, '--epochs', '1'])
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    factory.create_accelerator(settings)
+    assert 'started this one alone' not in capsys.readouterr().out
+    AcceleratorState._reset_state(True)
+    for key, value in dict(MASTER_ADDR='127.0.0.1', MASTER_PORT='29500', ACCELERATE_USE_CPU='True',
+                           ACCELERATE_MIXED_PRECISION='no').items():
+        monkeypatch.setenv(key, value)
+    factory.create_accelerator(settings)
+    out = capsys.readouterr().out
+    assert 'started this one alone' in out and '--multi_gpu --num_processes N' in out and out.count('\n') == 1

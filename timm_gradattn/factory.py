@@ -62,7 +62,19 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     if world_size > 1 and accelerator.num_processes != world_size:
         raise UserError(f'{world_size} processes were launched but Accelerate joined {accelerator.num_processes}. '
                         f'Launch with `accelerate launch --multi_gpu --num_processes N train.py ...`.')
+    if _one_of_several_expected(accelerator):
+        accelerator.print(
+            'accelerate launch was asked for several processes but started this one alone (its --cpu starts one '
+            'process unless given an mpirun hostfile). On a CPU machine launch with `accelerate launch --multi_gpu '
+            '--num_processes N train.py ...`: the processes then use the CPU.')
     return accelerator
+
+
+def _one_of_several_expected(accelerator: Accelerator) -> bool:
+    """accelerate launch sets MASTER_ADDR only for several processes (or machines); a process that finds it, but no
+    WORLD_SIZE and no process group, was started alone by its simple launcher (``--cpu`` without a hostfile)."""
+    return (accelerator.num_processes == 1 and 'MASTER_ADDR' in os.environ and 'WORLD_SIZE' not in os.environ
+            and 'ACCELERATE_MIXED_PRECISION' in os.environ)
 
 
 def _dynamo_plugin(args: argparse.Namespace) -> Optional[TorchDynamoPlugin]:
